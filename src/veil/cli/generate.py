@@ -1,0 +1,94 @@
+"""`veil generate`: stream a completion of one prompt from the bundled or a local model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from veil.errors import UsageError
+from veil.model.generate import GenerationRequest, stream
+from veil.model.loader import LoadedModel, load_model
+from veil.model.sampling import SamplingParams
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="generate text from a prompt")
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument(
+        "--model", default=None, help="local Hugging Face Llama checkpoint dir (default: bundled)"
+    )
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    parser.set_defaults(handler=run)
+
+
+def prompt_token_ids(loaded: LoadedModel, prompt: str, *, chat: bool) -> list[int]:
+    """Token ids of `prompt`, wrapped in the chat template (with the assistant turn opened) if `chat`."""
+    tokenizer = loaded.tokenizer
+    if not chat:
+        return list(tokenizer(prompt).input_ids)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError("this model's tokenizer has no chat template; drop --chat")
+    messages = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def stop_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    ids = set(loaded.config.eos_token_ids)
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(int(loaded.tokenizer.eos_token_id))
+    return tuple(sorted(ids))
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+    if args.max_tokens < 0:
+        raise UsageError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    loaded = load_model(args.model)
+    ids = prompt_token_ids(loaded, args.prompt, chat=args.chat)
+    request = GenerationRequest(
+        max_new_tokens=args.max_tokens, prompt_ids=[ids], params=params, stop_token_ids=stop_ids(loaded)
+    )
+    stops = set(request.stop_token_ids)
+    generated: list[int] = []
+    shown = ""
+    start = time.perf_counter()
+    for step in stream(loaded.model, request):
+        token = int(step[0])
+        if token in stops:
+            break
+        generated.append(token)
+        if not args.json:
+            text = loaded.tokenizer.decode(generated, skip_special_tokens=True)
+            sys.stdout.write(text[len(shown) :])
+            sys.stdout.flush()
+            shown = text
+    elapsed = time.perf_counter() - start
+    text = loaded.tokenizer.decode(generated, skip_special_tokens=True)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "prompt_token_ids": ids,
+                    "token_ids": generated,
+                    "text": text,
+                    "tokens_per_s": len(generated) / elapsed if elapsed > 0 else 0.0,
+                }
+            )
+        )
+    else:
+        sys.stdout.write(text[len(shown) :] + "\n")
+        print(
+            f"[{len(generated)} tokens, {len(generated) / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr
+        )
+    return 0

@@ -1,0 +1,50 @@
+"""A key/value cache with preallocated storage: one write per layer per step, no concatenation."""
+
+from __future__ import annotations
+
+import torch
+
+from veil.model.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of `batch_size` rows, up to `max_tokens` positions.
+
+    All rows advance together: `length` is the number of positions filled (padding included). A step
+    writes its T new positions with `update` for each layer, then calls `advance(T)` once.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_tokens: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (config.num_layers, batch_size, config.num_kv_heads, max_tokens, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_tokens = max_tokens
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `keys`/`values` (B, n_kv, T, head_dim) at positions [length, length + T).
+
+        Returns views of all positions so far, (B, n_kv, length + T, head_dim).
+        """
+        end = self.length + keys.shape[2]
+        if end > self.max_tokens:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_tokens} allocated")
+        self.keys[layer, :, :, self.length : end] = keys
+        self.values[layer, :, :, self.length : end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
