@@ -10,8 +10,10 @@ import argparse
 from types import ModuleType
 
 from veil.bench import model as model_bench
+from veil.bench import split as split_bench
+from veil.bench import transfer as transfer_bench
 
-BENCHMARKS: tuple[ModuleType, ...] = (model_bench,)
+BENCHMARKS: tuple[ModuleType, ...] = (model_bench, transfer_bench, split_bench)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,8 +1,8 @@
 """The generation loop: prefill a batch of prompts, then decode one token per row per step.
 
-The decoder stack is run by a `LayerExecutor`: by default the model's resident weights; an offloading
-engine supplies one that streams each layer's weights in just before it runs. Prompts enter as token
-ids or, for split inference, as embeddings computed elsewhere.
+The loop drives a `Runner`: `Llama` itself (resident weights) or an engine with the same five methods,
+such as the offloading engine that streams each layer's weights in just before it runs. Prompts enter
+as token ids or, for split inference, as embeddings computed elsewhere.
 """
 
 from __future__ import annotations
@@ -15,14 +15,24 @@ import torch
 
 from veil.errors import UsageError
 from veil.model.kv_cache import KVCache
-from veil.model.llama import Llama, StepContext
+from veil.model.llama import StepContext
 from veil.model.sampling import Sampler, SamplingParams
 
 
-class LayerExecutor(Protocol):
-    """Runs the whole decoder stack for one step."""
+class Runner(Protocol):
+    """What the generation loop needs of a model: embed, per-step context, decoder stack, head, cache."""
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def context(
+        self, batch_size: int, seq_len: int, cache: KVCache | None, pad: torch.Tensor | None = None
+    ) -> StepContext: ...
 
     def run_layers(self, hidden: torch.Tensor, ctx: StepContext) -> torch.Tensor: ...
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def new_cache(self, batch_size: int, max_tokens: int) -> KVCache: ...
 
 
 @dataclass(frozen=True)
@@ -46,24 +56,21 @@ class GenerationRequest:
             raise UsageError("every prompt needs at least one token")
 
 
-def stream(
-    model: Llama, request: GenerationRequest, executor: LayerExecutor | None = None
-) -> Iterator[torch.Tensor]:
+def stream(model: Runner, request: GenerationRequest) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) per step, until all rows stopped or the limit.
 
     Rows that already stopped keep yielding their stop token (callers cut at the first stop).
     """
-    executor = executor or model
     sampler = Sampler(request.params)
     hidden, pad = _prompt_hidden(model, request)
     batch, prompt_len, _ = hidden.shape
-    cache = KVCache(model.config, batch, prompt_len + request.max_new_tokens)
+    cache = model.new_cache(batch, prompt_len + request.max_new_tokens)
     stops = torch.tensor(request.stop_token_ids or (-1,))
     done = torch.zeros(batch, dtype=torch.bool)
     with torch.inference_mode():
         for _ in range(request.max_new_tokens):
             ctx = model.context(batch, hidden.shape[1], cache, pad)
-            logits = model.head(executor.run_layers(hidden, ctx)[:, -1:])[:, 0]  # (B, vocab)
+            logits = model.head(model.run_layers(hidden, ctx)[:, -1:])[:, 0]  # (B, vocab)
             cache.advance(hidden.shape[1])
             token = sampler(logits)
             token = torch.where(done, stops[0], token) if stops[0] >= 0 else token
@@ -74,14 +81,12 @@ def stream(
             hidden = model.embed(token[:, None])
 
 
-def generate(
-    model: Llama, request: GenerationRequest, executor: LayerExecutor | None = None
-) -> list[list[int]]:
+def generate(model: Runner, request: GenerationRequest) -> list[list[int]]:
     """Generated token ids per row, each cut after its first stop token (which is kept)."""
     rows: list[list[int]] = [[] for _ in range(_batch_size(request))]
     finished = [False] * len(rows)
     stops = set(request.stop_token_ids)
-    for step in stream(model, request, executor):
+    for step in stream(model, request):
         for row, token in enumerate(step.tolist()):
             if not finished[row]:
                 rows[row].append(token)
@@ -96,7 +101,7 @@ def _batch_size(request: GenerationRequest) -> int:
     return request.prompt_embeds.shape[0]
 
 
-def _prompt_hidden(model: Llama, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _prompt_hidden(model: Runner, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prompt hidden states (B, T, hidden) and left-padding counts (B,) or None when none is needed."""
     if request.prompt_embeds is not None:
         return request.prompt_embeds, None

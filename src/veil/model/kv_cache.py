@@ -20,13 +20,22 @@ class KVCache:
         batch_size: int,
         max_tokens: int,
         dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
+        storage: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        shape = (config.num_layers, batch_size, config.num_kv_heads, max_tokens, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        """Allocate zeroed storage, or use `storage` (keys, values), each shaped as `shape()` says."""
+        shape = self.shape(config, batch_size, max_tokens)
+        if storage is None:
+            storage = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+        if any(tuple(t.shape) != shape for t in storage):
+            raise ValueError(f"KV storage must be two tensors of shape {shape}")
+        self.keys, self.values = storage
         self.max_tokens = max_tokens
         self.length = 0
+
+    @staticmethod
+    def shape(config: ModelConfig, batch_size: int, max_tokens: int) -> tuple[int, int, int, int, int]:
+        """(layers, batch, kv_heads, max_tokens, head_dim): the shape of the keys and of the values."""
+        return (config.num_layers, batch_size, config.num_kv_heads, max_tokens, config.head_dim)
 
     @property
     def batch_size(self) -> int:

@@ -86,6 +86,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(variance + eps))
 
 
+def lm_head(
+    hidden: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Final RMSNorm and output projection: hidden (B, T, hidden) to logits (B, T, vocab)."""
+    return F.linear(rms_norm(hidden, norm_weight, eps), weight)
+
+
 def decoder_layer(
     x: torch.Tensor, w: LayerWeights, ctx: StepContext, layer: int, config: ModelConfig
 ) -> torch.Tensor:
@@ -184,8 +191,15 @@ class Llama(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection: hidden (B, T, hidden) to logits (B, T, vocab)."""
-        weight = self.embed_tokens.weight if self.lm_head_weight is None else self.lm_head_weight
-        return F.linear(rms_norm(hidden, self.norm_weight, self.config.rms_norm_eps), weight)
+        return lm_head(hidden, self.norm_weight, self.head_weight, self.config.rms_norm_eps)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output projection (vocab, hidden): the embedding matrix when tied."""
+        return self.embed_tokens.weight if self.lm_head_weight is None else self.lm_head_weight
+
+    def new_cache(self, batch_size: int, max_tokens: int) -> KVCache:
+        return KVCache(self.config, batch_size, max_tokens)
 
     def forward(
         self, token_ids: torch.Tensor, cache: KVCache | None = None, pad: torch.Tensor | None = None

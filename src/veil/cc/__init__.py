@@ -1,0 +1,34 @@
+"""The confidential-computing data path: sealed channels, bounce buffers, the emulated device, transports.
+
+See docs/cc-protocol.md for the protocol and the threat model.
+"""
+
+from veil.cc.channel import ReceiverChannel, Reservation, SenderChannel
+from veil.cc.device import Device, DeviceBuffer
+from veil.cc.errors import DeviceOutOfMemory, IntegrityError, RekeyRequired, ReservationError
+from veil.cc.factory import make_transport
+from veil.cc.host import HostBuffer
+from veil.cc.link import LinkConfig, SecureLink
+from veil.cc.stream import Event, Stream
+from veil.cc.transport import Transport, TransportKind, TransportOptions
+
+__all__ = [
+    "Device",
+    "DeviceBuffer",
+    "DeviceOutOfMemory",
+    "Event",
+    "HostBuffer",
+    "IntegrityError",
+    "LinkConfig",
+    "ReceiverChannel",
+    "RekeyRequired",
+    "Reservation",
+    "ReservationError",
+    "SecureLink",
+    "SenderChannel",
+    "Stream",
+    "Transport",
+    "TransportKind",
+    "TransportOptions",
+    "make_transport",
+]

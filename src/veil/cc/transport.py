@@ -1,0 +1,195 @@
+"""The one interface engines use to move bytes between host memory and the device.
+
+Every transport offers asynchronous `h2d` and `d2h` over byte ranges of a `HostBuffer` and a
+`DeviceBuffer`, each returning an `Event`; `synchronize()`; and an explicit lifecycle (`close()` or the
+context manager). Engines never learn which implementation they hold; `TransportKind` names them and
+`veil.cc.factory.make_transport` builds them.
+
+Contract shared by all implementations:
+- A transfer may read its source at any time until its event completes (and, for speculative
+  transports, earlier: see `HostBuffer`), so the caller must not write the source through veil's back.
+- `d2h` bumps the destination `HostBuffer`'s version while it writes.
+- Errors of the device's half (including `IntegrityError`) surface from `Event.wait()` and from
+  `synchronize()`; errors of the host's half are raised by the call itself.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import ClassVar
+
+import torch
+
+from veil.cc.device import Device, DeviceBuffer
+from veil.cc.host import HostBuffer
+from veil.cc.link import LinkConfig
+from veil.cc.stream import Event
+
+
+class TransportKind(enum.Enum):
+    """Which transport to build (values are the CLI / config spellings)."""
+
+    PLAIN = "plain"
+    CC = "cc"
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    """Settings common to transports.
+
+    Attributes:
+        link: chunk size, bounce ring size and counter limit of the secure link (CC transports).
+        auto_rekey: re-key transparently when a transfer needs more IVs than the epoch has left;
+            when False such a transfer raises `RekeyRequired`.
+    """
+
+    link: LinkConfig = field(default_factory=LinkConfig)
+    auto_rekey: bool = True
+
+
+@dataclass(frozen=True)
+class Span:
+    """A validated byte range of a transfer."""
+
+    src_offset: int
+    dst_offset: int
+    nbytes: int
+
+    @property
+    def src(self) -> slice:
+        """Source byte slice."""
+        return slice(self.src_offset, self.src_offset + self.nbytes)
+
+    @property
+    def dst(self) -> slice:
+        """Destination byte slice."""
+        return slice(self.dst_offset, self.dst_offset + self.nbytes)
+
+    @classmethod
+    def of(
+        cls, src_nbytes: int, dst_nbytes: int, src_offset: int, dst_offset: int, nbytes: int | None
+    ) -> Span:
+        """Validate offsets and length against both buffers' sizes.
+
+        Args:
+            nbytes: bytes to move; None moves everything from src_offset to the source's end.
+
+        Raises:
+            ValueError: if a value is negative or a range runs past its buffer.
+        """
+        if src_offset < 0 or dst_offset < 0:
+            raise ValueError("offsets must be >= 0")
+        if nbytes is None:
+            nbytes = src_nbytes - src_offset
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        if src_offset + nbytes > src_nbytes:
+            raise ValueError(f"source range [{src_offset}, {src_offset + nbytes}) exceeds {src_nbytes} bytes")
+        if dst_offset + nbytes > dst_nbytes:
+            raise ValueError(
+                f"destination range [{dst_offset}, {dst_offset + nbytes}) exceeds {dst_nbytes} bytes"
+            )
+        return cls(src_offset, dst_offset, nbytes)
+
+
+class Transport(ABC):
+    """Moves bytes between host memory and one device.
+
+    Args:
+        device: a started device (inside its context).
+        options: transport settings; defaults when None.
+
+    Raises:
+        RuntimeError: if the device is not started.
+    """
+
+    kind: ClassVar[TransportKind]
+
+    def __init__(self, device: Device, options: TransportOptions | None = None) -> None:
+        _ = device.copy_engine  # raises if the device is not started
+        self.device = device
+        self.options = options or TransportOptions()
+        self._closed = False
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def h2d(
+        self,
+        src: HostBuffer,
+        dst: DeviceBuffer,
+        *,
+        src_offset: int = 0,
+        dst_offset: int = 0,
+        nbytes: int | None = None,
+    ) -> Event:
+        """Copy `nbytes` from host `src` to device `dst`; the event completes when they are in `dst`.
+
+        Raises:
+            ValueError: on a bad range. RuntimeError: if closed.
+            IntegrityError: if the link is poisoned (CC). RekeyRequired: if out of IVs, auto_rekey off.
+        """
+        self._check_open()
+        return self._h2d(src, dst, Span.of(src.nbytes, dst.nbytes, src_offset, dst_offset, nbytes))
+
+    def d2h(
+        self,
+        src: DeviceBuffer,
+        dst: HostBuffer,
+        *,
+        src_offset: int = 0,
+        dst_offset: int = 0,
+        nbytes: int | None = None,
+    ) -> Event:
+        """Copy `nbytes` from device `src` to host `dst`; the event completes when they are in `dst`.
+
+        Raises:
+            as `h2d`.
+        """
+        self._check_open()
+        return self._d2h(src, dst, Span.of(src.nbytes, dst.nbytes, src_offset, dst_offset, nbytes))
+
+    def upload(self, tensor: torch.Tensor) -> DeviceBuffer:
+        """Allocate a device tensor like `tensor` (contiguous, CPU, any dtype) and copy it in; blocks."""
+        host = HostBuffer(tensor)
+        buffer = self.device.empty(tuple(tensor.shape), tensor.dtype)
+        try:
+            self.h2d(host, buffer).wait()
+        except BaseException:
+            buffer.free()
+            raise
+        return buffer
+
+    def download(self, buffer: DeviceBuffer) -> torch.Tensor:
+        """Copy a device buffer into a new CPU tensor of its dtype and shape; blocks."""
+        host = HostBuffer.empty(buffer.shape, buffer.dtype)
+        self.d2h(buffer, host).wait()
+        return host.tensor
+
+    def synchronize(self) -> None:
+        """Wait for every transfer issued so far; raise the first error of the device's half."""
+        self.device.copy_engine.synchronize()
+
+    def close(self) -> None:
+        """Wait for in-flight transfers and refuse new ones (idempotent; errors stay in their events)."""
+        if not self._closed:
+            self._closed = True
+            self.device.copy_engine.submit(lambda: None).wait()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("transport is closed")
+
+    @abstractmethod
+    def _h2d(self, src: HostBuffer, dst: DeviceBuffer, span: Span) -> Event: ...
+
+    @abstractmethod
+    def _d2h(self, src: DeviceBuffer, dst: HostBuffer, span: Span) -> Event: ...

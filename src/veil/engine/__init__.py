@@ -1,0 +1,1 @@
+"""Engines: the workloads that move data across the confidential-computing boundary."""

@@ -1,0 +1,126 @@
+"""The IV pipeline: reservations ahead of the counter, and the only code that moves the counter.
+
+Internal to the speculator. The pipeline holds, sorted by IV, every reservation at an IV >= `next_iv`:
+bound ones (SEALING, SEALED, DROPPED: a job was handed out, so the IV belongs to that key forever)
+followed by provisional ones (RESERVED: nothing sealed, freely reassigned). An IV >= `next_iv` with no
+bound reservation is *clean*: nothing was ever sealed under it.
+
+The counter moves only in `emit(iv)`: IVs `next_iv .. iv-1` are burned by NOPs (any reservation on them
+is dropped) and `iv` carries data; then `next_iv = iv + 1`. Hence IVs are emitted in order, each once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from veil.errors import VeilError
+from veil.pipellm.decisions import Reservation, ReservationState
+from veil.pipellm.types import TransferKey
+
+_LIVE = (ReservationState.SEALING, ReservationState.SEALED)
+
+
+class CounterExhausted(VeilError):
+    """The message counter would pass its limit: the channel must be re-keyed (never wrapped)."""
+
+
+@dataclass(slots=True)
+class Slot:
+    """A mutable pipeline entry (the speculator's own record)."""
+
+    job_id: int
+    iv: int
+    key: TransferKey
+    state: ReservationState
+    version: int | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.state in _LIVE
+
+    def snapshot(self) -> Reservation:
+        return Reservation(self.job_id, self.iv, self.key, self.state, self.version)
+
+
+class IVPipeline:
+    """Reservations at IVs >= `next_iv`, sorted by IV, and the counter itself."""
+
+    def __init__(self, *, iv_limit: int) -> None:
+        self.next_iv = 0
+        self._iv_limit = iv_limit
+        self._slots: list[Slot] = []
+
+    @property
+    def slots(self) -> tuple[Slot, ...]:
+        return tuple(self._slots)
+
+    def live(self) -> list[Slot]:
+        return [s for s in self._slots if s.live]
+
+    def reserved(self) -> list[Slot]:
+        return [s for s in self._slots if s.state is ReservationState.RESERVED]
+
+    def find_live(self, key: TransferKey) -> Slot | None:
+        """The live reservation for `key` with the lowest IV, if any."""
+        return next((s for s in self._slots if s.live and s.key == key), None)
+
+    def last_bound_iv(self) -> int:
+        """Highest IV already bound (or emitted): new reservations go above it."""
+        bound = [s.iv for s in self._slots if s.state is not ReservationState.RESERVED]
+        return max(bound, default=self.next_iv - 1)
+
+    def first_clean_iv(self) -> int:
+        """Lowest IV >= next_iv under which nothing was ever sealed."""
+        bound = {s.iv for s in self._slots if s.state is not ReservationState.RESERVED}
+        iv = self.next_iv
+        while iv in bound:
+            iv += 1
+        self.check_limit(iv)
+        return iv
+
+    def check_limit(self, iv: int) -> None:
+        if iv >= self._iv_limit:
+            raise CounterExhausted(f"IV {iv} reaches the counter limit {self._iv_limit}; re-key the channel")
+
+    def within_limit(self, iv: int) -> bool:
+        return iv < self._iv_limit
+
+    def strip_reserved(self) -> None:
+        """Forget provisional reservations (nothing was sealed under them)."""
+        self._slots = [s for s in self._slots if s.state is not ReservationState.RESERVED]
+
+    def add_reserved(self, slot: Slot) -> None:
+        assert slot.state is ReservationState.RESERVED
+        assert not self._slots or slot.iv > self._slots[-1].iv, "reservations are appended in IV order"
+        assert slot.iv >= self.next_iv
+        self._slots.append(slot)
+
+    def drop_live(self) -> list[Slot]:
+        """Drop every live reservation; their IVs stay bound until burned."""
+        dropped = self.live()
+        for slot in dropped:
+            slot.state = ReservationState.DROPPED
+        return dropped
+
+    def emit(self, iv: int) -> tuple[range, list[Slot]]:
+        """Consume the counter up to and including `iv` (NOPs below, data at `iv`).
+
+        The caller guarantees `iv` is clean or is the IV of the live reservation it commits.
+        Returns the NOP IVs and the live reservations those NOPs dropped. Provisional reservations
+        must have been stripped first.
+        """
+        assert iv >= self.next_iv
+        self.check_limit(iv)
+        dropped: list[Slot] = []
+        keep: list[Slot] = []
+        for slot in self._slots:
+            assert slot.state is not ReservationState.RESERVED, "strip provisional reservations first"
+            if slot.iv > iv:
+                keep.append(slot)
+            elif slot.iv < iv and slot.live:
+                slot.state = ReservationState.DROPPED
+                dropped.append(slot)
+        nops = range(self.next_iv, iv)
+        self._slots = keep
+        self.next_iv = iv + 1
+        return nops, dropped

@@ -1,0 +1,84 @@
+"""Predictors of PipeLLM: the combination of several, and the default set.
+
+`CompositePredictor` feeds every observation to each child and trusts most the child that has been
+right most recently: children are ranked by their current streak of correct next-key predictions
+(ties keep the given order), the leader's predictions come first, and the others fill the rest with
+keys not yet named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from veil.pipellm.adapter_queue import QueuePredictor
+from veil.pipellm.cyclic import CyclicPredictor
+from veil.pipellm.predictor import HintPredictor, Predictor
+from veil.pipellm.swap import SwapPredictor
+from veil.pipellm.types import TransferKey
+
+__all__ = [
+    "CompositePredictor",
+    "CyclicPredictor",
+    "HintPredictor",
+    "Predictor",
+    "QueuePredictor",
+    "SwapPredictor",
+    "default_predictor",
+]
+
+
+class CompositePredictor(Predictor):
+    """Combines predictors; the one with the longest current streak of hits leads.
+
+    Args:
+        children: the predictors, in tie-break order (first wins a tie).
+    """
+
+    def __init__(self, children: Sequence[Predictor]) -> None:
+        if not children:
+            raise ValueError("CompositePredictor needs at least one child predictor")
+        self._children = tuple(children)
+        self._streaks = [0] * len(self._children)
+
+    @property
+    def children(self) -> tuple[Predictor, ...]:
+        return self._children
+
+    @property
+    def streaks(self) -> tuple[int, ...]:
+        """Each child's current run of correct next-key predictions."""
+        return tuple(self._streaks)
+
+    def observe(self, key: TransferKey) -> None:
+        for i, child in enumerate(self._children):
+            guess = child.predict(1)
+            self._streaks[i] = self._streaks[i] + 1 if guess and guess[0] == key else 0
+            child.observe(key)
+
+    def predict(self, n: int) -> list[TransferKey]:
+        order = sorted(range(len(self._children)), key=lambda i: (-self._streaks[i], i))
+        out: list[TransferKey] = []
+        named: set[TransferKey] = set()
+        for rank, i in enumerate(order):
+            for key in self._children[i].predict(n - len(out)):
+                if rank == 0 or key not in named:
+                    out.append(key)
+                    named.add(key)
+            if len(out) >= n:
+                break
+        return out[: max(n, 0)]
+
+    def hint(self, keys: Sequence[TransferKey]) -> None:
+        for child in self._children:
+            child.hint(keys)
+
+
+def default_predictor(*, max_period: int = 4096) -> CompositePredictor:
+    """Hints, then cyclic (weights), swap (KV cache) and queue (adapters), combined.
+
+    The queue predictor only predicts once its engine registers adapters; reach it through
+    `children` (it is the last child).
+    """
+    return CompositePredictor(
+        [HintPredictor(), CyclicPredictor(max_period=max_period), SwapPredictor(), QueuePredictor()]
+    )

@@ -1,0 +1,299 @@
+"""The speculator: PipeLLM's pipeline of IV reservations and its decision for every request.
+
+Pure and deterministic: no threads, no clock, no crypto. It holds the sender's view of one
+host-to-device message counter as ints. The mechanism (worker threads, transport) drives it:
+
+- `plan(max_jobs)` hands out seal jobs for predicted chunks (each bound to one IV);
+- `sealed(job_id, version)` / `seal_failed(job_id, error)` report a job's end;
+- `request(key, version)` answers one real transfer with one decision (`Commit`, `PadThenCommit`,
+  `Relinquish`, `SealNow`), or with `Wait` when the wanted chunk is still being sealed.
+
+Invariants, by construction (see docs/pipellm.md):
+1. The counter moves only through `IVPipeline.emit`, so decisions name IVs 0, 1, 2, ... each once.
+2. A data seal is ordered only at a *clean* IV (nothing sealed under it) or at the IV of its own job;
+   a reservation's IV is bound from the moment its job is handed out, and a bound IV that is dropped
+   is only ever burned by a NOP. No IV seals two different data plaintexts.
+3. A pre-sealed chunk is committed only if the version read before sealing equals the caller's
+   current version of the source.
+
+Not thread-safe: the mechanism serializes calls (one lock), and releases it while it waits.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+from veil.pipellm.config import SpeculatorConfig
+from veil.pipellm.decisions import (
+    Commit,
+    Decision,
+    PadThenCommit,
+    Relinquish,
+    RelinquishReason,
+    Reservation,
+    ReservationState,
+    SealJob,
+    SealNow,
+    SpeculatorStats,
+    Wait,
+)
+from veil.pipellm.pipeline import IVPipeline, Slot
+from veil.pipellm.predictor import Predictor
+from veil.pipellm.predictors import default_predictor
+from veil.pipellm.types import Direction, SizeClass, TransferKey
+
+
+class Speculator:
+    """Owns the reservations of one host-to-device channel and decides every request on it.
+
+    Args:
+        predictor: what to speculate on (default: hints, cyclic, swap and queue combined).
+        config: policy knobs.
+    """
+
+    def __init__(self, predictor: Predictor | None = None, config: SpeculatorConfig | None = None) -> None:
+        self._predictor = predictor if predictor is not None else default_predictor()
+        self._config = config if config is not None else SpeculatorConfig()
+        self._pipe = IVPipeline(iv_limit=self._config.iv_limit)
+        self._outstanding: dict[int, Slot] = {}  # jobs handed out and not yet reported
+        self._next_job_id = 0
+        self._stats = SpeculatorStats()
+        self._error: str | None = None
+        self._synchronous = not self._config.speculate
+        self._sync_run = 0  # synchronous messages since the last bulk request
+        self._slack: dict[TransferKey, int] = {}  # learned: sync messages seen before this key
+
+    # -- inspection ---------------------------------------------------------------------------------
+    @property
+    def config(self) -> SpeculatorConfig:
+        return self._config
+
+    @property
+    def predictor(self) -> Predictor:
+        return self._predictor
+
+    @property
+    def next_iv(self) -> int:
+        """The counter value the next emitted message (NOP or data) will use."""
+        return self._pipe.next_iv
+
+    @property
+    def synchronous(self) -> bool:
+        """True once speculation is off (by config, `disable`, or a seal failure)."""
+        return self._synchronous
+
+    @property
+    def error(self) -> str | None:
+        """The first seal failure reported, if any."""
+        return self._error
+
+    @property
+    def stats(self) -> SpeculatorStats:
+        return copy.copy(self._stats)
+
+    @property
+    def pipeline(self) -> tuple[Reservation, ...]:
+        """Every reservation ahead of the counter, by IV."""
+        return tuple(s.snapshot() for s in self._pipe.slots)
+
+    # -- the mechanism's side -------------------------------------------------------------------------
+    def plan(self, max_jobs: int) -> list[SealJob]:
+        """Hand out up to `max_jobs` seal jobs, nearest IV first (call when workers are idle)."""
+        if max_jobs < 0:
+            raise ValueError(f"max_jobs must be >= 0, got {max_jobs}")
+        jobs: list[SealJob] = []
+        for slot in self._pipe.reserved()[:max_jobs]:
+            slot.state = ReservationState.SEALING
+            self._outstanding[slot.job_id] = slot
+            jobs.append(SealJob(slot.job_id, slot.iv, slot.key))
+        self._stats.seal_jobs += len(jobs)
+        return jobs
+
+    def sealed(self, job_id: int, version: int) -> bool:
+        """Job `job_id` sealed its chunk, whose source had write `version` before it was read.
+
+        Returns:
+            True to keep the ciphertext for a later commit; False to discard it now (the reservation
+            was dropped meanwhile: it must never be emitted).
+
+        Raises:
+            ValueError: unknown job, or a job already reported.
+        """
+        slot = self._pop_outstanding(job_id)
+        self._stats.bytes_sealed_ahead += slot.key.length
+        if slot.state is ReservationState.SEALING:
+            slot.state, slot.version = ReservationState.SEALED, version
+            return True
+        self._stats.bytes_wasted += slot.key.length
+        return False
+
+    def seal_failed(self, job_id: int, error: str) -> tuple[int, ...]:
+        """Job `job_id` failed; its output, if any, must never be emitted.
+
+        Records the first error. With `sync_on_failure` (default) speculation stops for good.
+
+        Returns:
+            The jobs dropped because of the failure (this one included): discard their ciphertexts.
+        """
+        slot = self._pop_outstanding(job_id)
+        self._stats.seal_failures += 1
+        if self._error is None:
+            self._error = error
+        slot.state = ReservationState.DROPPED
+        dropped = [slot]
+        if self._config.sync_on_failure:
+            dropped += self._go_synchronous()
+        return tuple(s.job_id for s in dropped)
+
+    def disable(self) -> tuple[int, ...]:
+        """Stop speculating; returns the dropped jobs (discard their ciphertexts)."""
+        return tuple(s.job_id for s in self._go_synchronous())
+
+    # -- the engine's side ------------------------------------------------------------------------------
+    def request(self, key: TransferKey, version: int) -> Decision | Wait:
+        """Decide how to send `key`, whose source currently has write `version`.
+
+        Returns:
+            One final decision (carry it out completely, in order), or `Wait` (nothing consumed).
+
+        Raises:
+            ValueError: a device-to-host key, or a negative version.
+            CounterExhausted: the counter cannot serve this request; re-key the channel.
+        """
+        if key.direction is not Direction.H2D:
+            raise ValueError("request() takes host-to-device keys; report others with observe_device_to_host")
+        if version < 0:
+            raise ValueError(f"version must be >= 0, got {version}")
+        self._pipe.strip_reserved()
+        size_class = self._config.sizes.classify(key.length)
+        if size_class is SizeClass.BULK and not self._synchronous:
+            decision = self._speculative(key, version)
+        else:
+            decision = self._sync(key, version, size_class)
+        if not isinstance(decision, Wait):
+            self._account(decision, size_class)
+        self._refill()
+        return decision
+
+    def observe_device_to_host(self, key: TransferKey) -> None:
+        """Report a device-to-host transfer (a swap-out predicts a later swap-in)."""
+        if key.direction is not Direction.D2H:
+            raise ValueError("observe_device_to_host() takes device-to-host keys")
+        if self._config.sizes.classify(key.length) is SizeClass.BULK:
+            self._predictor.observe(key)
+            self._pipe.strip_reserved()
+            self._refill()
+
+    def hint(self, keys: Sequence[TransferKey]) -> None:
+        """Explicit upcoming host-to-device transfers, in order (optional)."""
+        self._predictor.hint(keys)
+        self._pipe.strip_reserved()
+        self._refill()
+
+    # -- decisions -----------------------------------------------------------------------------------------
+    def _speculative(self, key: TransferKey, version: int) -> Decision | Wait:
+        slot = self._pipe.find_live(key)
+        if slot is None:
+            return self._relinquish(key, version, RelinquishReason.MISS, self._pipe.drop_live())
+        if slot.state is ReservationState.SEALED and slot.version != version:
+            slot.state = ReservationState.DROPPED
+            return self._relinquish(key, version, RelinquishReason.STALE, [slot])
+        distance = slot.iv - self._pipe.next_iv
+        if distance > self._config.max_pad and self._pipe.first_clean_iv() < slot.iv:
+            return self._relinquish(key, version, RelinquishReason.PAD_LIMIT, self._pipe.drop_live())
+        if slot.state is ReservationState.SEALING:
+            return Wait(slot.job_id, key)
+        assert slot.version is not None
+        nop_ivs, dropped = self._pipe.emit(slot.iv)
+        self._discard(dropped)
+        if not nop_ivs:
+            return Commit(slot.iv, slot.job_id, key, slot.version)
+        return PadThenCommit(nop_ivs, slot.iv, slot.job_id, key, slot.version, self._ids(dropped))
+
+    def _relinquish(
+        self, key: TransferKey, version: int, reason: RelinquishReason, dropped: list[Slot]
+    ) -> Relinquish:
+        self._discard(dropped)
+        nop_ivs, burned = self._pipe.emit(self._pipe.first_clean_iv())
+        self._discard(burned)
+        return Relinquish(nop_ivs, nop_ivs.stop, key, version, reason, self._ids(dropped + burned))
+
+    def _sync(self, key: TransferKey, version: int, size_class: SizeClass) -> Decision:
+        nop_ivs, burned = self._pipe.emit(self._pipe.first_clean_iv())
+        if burned:
+            self._discard(burned)
+            return Relinquish(
+                nop_ivs, nop_ivs.stop, key, version, RelinquishReason.COLLISION, self._ids(burned)
+            )
+        return SealNow(nop_ivs, nop_ivs.stop, key, version, size_class)
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------
+    def _account(self, decision: Decision, size_class: SizeClass) -> None:
+        s = self._stats
+        s.requests += 1
+        s.nops += len(decision.nop_ivs)
+        if isinstance(decision, Commit | PadThenCommit):
+            s.hits += 1
+            s.padded_hits += isinstance(decision, PadThenCommit)
+            s.bytes_committed += decision.key.length
+        else:
+            s.bytes_sealed_now += decision.key.length
+            if isinstance(decision, Relinquish):
+                s.relinquishes += 1
+                s.misses += decision.reason is RelinquishReason.MISS
+                s.stale += decision.reason is RelinquishReason.STALE
+            else:
+                s.sync_seals += 1
+        if size_class is SizeClass.BULK:
+            self._learn_slack(decision.key)
+            self._predictor.observe(decision.key)
+        else:
+            self._sync_run += 1
+
+    def _learn_slack(self, key: TransferKey) -> None:
+        self._slack.pop(key, None)
+        self._slack[key] = min(self._sync_run, self._config.max_slack)
+        self._sync_run = 0
+        if len(self._slack) > self._config.max_remembered_keys:
+            del self._slack[next(iter(self._slack))]
+
+    def _refill(self) -> None:
+        """Top the pipeline up to `depth` with provisional reservations for the predicted keys."""
+        if self._synchronous:
+            return
+        live = self._pipe.live()
+        depth = self._config.depth
+        sizes = self._config.sizes
+        wanted = [k for k in self._predictor.predict(depth) if sizes.speculative(k)][:depth]
+        if [s.key for s in live] != wanted[: len(live)]:
+            return  # the pipeline disagrees with the predictor: the next request will settle it
+        iv = self._pipe.last_bound_iv()
+        for key in wanted[len(live) :]:
+            iv += 1 + self._config.min_slack + self._slack.get(key, 0)
+            if not self._pipe.within_limit(iv):
+                return
+            self._pipe.add_reserved(Slot(self._next_job_id, iv, key, ReservationState.RESERVED))
+            self._next_job_id += 1
+
+    def _go_synchronous(self) -> list[Slot]:
+        self._synchronous = True
+        self._pipe.strip_reserved()
+        dropped = self._pipe.drop_live()
+        self._discard(dropped)
+        return dropped
+
+    def _discard(self, dropped: list[Slot]) -> None:
+        for slot in dropped:
+            if slot.job_id not in self._outstanding:  # sealed already: its bytes are wasted now
+                self._stats.bytes_wasted += slot.key.length
+
+    def _pop_outstanding(self, job_id: int) -> Slot:
+        slot = self._outstanding.pop(job_id, None)
+        if slot is None:
+            raise ValueError(f"job {job_id} is unknown or was already reported")
+        return slot
+
+    @staticmethod
+    def _ids(slots: list[Slot]) -> tuple[int, ...]:
+        return tuple(s.job_id for s in slots)

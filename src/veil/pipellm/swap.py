@@ -1,0 +1,85 @@
+"""Swap predictor: a swap-in mirrors an earlier swap-out (vLLM-style KV-cache preemption).
+
+When device blocks run out, the engine swaps out the newest requests' KV blocks (device to host);
+later it swaps requests back in. Requests come back LIFO (the group swapped out last returns first)
+and, inside a request, blocks come back in the order they left (FIFO by layer). The swap-in of a chunk
+reads the very host range its swap-out wrote, so the predicted key is the swap-out key mirrored.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+from veil.pipellm.predictor import Predictor
+from veil.pipellm.types import Direction, TransferKey
+
+
+class SwapPredictor(Predictor):
+    """Predicts host-to-device swap-ins from the device-to-host swap-outs seen before.
+
+    Groups: consecutive swap-outs form one group (one preempted request). A group ends when any
+    host-to-device transfer is observed, or when the engine calls `new_group()` (explicit boundary; the
+    transparent rule needs no call). Each group is a FIFO; the stack of groups is LIFO.
+
+    Args:
+        max_groups: groups remembered; the oldest are forgotten first.
+    """
+
+    def __init__(self, *, max_groups: int = 1024) -> None:
+        if max_groups < 1:
+            raise ValueError(f"max_groups must be >= 1, got {max_groups}")
+        self._groups: deque[deque[TransferKey]] = deque(maxlen=max_groups)
+        self._open = False  # True while the top group still accepts swap-outs
+
+    def new_group(self) -> None:
+        """Start a new group at the next swap-out (an engine that knows request boundaries says so)."""
+        self._open = False
+
+    def observe(self, key: TransferKey) -> None:
+        if key.direction is Direction.D2H:
+            self._swapped_out(key.mirrored())
+            return
+        self._open = False
+        self._swapped_in(key)
+
+    def predict(self, n: int) -> list[TransferKey]:
+        out: list[TransferKey] = []
+        for group in reversed(self._groups):
+            for key in group:
+                if len(out) >= n:
+                    return out
+                out.append(key)
+        return out
+
+    def hint(self, keys: Sequence[TransferKey]) -> None:
+        """Hints are not used: swap-ins are predicted from swap-outs."""
+
+    def _swapped_out(self, swap_in: TransferKey) -> None:
+        self._forget(swap_in)  # a host range rewritten by a newer swap-out returns with the newer group
+        if not self._open or not self._groups:
+            self._groups.append(deque())
+            self._open = True
+        self._groups[-1].append(swap_in)
+
+    def _swapped_in(self, key: TransferKey) -> None:
+        """Consume `key`: within its group, the keys before it were skipped and are dropped too."""
+        for index in range(len(self._groups) - 1, -1, -1):
+            group = self._groups[index]
+            if key in group:
+                while group.popleft() != key:
+                    pass
+                if not group:
+                    del self._groups[index]
+                return
+
+    def _forget(self, key: TransferKey) -> None:
+        for index in range(len(self._groups) - 1, -1, -1):
+            group = self._groups[index]
+            if key in group:
+                group.remove(key)
+                if not group:
+                    del self._groups[index]
+                    if index == len(self._groups):
+                        self._open = False
+                return

@@ -1,0 +1,92 @@
+"""Plain data shared by PipeLLM's predictors and speculator: transfer keys and size classes.
+
+A *transfer* is one message-sized copy across the CPU-accelerator boundary: `length` bytes at `offset`
+of the host-side buffer `source_id`, in one direction. The transport splits large copies into chunks of
+at most one message (1 MiB) before it asks the policy anything, so one key is one message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class Direction(Enum):
+    """Which way a transfer crosses the boundary. Each direction has its own key and IV counter."""
+
+    H2D = "host-to-device"  # sealed by the CPU: the only direction the speculator reserves IVs for
+    D2H = "device-to-host"  # sealed by the copy engine: observed (swap-outs), decrypted by the host
+
+
+@dataclass(frozen=True, slots=True)
+class TransferKey:
+    """Identity of one chunk transfer: what a prediction names and what validation compares.
+
+    Attributes:
+        source_id: host-side buffer the bytes come from (H2D) or go to (D2H).
+        offset: byte offset of the chunk inside that buffer.
+        length: number of bytes in the chunk (one message, so at most 1 MiB in practice).
+        direction: which way the chunk travels.
+    """
+
+    source_id: int
+    offset: int
+    length: int
+    direction: Direction = Direction.H2D
+
+    def __post_init__(self) -> None:
+        for name in ("source_id", "offset", "length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"TransferKey.{name} must be an int >= 0, got {value!r}")
+        if not isinstance(self.direction, Direction):
+            raise TypeError(f"TransferKey.direction must be a Direction, got {self.direction!r}")
+
+    def mirrored(self) -> TransferKey:
+        """The same host range travelling the other way (a swap-in mirrors its swap-out)."""
+        other = Direction.H2D if self.direction is Direction.D2H else Direction.D2H
+        return TransferKey(self.source_id, self.offset, self.length, other)
+
+
+class SizeClass(Enum):
+    """How the policy treats a transfer, decided by its length alone."""
+
+    CONTROL = "control"  # small (kernel arguments, token ids): sealed synchronously, invisible to predictors
+    MEDIUM = "medium"  # in between: sealed synchronously, not speculated, invisible to predictors
+    BULK = "bulk"  # swap / weight / adapter chunks: observed, predicted and sealed ahead
+
+
+@dataclass(frozen=True, slots=True)
+class SizeClasses:
+    """Length thresholds that sort transfers into size classes (the paper: <8 KiB and >128 KiB).
+
+    Attributes:
+        control_below: lengths strictly below this are CONTROL.
+        bulk_above: lengths strictly above this are BULK; everything else is MEDIUM.
+    """
+
+    control_below: int = 8 * KiB
+    bulk_above: int = 128 * KiB
+
+    def __post_init__(self) -> None:
+        if self.control_below < 0 or self.bulk_above < 0:
+            raise ValueError("size thresholds must be >= 0")
+        if self.control_below > self.bulk_above + 1:
+            raise ValueError(
+                f"control_below ({self.control_below}) must be <= bulk_above + 1 ({self.bulk_above + 1})"
+            )
+
+    def classify(self, length: int) -> SizeClass:
+        """Size class of a transfer of `length` bytes."""
+        if length < self.control_below:
+            return SizeClass.CONTROL
+        if length > self.bulk_above:
+            return SizeClass.BULK
+        return SizeClass.MEDIUM
+
+    def speculative(self, key: TransferKey) -> bool:
+        """True if the speculator may predict and pre-seal `key` (host-to-device bulk traffic)."""
+        return key.direction is Direction.H2D and self.classify(key.length) is SizeClass.BULK

@@ -1,0 +1,90 @@
+"""Offloaded generation: same tokens as a resident run over every transport, within device capacity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from veil.cc import Device, DeviceOutOfMemory, TransportKind, make_transport
+from veil.engine.offload import OffloadedModel
+from veil.engine.offload_policy import HostDtype, OffloadPolicy
+from veil.errors import UsageError
+from veil.model.generate import GenerationRequest, generate
+from veil.model.llama import LayerWeights
+
+PROMPTS = ["The capital of France is", "Encryption keeps secrets"]
+NEW_TOKENS = 6
+
+
+def model_bytes(config) -> int:
+    layer = LayerWeights.numel(config) * 4
+    return config.num_layers * layer + config.vocab_size * config.hidden_size * 4
+
+
+def run_offloaded(
+    bundled, kind: TransportKind, policy: OffloadPolicy, capacity: int
+) -> tuple[list, OffloadedModel]:
+    ids = [bundled.tokenizer(p).input_ids for p in PROMPTS]
+    with Device(capacity_bytes=capacity) as device, make_transport(kind, device) as transport:
+        with OffloadedModel(bundled.model, transport, policy) as runner:
+            out = generate(runner, GenerationRequest(max_new_tokens=NEW_TOKENS, prompt_ids=ids))
+        assert device.allocated_bytes == 0  # everything freed on close
+    return out, runner
+
+
+@pytest.fixture(scope="module")
+def resident(bundled):
+    ids = [bundled.tokenizer(p).input_ids for p in PROMPTS]
+    return generate(bundled.model, GenerationRequest(max_new_tokens=NEW_TOKENS, prompt_ids=ids))
+
+
+@pytest.mark.parametrize("kind", [TransportKind.PLAIN, TransportKind.CC])
+def test_outputs_identical_to_resident_with_capacity_below_model_size(bundled, resident, kind) -> None:
+    capacity = model_bytes(bundled.config) // 2
+    out, runner = run_offloaded(bundled, kind, OffloadPolicy(resident_fraction=0.1), capacity)
+    assert out == resident
+    streamed_layers = bundled.config.num_layers - 3
+    assert runner.stats.layers_streamed >= streamed_layers * NEW_TOKENS
+
+
+def test_bf16_host_storage_matches_bf16_rounded_resident(bundled) -> None:
+    """bf16 halves the bytes to seal; the result equals a resident model with bf16-rounded layers."""
+    out, runner = run_offloaded(
+        bundled, TransportKind.CC, OffloadPolicy(host_dtype=HostDtype.BF16), model_bytes(bundled.config)
+    )
+    rounded = {k: v.clone() for k, v in bundled.model.state_dict().items()}
+    model = type(bundled.model)(bundled.config)
+    model.load_state_dict(rounded)
+    for layer in model.layers:
+        for t in layer.weights().tensors():
+            t.copy_(t.to(torch.bfloat16).to(torch.float32))
+    ids = [bundled.tokenizer(p).input_ids for p in PROMPTS]
+    assert out == generate(model.eval(), GenerationRequest(max_new_tokens=NEW_TOKENS, prompt_ids=ids))
+    layer_bytes = LayerWeights.numel(bundled.config) * 2
+    assert runner.stats.bytes_streamed == runner.stats.layers_streamed * layer_bytes
+
+
+def test_capacity_too_small_is_a_clear_error_and_frees_everything(bundled) -> None:
+    ids = [bundled.tokenizer(PROMPTS[0]).input_ids]
+    too_small = (
+        bundled.config.vocab_size * bundled.config.hidden_size * 4 + LayerWeights.numel(bundled.config) * 4
+    )
+    with Device(capacity_bytes=too_small) as device, make_transport(TransportKind.PLAIN, device) as transport:
+        with (
+            pytest.raises(DeviceOutOfMemory),
+            OffloadedModel(bundled.model, transport, OffloadPolicy()) as runner,
+        ):
+            generate(runner, GenerationRequest(max_new_tokens=2, prompt_ids=ids))
+        assert device.allocated_bytes == 0
+
+
+@pytest.mark.parametrize("kwargs", [{"resident_fraction": 1.5}, {"batch_size": 0}, {"prefetch_layers": 0}])
+def test_policy_validation(kwargs) -> None:
+    with pytest.raises(UsageError):
+        OffloadPolicy(**kwargs)
+
+
+def test_resident_layers_rounding() -> None:
+    assert OffloadPolicy(resident_fraction=0.0).resident_layers(30) == 0
+    assert OffloadPolicy(resident_fraction=0.5).resident_layers(30) == 15
+    assert OffloadPolicy(resident_fraction=1.0).resident_layers(30) == 30

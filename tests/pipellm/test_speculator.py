@@ -1,0 +1,217 @@
+"""Speculator: one test per decision path, failure handling, slack learning, statistics."""
+
+from __future__ import annotations
+
+import pytest
+
+from veil.pipellm import (
+    Commit,
+    CounterExhausted,
+    CyclicPredictor,
+    Direction,
+    HintPredictor,
+    PadThenCommit,
+    Relinquish,
+    RelinquishReason,
+    ReservationState,
+    SealNow,
+    Speculator,
+    SpeculatorConfig,
+    SwapPredictor,
+    TransferKey,
+    Wait,
+)
+
+MB = 1 << 20
+CONTROL = TransferKey(900, 0, 64)
+
+
+def k(source: int) -> TransferKey:
+    return TransferKey(source, 0, MB)
+
+
+def hinted(*keys: TransferKey, **config: int) -> Speculator:
+    spec = Speculator(HintPredictor(), SpeculatorConfig(**config))
+    spec.hint(list(keys))
+    return spec
+
+
+def seal_all(spec: Speculator, version: int = 0) -> list[int]:
+    jobs = spec.plan(100)
+    for job in jobs:
+        assert spec.sealed(job.job_id, version)
+    return [job.iv for job in jobs]
+
+
+def test_commit_when_the_next_iv_holds_the_wanted_chunk() -> None:
+    spec = hinted(k(0), k(1))
+    assert seal_all(spec) == [0, 1]
+    d = spec.request(k(0), 0)
+    assert d == Commit(iv=0, job_id=d.job_id, key=k(0), version=0)
+    assert isinstance(spec.request(k(1), 0), Commit)
+    assert spec.next_iv == 2 and spec.stats.hits == 2 and spec.stats.bytes_committed == 2 * MB
+
+
+def test_wait_while_sealing_then_commit() -> None:
+    spec = hinted(k(0))
+    (job,) = spec.plan(1)
+    d = spec.request(k(0), 3)
+    assert d == Wait(job.job_id, k(0)) and spec.next_iv == 0
+    spec.sealed(job.job_id, 3)
+    assert spec.request(k(0), 3) == Commit(0, job.job_id, k(0), 3)
+
+
+def test_pad_then_commit_burns_the_skipped_reservation() -> None:
+    spec = hinted(k(0), k(1), k(2))
+    seal_all(spec)
+    skipped = spec.pipeline[0].job_id
+    d = spec.request(k(1), 0)
+    assert isinstance(d, PadThenCommit)
+    assert (d.nop_ivs, d.iv, d.dropped) == (range(0, 1), 1, (skipped,))
+    assert isinstance(spec.request(k(2), 0), Commit)
+
+
+def test_relinquish_on_miss_burns_bound_ivs_and_seals_at_a_clean_one() -> None:
+    spec = hinted(k(0), k(1))
+    seal_all(spec)
+    d = spec.request(k(7), 0)
+    assert isinstance(d, Relinquish) and d.reason is RelinquishReason.MISS
+    assert (d.nop_ivs, d.iv, len(d.dropped)) == (range(0, 2), 2, 2)
+    assert spec.stats.bytes_wasted == 2 * MB and spec.stats.misses == 1
+
+
+def test_reserved_but_unsealed_ivs_are_reused_without_nops() -> None:
+    spec = hinted(k(0), k(1))  # reserved, no job handed out
+    d = spec.request(k(7), 0)
+    assert isinstance(d, Relinquish) and d.nop_ivs == range(0, 0) and d.iv == 0 and d.dropped == ()
+
+
+def test_stale_chunk_is_never_committed() -> None:
+    spec = hinted(k(0), k(1))
+    seal_all(spec, version=1)
+    d = spec.request(k(0), 2)  # the host wrote source 0 after it was sealed
+    assert isinstance(d, Relinquish) and d.reason is RelinquishReason.STALE
+    assert d.version == 2 and d.iv == 2 and d.nop_ivs == range(0, 2)
+    assert spec.stats.stale == 1
+
+
+def test_stale_while_sealing_is_checked_after_the_wait() -> None:
+    spec = hinted(k(0))
+    (job,) = spec.plan(1)
+    assert isinstance(spec.request(k(0), 5), Wait)
+    spec.sealed(job.job_id, 4)
+    d = spec.request(k(0), 5)
+    assert isinstance(d, Relinquish) and d.reason is RelinquishReason.STALE
+
+
+def test_pad_limit_relinquishes_when_a_clean_iv_is_nearer() -> None:
+    spec = hinted(k(0), k(1), k(2), max_pad=1, min_slack=1, max_slack=0)
+    assert seal_all(spec) == [1, 3, 5]  # one clean IV before each reservation
+    d = spec.request(k(2), 0)
+    assert isinstance(d, Relinquish) and d.reason is RelinquishReason.PAD_LIMIT
+    assert d.iv == 0 and len(d.dropped) == 3
+    follow = spec.request(CONTROL, 0)  # the dropped IVs 1, 3, 5 are burned on the way
+    assert isinstance(follow, SealNow) and follow.nop_ivs == range(1, 2) and follow.iv == 2
+
+
+def test_pads_past_the_limit_when_no_clean_iv_is_nearer() -> None:
+    spec = hinted(k(0), k(1), k(2), max_pad=1, max_slack=0)
+    seal_all(spec)
+    d = spec.request(k(2), 0)
+    assert isinstance(d, PadThenCommit) and d.nop_ivs == range(0, 2)
+
+
+def test_control_traffic_is_sealed_now_and_invisible_to_predictors() -> None:
+    cyclic = CyclicPredictor()
+    spec = Speculator(cyclic)
+    d = spec.request(CONTROL, 0)
+    assert d == SealNow(range(0, 0), 0, CONTROL, 0, d.size_class)
+    assert cyclic.predict(1) == [] and spec.stats.sync_seals == 1
+
+
+def test_control_message_colliding_with_bound_reservations_relinquishes_them() -> None:
+    spec = hinted(k(0), max_slack=0)
+    seal_all(spec)
+    d = spec.request(CONTROL, 0)
+    assert isinstance(d, Relinquish) and d.reason is RelinquishReason.COLLISION and d.iv == 1
+
+
+def test_slack_is_learned_so_control_traffic_stops_colliding() -> None:
+    pattern = [k(i) for i in range(4)]
+    spec = Speculator(CyclicPredictor(), SpeculatorConfig(depth=4))
+    decisions = []
+    for _ in range(6):
+        for key in pattern:
+            if key == pattern[0]:
+                decisions.append(spec.request(CONTROL, 0))  # one control message before layer 0
+            decisions.append(spec.request(key, 0))
+            seal_all(spec)
+    last_cycle = decisions[-5:]
+    assert isinstance(last_cycle[0], SealNow)
+    assert all(isinstance(d, Commit) for d in last_cycle[1:])
+
+
+def test_seal_failure_relinquishes_and_goes_synchronous() -> None:
+    spec = hinted(k(0), k(1))
+    a, b = spec.plan(2)
+    spec.sealed(b.job_id, 0)
+    assert spec.seal_failed(a.job_id, "worker died") == (a.job_id, b.job_id)
+    assert spec.synchronous and spec.error == "worker died" and spec.plan(4) == []
+    d = spec.request(k(0), 0)
+    assert isinstance(d, SealNow) and d.nop_ivs == range(0, 2) and d.iv == 2
+
+
+def test_job_dropped_while_sealing_is_discarded_when_it_finishes() -> None:
+    spec = hinted(k(0))
+    (job,) = spec.plan(1)
+    spec.request(k(5), 0)
+    assert spec.sealed(job.job_id, 0) is False
+    with pytest.raises(ValueError):
+        spec.sealed(job.job_id, 0)
+
+
+def test_speculation_off_seals_everything_now() -> None:
+    spec = Speculator(HintPredictor(), SpeculatorConfig(speculate=False))
+    spec.hint([k(0)])
+    assert spec.plan(4) == [] and isinstance(spec.request(k(0), 0), SealNow)
+
+
+def test_swap_out_predicts_swap_in() -> None:
+    spec = Speculator(SwapPredictor())
+    out = TransferKey(3, 0, MB, Direction.D2H)
+    spec.observe_device_to_host(out)
+    (job,) = spec.plan(4)
+    assert job.key == out.mirrored()
+    spec.sealed(job.job_id, 0)
+    assert isinstance(spec.request(out.mirrored(), 0), Commit)
+
+
+def test_misuse_is_rejected() -> None:
+    spec = Speculator()
+    with pytest.raises(ValueError):
+        spec.request(TransferKey(1, 0, MB, Direction.D2H), 0)
+    with pytest.raises(ValueError):
+        spec.observe_device_to_host(k(1))
+    with pytest.raises(ValueError):
+        spec.request(k(1), -1)
+    with pytest.raises(ValueError):
+        SpeculatorConfig(max_pad=1, max_slack=4)
+
+
+def test_counter_limit_forces_rekey() -> None:
+    spec = hinted(k(0), k(1), k(2), iv_limit=2)
+    assert [r.iv for r in spec.pipeline] == [0, 1]
+    spec.request(k(0), 0)
+    spec.request(k(1), 0)
+    with pytest.raises(CounterExhausted):
+        spec.request(k(2), 0)
+
+
+def test_pipeline_reports_states() -> None:
+    spec = hinted(k(0), k(1), k(2))
+    spec.plan(1)
+    assert [r.state for r in spec.pipeline] == [
+        ReservationState.SEALING,
+        ReservationState.RESERVED,
+        ReservationState.RESERVED,
+    ]
