@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from veil.cc import Device, DeviceOutOfMemory, TransportKind, make_transport
+from veil.cc import Device, DeviceOutOfMemory, TransportKind
 from veil.engine.offload import OffloadedModel
 from veil.engine.offload_policy import HostDtype, OffloadPolicy
 from veil.errors import UsageError
 from veil.model.generate import GenerationRequest, generate
 from veil.model.llama import LayerWeights
+from veil.transports import make_transport
 
 PROMPTS = ["The capital of France is", "Encryption keeps secrets"]
 NEW_TOKENS = 6
@@ -88,3 +89,46 @@ def test_resident_layers_rounding() -> None:
     assert OffloadPolicy(resident_fraction=0.0).resident_layers(30) == 0
     assert OffloadPolicy(resident_fraction=0.5).resident_layers(30) == 15
     assert OffloadPolicy(resident_fraction=1.0).resident_layers(30) == 30
+
+
+@pytest.mark.parametrize(
+    "policy", [OffloadPolicy(), OffloadPolicy(resident_fraction=0.5, host_dtype=HostDtype.BF16)]
+)
+def test_device_bytes_needed_is_enough_and_tight(bundled, policy) -> None:
+    """The planner's figure runs; a little less memory than it says does not."""
+    ids = [bundled.tokenizer(p).input_ids for p in PROMPTS]
+    max_tokens = max(len(i) for i in ids) + 2
+    need = OffloadedModel.device_bytes_needed(bundled.config, policy, len(ids), max_tokens)
+    request = GenerationRequest(max_new_tokens=2, prompt_ids=ids)
+    for capacity, fits in ((need, True), (need - 4096, False)):
+        with (
+            Device(capacity_bytes=capacity) as device,
+            make_transport(TransportKind.PLAIN, device) as transport,
+        ):
+            try:
+                with OffloadedModel(bundled.model, transport, policy) as runner:
+                    generate(runner, request)
+                ran = True
+            except DeviceOutOfMemory:
+                ran = False
+        assert ran == fits
+
+
+def test_pipellm_learns_the_layer_cycle_with_and_without_hints(bundled, resident) -> None:
+    """Transparent: no hints needed; with hints the transport is told and commits from the start."""
+    capacity = model_bytes(bundled.config)
+    results = {}
+    for hints in (False, True):
+        policy = OffloadPolicy(resident_fraction=0.5, hint_transport=hints)
+        with (
+            Device(capacity_bytes=capacity) as device,
+            make_transport(TransportKind.PIPELLM, device) as transport,
+        ):
+            ids = [bundled.tokenizer(p).input_ids for p in PROMPTS]
+            with OffloadedModel(bundled.model, transport, policy) as runner:
+                out = generate(runner, GenerationRequest(max_new_tokens=NEW_TOKENS, prompt_ids=ids))
+            results[hints] = (out, transport.stats.speculator)
+    for out, stats in results.values():
+        assert out == resident
+        assert stats.hits > stats.misses  # the speculator committed pre-sealed chunks
+    assert results[True][1].misses < results[False][1].misses  # hints skip the learning phase

@@ -140,7 +140,7 @@ def test_slack_is_learned_so_control_traffic_stops_colliding() -> None:
     pattern = [k(i) for i in range(4)]
     spec = Speculator(CyclicPredictor(), SpeculatorConfig(depth=4))
     decisions = []
-    for _ in range(6):
+    for _ in range(16):  # learning pauses speculation for a while (low confidence); it resumes
         for key in pattern:
             if key == pattern[0]:
                 decisions.append(spec.request(CONTROL, 0))  # one control message before layer 0
@@ -215,3 +215,46 @@ def test_pipeline_reports_states() -> None:
         ReservationState.RESERVED,
         ReservationState.RESERVED,
     ]
+
+
+def _drive(spec, keys) -> list:
+    """Request `keys` in order, sealing every planned job at once (version 0); return decisions."""
+    out = []
+    for key in keys:
+        for job in spec.plan(64):
+            spec.sealed(job.job_id, 0)
+        out.append(spec.request(key, 0))
+    return out
+
+
+def test_poor_predictions_pause_speculation_and_good_ones_resume_it() -> None:
+    import random
+
+    from veil.pipellm import Commit, Speculator, SpeculatorConfig, TransferKey
+
+    mib = 1 << 20
+    cycle = [TransferKey(s, 0, mib) for s in range(1, 9)]
+    rng = random.Random(3)
+    spec = Speculator(config=SpeculatorConfig(depth=8))
+    _drive(spec, cycle * 6)  # learn the cycle
+    assert not spec.paused and spec.stats.hits > 20
+    # The cycle with 40% of its loads replaced by strays: pre-sealed chunks keep being burned.
+    noisy = [
+        TransferKey(rng.randrange(100, 10_000), 0, mib) if rng.random() < 0.4 else key for key in cycle * 12
+    ]
+    _drive(spec, noisy)
+    assert spec.paused and spec.stats.pauses >= 1
+    jobs_before = spec.stats.seal_jobs
+    _drive(spec, [TransferKey(rng.randrange(100, 10_000), 0, mib) for _ in range(10)])
+    assert spec.stats.seal_jobs == jobs_before  # nothing is sealed ahead while paused
+    decisions = _drive(spec, cycle * 12)  # the cycle returns: confidence recovers, speculation resumes
+    assert not spec.paused and spec.stats.resumes >= 1
+    assert all(isinstance(d, Commit) for d in decisions[-16:])
+
+
+def test_confidence_config_validation() -> None:
+    from veil.pipellm import SpeculatorConfig
+
+    for kwargs in ({"confidence_off": 0.95, "confidence_on": 0.9}, {"confidence_weight": 0.0}):
+        with pytest.raises(ValueError):
+            SpeculatorConfig(**kwargs)

@@ -6,7 +6,6 @@ See docs/cc-protocol.md for the protocol and the threat model.
 from veil.cc.channel import ReceiverChannel, Reservation, SenderChannel
 from veil.cc.device import Device, DeviceBuffer
 from veil.cc.errors import DeviceOutOfMemory, IntegrityError, RekeyRequired, ReservationError
-from veil.cc.factory import make_transport
 from veil.cc.host import HostBuffer
 from veil.cc.link import LinkConfig, SecureLink
 from veil.cc.stream import Event, Stream
@@ -30,5 +29,4 @@ __all__ = [
     "Transport",
     "TransportKind",
     "TransportOptions",
-    "make_transport",
 ]

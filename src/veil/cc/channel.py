@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from veil.cc.bounce import POISONED_MESSAGE, BounceRing
 from veil.cc.errors import IntegrityError, RekeyRequired, ReservationError
+from veil.cc.host import copy_bytes
 from veil.cc.session import IV_BYTES, ChannelSecrets
 
 TAG_BYTES = 16
@@ -289,7 +290,7 @@ class Reservation:
         if self._slot is None:
             assert self._out is not None
             self._slot = ring.acquire()
-            ring.slot(self._slot)[: self._length] = self._out[: self._length]
+            copy_bytes(ring.slot(self._slot)[: self._length], self._out[: self._length])
         try:
             ring.publish(self._slot, self._length)
         except BaseException:
@@ -363,7 +364,7 @@ class ReceiverChannel(_Endpoint):
                     self._poison()
                     raise IntegrityError()
                 if out is not None:
-                    out[:] = plaintext
+                    copy_bytes(out, plaintext)
             finally:
                 self.ring.release(descriptor.slot)
             self._counter += 1
@@ -392,7 +393,7 @@ class ReceiverChannel(_Endpoint):
         if not TAG_BYTES <= length <= self.ring.slot_bytes or self._counter >= self.counter_limit:
             return None
         staged = self._staging[:length]
-        staged[:] = self.ring.slot(slot)[:length]  # read untrusted memory exactly once
+        copy_bytes(staged, self.ring.slot(slot)[:length])  # read untrusted memory exactly once
         try:
             self._aead.decrypt_into(iv_for(self._counter, self._mask), staged, self._aad, staged[:-TAG_BYTES])
         except InvalidTag:

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 _source_ids = itertools.count(1)  # process-wide id source; next() on a count is atomic under the GIL
@@ -37,6 +38,17 @@ def byte_view(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dtype == torch.uint8:
         return tensor.reshape(-1)
     return tensor.reshape(-1).view(torch.uint8)
+
+
+def copy_bytes(dst: memoryview, src: memoryview) -> None:
+    """`dst[:] = src` for equal-length byte views, without holding the GIL during the copy.
+
+    A memoryview slice assignment copies while holding the GIL; on the copy engine's thread that
+    stalls layer compute on the caller's thread between its torch calls. numpy releases it.
+    """
+    if len(dst) != len(src):
+        raise ValueError(f"copy of {len(src)} bytes into {len(dst)}")
+    np.copyto(np.frombuffer(dst, dtype=np.uint8), np.frombuffer(src, dtype=np.uint8))
 
 
 def memory_of(byte_tensor: torch.Tensor) -> memoryview:

@@ -27,12 +27,13 @@ class LinkConfig:
 
     Attributes:
         chunk_bytes: plaintext bytes per message (the driver uses 1 MiB).
-        ring_slots: bounce slots per direction.
+        ring_slots: bounce slots per direction (64 x 1 MiB by default: room for a pipellm pipeline
+            of depth 32 plus messages waiting for the copy engine).
         counter_limit: IVs per direction per epoch before a re-key (2**32; small in tests).
     """
 
     chunk_bytes: int = MIB
-    ring_slots: int = 16
+    ring_slots: int = 64
     counter_limit: int = MAX_MESSAGES
 
     def __post_init__(self) -> None:

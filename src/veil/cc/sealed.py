@@ -10,6 +10,7 @@ messages in each ring matches the order of the copy engine's commands.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from veil.cc.bounce import POISONED_MESSAGE
 from veil.cc.channel import SenderChannel, message_count
@@ -61,17 +62,8 @@ class CcTransport(Transport):
         with self._lock:
             self._prepare(self.link.device_tx, span.nbytes)
             source, target = src.memory()[span.src], dst.memory()[span.dst]
-            sender, ring = self.link.device_tx, self.link.d2h_ring
-
-            def seal_on_device() -> None:
-                try:
-                    sender.send_chunked(source)
-                except BaseException:
-                    ring.close()  # the host must not wait for messages that will not come
-                    raise
-
             with dst.write():
-                event = self.device.copy_engine.submit(seal_on_device)
+                event = self.device.copy_engine.submit(device_sealer(self.link, source))
                 try:
                     self.link.host_rx.receive_chunked(target)
                 except IntegrityError as host_error:
@@ -92,6 +84,23 @@ class CcTransport(Transport):
             if not self.options.auto_rekey:
                 raise RekeyRequired("not enough IVs left in this epoch; call rekey()")
             self.rekey()
+
+
+def device_sealer(link: SecureLink, source: memoryview) -> Callable[[], None]:
+    """The copy engine's half of a device-to-host transfer: seal `source` chunk by chunk into the ring.
+
+    On any failure the ring is closed, so the host, waiting for messages, is told instead of hanging.
+    """
+    sender, ring = link.device_tx, link.d2h_ring
+
+    def seal_on_device() -> None:
+        try:
+            sender.send_chunked(source)
+        except BaseException:
+            ring.close()
+            raise
+
+    return seal_on_device
 
 
 def _settled_error(event: Event) -> BaseException | None:

@@ -3,7 +3,7 @@
 Every transport offers asynchronous `h2d` and `d2h` over byte ranges of a `HostBuffer` and a
 `DeviceBuffer`, each returning an `Event`; `synchronize()`; and an explicit lifecycle (`close()` or the
 context manager). Engines never learn which implementation they hold; `TransportKind` names them and
-`veil.cc.factory.make_transport` builds them.
+`veil.transports.make_transport` builds them (it lives above veil.cc, which knows no pipellm).
 
 Contract shared by all implementations:
 - A transfer may read its source at any time until its event completes (and, for speculative
@@ -34,6 +34,7 @@ class TransportKind(enum.Enum):
 
     PLAIN = "plain"
     CC = "cc"
+    PIPELLM = "pipellm"
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,22 @@ class Transport(ABC):
         """
         self._check_open()
         return self._d2h(src, dst, Span.of(src.nbytes, dst.nbytes, src_offset, dst_offset, nbytes))
+
+    def hint(self, src: HostBuffer, *, src_offset: int = 0, nbytes: int | None = None) -> None:
+        """Tell the transport that this host range will be sent to the device soon.
+
+        Optional knowledge an engine may give (PipeLLM's explicit hints); transports that seal
+        nothing ahead (`plain`, `cc`) ignore it, and a speculative one must work without it.
+
+        Raises:
+            ValueError: on a bad range. RuntimeError: if closed.
+        """
+        self._check_open()
+        span = Span.of(src.nbytes, src.nbytes, src_offset, 0, nbytes)
+        self._hint(src, span)
+
+    def _hint(self, src: HostBuffer, span: Span) -> None:  # noqa: B027 - optional: ignoring is valid
+        """Use a hint (see `hint`); the default ignores it."""
 
     def upload(self, tensor: torch.Tensor) -> DeviceBuffer:
         """Allocate a device tensor like `tensor` (contiguous, CPU, any dtype) and copy it in; blocks."""

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 
+import torch
+
+from veil.cc.device import Device
+from veil.cc.transport import TransportKind
+from veil.engine.offload import OffloadedModel, compute_threads_beside_device
+from veil.engine.offload_policy import HostDtype, OffloadPolicy
 from veil.errors import UsageError
-from veil.model.generate import GenerationRequest, stream
+from veil.model.generate import GenerationRequest, Runner, stream
 from veil.model.loader import LoadedModel, load_model
 from veil.model.sampling import SamplingParams
+from veil.transports import make_transport
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +35,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    offload = parser.add_argument_group("weight offloading (emulated confidential device)")
+    offload.add_argument(
+        "--offload",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="stream this fraction of the decoder layers from host memory through --transport",
+    )
+    offload.add_argument(
+        "--transport",
+        choices=[k.value for k in TransportKind],
+        default=TransportKind.PIPELLM.value,
+        help="how offloaded weights cross to the device (default pipellm)",
+    )
+    offload.add_argument(
+        "--host-dtype",
+        choices=[d.value for d in HostDtype],
+        default=HostDtype.FP32.value,
+        help="storage dtype of offloaded weights (bf16/fp16 halve the bytes to seal)",
+    )
+    offload.add_argument(
+        "--device-memory",
+        type=float,
+        default=None,
+        metavar="MIB",
+        help="device arena capacity in MiB (default: just what the run needs)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -53,17 +89,59 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--prompt is empty")
     if args.max_tokens < 0:
         raise UsageError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.offload is not None and not 0.0 <= args.offload <= 1.0:
+        raise UsageError(f"--offload must be a fraction in [0, 1], got {args.offload}")
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     loaded = load_model(args.model)
     ids = prompt_token_ids(loaded, args.prompt, chat=args.chat)
     request = GenerationRequest(
         max_new_tokens=args.max_tokens, prompt_ids=[ids], params=params, stop_token_ids=stop_ids(loaded)
     )
+    with _runner(args, loaded, len(ids) + args.max_tokens) as runner:
+        return _emit(args, loaded, runner, request)
+
+
+@contextlib.contextmanager
+def _runner(args: argparse.Namespace, loaded: LoadedModel, max_tokens: int) -> Iterator[Runner]:
+    """The resident model, or an offloaded one on an emulated device when --offload is given."""
+    if args.offload is None:
+        yield loaded.model
+        return
+    policy = OffloadPolicy(
+        resident_fraction=1.0 - args.offload, host_dtype=HostDtype(args.host_dtype), batch_size=1
+    )
+    need = OffloadedModel.device_bytes_needed(loaded.config, policy, 1, max_tokens)
+    capacity = need if args.device_memory is None else int(args.device_memory * 2**20)
+    if capacity < need:
+        raise UsageError(
+            f"--device-memory {args.device_memory} MiB is too small for --offload {args.offload}: "
+            f"this run needs {need / 2**20:.1f} MiB (raise --offload or the memory)"
+        )
+    print(
+        f"veil: offloading {args.offload:.0%} of the layers over {args.transport}; "
+        f"device arena {capacity / 2**20:.1f} MiB (model weights {_weight_mib(loaded):.1f} MiB)",
+        file=sys.stderr,
+    )
+    torch.set_num_threads(compute_threads_beside_device())
+    with (
+        Device(capacity_bytes=capacity) as device,
+        make_transport(TransportKind(args.transport), device) as tr,
+    ):
+        with OffloadedModel(loaded.model, tr, policy) as offloaded:
+            yield offloaded
+
+
+def _weight_mib(loaded: LoadedModel) -> float:
+    return sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**20
+
+
+def _emit(args: argparse.Namespace, loaded: LoadedModel, runner: Runner, request: GenerationRequest) -> int:
+    ids = list(request.prompt_ids[0]) if request.prompt_ids else []
     stops = set(request.stop_token_ids)
     generated: list[int] = []
     shown = ""
     start = time.perf_counter()
-    for step in stream(loaded.model, request):
+    for step in stream(runner, request):
         token = int(step[0])
         if token in stops:
             break

@@ -17,6 +17,8 @@ device arena (copied in through the transport at start-up); activations are not 
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -28,9 +30,23 @@ from veil.cc.device import Device, DeviceBuffer
 from veil.cc.host import HostBuffer
 from veil.cc.stream import Event
 from veil.cc.transport import Transport
-from veil.engine.offload_policy import OffloadPolicy
+from veil.engine.offload_policy import HostDtype, OffloadPolicy
+from veil.model.config import ModelConfig
 from veil.model.kv_cache import KVCache
 from veil.model.llama import LayerWeights, Llama, StepContext, decoder_layer, lm_head
+
+
+def compute_threads_beside_device() -> int:
+    """Torch threads to give layer compute while an emulated device runs: all cores but one.
+
+    The emulated copy engine opens every sealed message on a host core (a real H100 does this in
+    hardware). Letting torch's intra-op pool also claim that core oversubscribes the machine, and its
+    spinning worker threads then slow compute several-fold (measured here: 5x on 2 cores).
+    """
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+_HINT_LAYERS = 2  # how far ahead (in layer loads) hints run when the policy asks for them
 
 
 @dataclass
@@ -72,7 +88,30 @@ class OffloadedModel:
         self._allocations: list[DeviceBuffer] = []  # resident weights, freed at close
         self._cache_buffers: list[DeviceBuffer] = []  # the current generation's KV cache
         self._inflight: deque[_InFlight] = deque()
-        self._cursor = 0  # index into self._offloaded of the next load to issue
+        self._issued = 0  # loads issued so far; the next is self._offloaded[_issued % len] (cyclic)
+        self._hinted = 0  # loads hinted so far
+
+    @staticmethod
+    def device_bytes_needed(
+        config: ModelConfig, policy: OffloadPolicy, batch_size: int, max_tokens: int
+    ) -> int:
+        """Device arena bytes an offloaded generation of `batch_size` rows of `max_tokens` needs at peak.
+
+        Resident weights (embedding, norms, untied head, resident layers), the layers in flight
+        (`prefetch_layers + 1` in host dtype, plus one fp32 upcast buffer when the host dtype is not
+        fp32) and the KV cache. Activations are not allocated in the arena.
+        """
+        layer_numel = LayerWeights.numel(config)
+        resident = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+        resident += config.hidden_size + policy.resident_layers(config.num_layers) * layer_numel
+        streamed = config.num_layers - policy.resident_layers(config.num_layers)
+        in_flight = 0
+        if streamed:
+            host_bytes = torch.empty((), dtype=policy.host_dtype.torch).element_size()
+            in_flight = min(policy.prefetch_layers + 1, streamed) * layer_numel * host_bytes
+            in_flight += 0 if policy.host_dtype is HostDtype.FP32 else layer_numel * 4
+        kv = 2 * math.prod(KVCache.shape(config, batch_size, max_tokens))
+        return 4 * (resident + kv) + in_flight
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -174,8 +213,8 @@ class OffloadedModel:
     def _issue_ahead(self) -> None:
         """Keep `prefetch_layers` + 1 offloaded layers in flight, in cyclic layer order."""
         while len(self._inflight) < min(self.policy.prefetch_layers + 1, len(self._offloaded)):
-            layer = self._offloaded[self._cursor]
-            self._cursor = (self._cursor + 1) % len(self._offloaded)
+            layer = self._offloaded[self._issued % len(self._offloaded)]
+            self._issued += 1
             source = self._host[layer]
             staging = self.device.empty((source.tensor.numel(),), source.tensor.dtype)
             start = time.perf_counter()
@@ -186,6 +225,15 @@ class OffloadedModel:
                 raise
             self.stats.issue_s += time.perf_counter() - start
             self._inflight.append(_InFlight(layer, staging, event))
+            if self.policy.hint_transport:
+                self._hint_ahead()
+
+    def _hint_ahead(self) -> None:
+        """Hint the loads `_HINT_LAYERS` beyond the last one issued (each layer once per cycle)."""
+        while self._hinted < self._issued + _HINT_LAYERS:
+            layer = self._offloaded[self._hinted % len(self._offloaded)]
+            self.transport.hint(self._host[layer])
+            self._hinted += 1
 
     def _arrived(self, layer: int) -> tuple[LayerWeights, list[DeviceBuffer]]:
         """Wait for `layer`'s weights; returns fp32 views and the device buffers to free after use."""

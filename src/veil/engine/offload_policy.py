@@ -32,6 +32,8 @@ class OffloadPolicy:
     host_dtype: HostDtype = HostDtype.FP32  # bf16/fp16 halve the bytes to seal, at a precision cost
     batch_size: int = 8  # prompts decoded together; more compute per streamed byte
     prefetch_layers: int = 1  # layers in flight ahead of the one computing (1 = overlap j+1 with j)
+    hint_transport: bool = False  # name upcoming layer loads to the transport (PipeLLM's explicit
+    # hints); off by default: a speculative transport learns the cyclic order from the loads alone
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.resident_fraction <= 1.0:

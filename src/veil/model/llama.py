@@ -7,6 +7,8 @@ weights and runs the embedding, the decoder stack and the head separately or tog
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -94,12 +96,24 @@ def lm_head(
 
 
 def decoder_layer(
-    x: torch.Tensor, w: LayerWeights, ctx: StepContext, layer: int, config: ModelConfig
+    x: torch.Tensor,
+    w: LayerWeights,
+    ctx: StepContext,
+    layer: int,
+    config: ModelConfig,
+    project: Projection | None = None,
 ) -> torch.Tensor:
-    """One pre-norm decoder layer on hidden states `x` (B, T, hidden) with weights `w`."""
+    """One pre-norm decoder layer on hidden states `x` (B, T, hidden) with weights `w`.
+
+    `project(h, name)` computes the linear map of the `LayerWeights` field `name` ("wqkv", "wo",
+    "w_gate_up", "w_down"); by default `F.linear` with `w`'s tensor. A caller that keeps the linear
+    weights elsewhere (the per-layer partition baseline of split inference) passes its own.
+    """
+    if project is None:
+        project = functools.partial(_project_local, w)
     batch, seq, _ = x.shape
     h = rms_norm(x, w.attn_norm, config.rms_norm_eps)
-    q, k, v = F.linear(h, w.wqkv).split([config.q_size, config.kv_size, config.kv_size], dim=-1)
+    q, k, v = project(h, "wqkv").split([config.q_size, config.kv_size, config.kv_size], dim=-1)
     q = q.view(batch, seq, config.num_heads, config.head_dim).transpose(1, 2)  # (B, H, T, hd)
     k = k.view(batch, seq, config.num_kv_heads, config.head_dim).transpose(1, 2)  # (B, KV, T, hd)
     v = v.view(batch, seq, config.num_kv_heads, config.head_dim).transpose(1, 2)
@@ -107,10 +121,17 @@ def decoder_layer(
     if ctx.cache is not None:
         k, v = ctx.cache.update(layer, k, v)  # (B, KV, S, hd)
     attn = attention(q, k, v, ctx)  # (B, H, T, hd)
-    x = x + F.linear(attn.transpose(1, 2).reshape(batch, seq, config.q_size), w.wo)
+    x = x + project(attn.transpose(1, 2).reshape(batch, seq, config.q_size), "wo")
     h = rms_norm(x, w.mlp_norm, config.rms_norm_eps)
-    gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, w.w_down)
+    gate, up = project(h, "w_gate_up").chunk(2, dim=-1)
+    return x + project(F.silu(gate) * up, "w_down")
+
+
+Projection = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def _project_local(w: LayerWeights, h: torch.Tensor, name: str) -> torch.Tensor:
+    return F.linear(h, getattr(w, name))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:

@@ -74,10 +74,21 @@ class CyclicPredictor(Predictor):
         if p is None or n <= 0:
             return []
         start = self._t - p  # the observation one period before the next one
-        return [self._at(start + (i % p)) for i in range(n)]  # type: ignore[misc]
+        if start < 0 or start < self._t - self._capacity:
+            return []
+        period = self._ring_range(start, self._t)  # one whole period, oldest first
+        repeats, rest = divmod(n, p)
+        return period * repeats + period[:rest]
 
     def hint(self, keys: Sequence[TransferKey]) -> None:
         """Hints are not used: the cyclic pattern is learned from the stream alone."""
+
+    def _ring_range(self, begin: int, end: int) -> list[TransferKey]:
+        """Observations begin..end-1 (all within the ring) as a list, by slicing the ring."""
+        lo, hi = begin % self._capacity, end % self._capacity
+        if end - begin == self._capacity or (lo >= hi and end > begin):
+            return self._ring[lo:] + self._ring[:hi]  # type: ignore[return-value]
+        return self._ring[lo:hi]  # type: ignore[return-value]
 
     def _at(self, index: int) -> TransferKey | None:
         if index < 0 or index < self._t - self._capacity:

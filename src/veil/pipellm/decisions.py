@@ -151,3 +151,5 @@ class SpeculatorStats:
     bytes_committed: int = 0  # bytes sent from a pre-sealed ciphertext
     bytes_sealed_now: int = 0  # bytes sealed on the critical path
     bytes_wasted: int = 0  # bytes sealed ahead and then dropped
+    pauses: int = 0  # times speculation paused for low prediction confidence
+    resumes: int = 0  # times it resumed

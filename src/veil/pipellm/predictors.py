@@ -57,6 +57,11 @@ class CompositePredictor(Predictor):
 
     def predict(self, n: int) -> list[TransferKey]:
         order = sorted(range(len(self._children)), key=lambda i: (-self._streaks[i], i))
+        if n <= 0:
+            return []
+        first = self._children[order[0]].predict(n)
+        if len(first) >= n:  # the leading child fills the window on its own (the steady state)
+            return first[:n]
         out: list[TransferKey] = []
         named: set[TransferKey] = set()
         for rank, i in enumerate(order):

@@ -63,6 +63,8 @@ class Speculator:
         self._synchronous = not self._config.speculate
         self._sync_run = 0  # synchronous messages since the last bulk request
         self._slack: dict[TransferKey, int] = {}  # learned: sync messages seen before this key
+        self._confidence = 1.0  # running share of bulk requests the predictor got right
+        self._paused = False  # speculation paused for low confidence (resumes by itself)
 
     # -- inspection ---------------------------------------------------------------------------------
     @property
@@ -82,6 +84,16 @@ class Speculator:
     def synchronous(self) -> bool:
         """True once speculation is off (by config, `disable`, or a seal failure)."""
         return self._synchronous
+
+    @property
+    def paused(self) -> bool:
+        """True while speculation is paused because predictions have been poor (see the config)."""
+        return self._paused
+
+    @property
+    def confidence(self) -> float:
+        """Running share of bulk requests predicted correctly."""
+        return self._confidence
 
     @property
     def error(self) -> str | None:
@@ -167,7 +179,8 @@ class Speculator:
             raise ValueError(f"version must be >= 0, got {version}")
         self._pipe.strip_reserved()
         size_class = self._config.sizes.classify(key.length)
-        if size_class is SizeClass.BULK and not self._synchronous:
+        drained = self._paused and not self._pipe.live()
+        if size_class is SizeClass.BULK and not self._synchronous and not drained:
             decision = self._speculative(key, version)
         else:
             decision = self._sync(key, version, size_class)
@@ -247,9 +260,42 @@ class Speculator:
                 s.sync_seals += 1
         if size_class is SizeClass.BULK:
             self._learn_slack(decision.key)
+            self._track_confidence(decision)
             self._predictor.observe(decision.key)
         else:
             self._sync_run += 1
+
+    def _track_confidence(self, decision: Decision) -> None:
+        """Update the running share of correct predictions; pause or resume speculation by it.
+
+        While speculating, a hit is a commit of a pre-sealed chunk that burned no other pre-sealed
+        chunk on the way (every burned one crosses the bus for nothing). While paused nothing is sealed
+        ahead, so the predictor's next guess (made before it sees the request) is scored instead.
+        Requests for which nothing was predicted (a predictor still learning) are not scored: they
+        waste nothing.
+        """
+        if self._synchronous:
+            return
+        if isinstance(decision, Commit):
+            hit = True
+        elif isinstance(decision, PadThenCommit):
+            hit = not decision.dropped  # burning pre-sealed chunks to reach this one is waste
+        elif self._paused:
+            guess = self._predictor.predict(1)
+            if not guess:
+                return
+            hit = guess[0] == decision.key
+        elif isinstance(decision, Relinquish) and decision.dropped:
+            hit = False
+        else:
+            return
+        self._confidence += self._config.confidence_weight * (float(hit) - self._confidence)
+        if self._paused and self._confidence >= self._config.confidence_on:
+            self._paused = False
+            self._stats.resumes += 1
+        elif not self._paused and self._confidence < self._config.confidence_off:
+            self._paused = True
+            self._stats.pauses += 1
 
     def _learn_slack(self, key: TransferKey) -> None:
         self._slack.pop(key, None)
@@ -260,14 +306,20 @@ class Speculator:
 
     def _refill(self) -> None:
         """Top the pipeline up to `depth` with provisional reservations for the predicted keys."""
-        if self._synchronous:
+        if self._synchronous or self._paused:
             return
         live = self._pipe.live()
         depth = self._config.depth
-        sizes = self._config.sizes
-        wanted = [k for k in self._predictor.predict(depth) if sizes.speculative(k)][:depth]
-        if [s.key for s in live] != wanted[: len(live)]:
-            return  # the pipeline disagrees with the predictor: the next request will settle it
+        if len(live) >= depth:
+            return
+        bulk_above, h2d = self._config.sizes.bulk_above, Direction.H2D
+        # Inline form of `SizeClasses.speculative` (this loop runs on every request).
+        wanted = [k for k in self._predictor.predict(depth) if k.length > bulk_above and k.direction is h2d]
+        # Extend only where the pipeline's tail is where the predictor would be: checking that one
+        # junction (not the whole window) keeps a request O(1) in Python for the common case; a
+        # disagreement further in is settled by the request that meets it.
+        if live and (len(wanted) < len(live) or wanted[len(live) - 1] != live[-1].key):
+            return
         iv = self._pipe.last_bound_iv()
         for key in wanted[len(live) :]:
             iv += 1 + self._config.min_slack + self._slack.get(key, 0)

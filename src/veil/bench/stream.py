@@ -1,0 +1,247 @@
+"""`veil bench stream`: a cyclic stream of chunks with compute between them, under plain, cc and pipellm.
+
+The workload is the offloading engine's shape without the model: `--sources` host buffers of
+`--source-mib` each are loaded in cyclic order, one ahead (load i+1, wait for i, compute on i), for
+`--rounds` rounds after one warm-up round, with `--compute-us` of compute per 1 MiB chunk. Each
+transport runs the same sequence in this process. A second sequence deviates from the cycle at random
+(`--mispredict`: each load is replaced by another source with that probability) and runs under all
+three as well; a third run measures checked mode (hash at seal time, re-hash at commit).
+
+Compute: `busy` (default) runs torch matmuls on one thread until the time is spent, so compute takes a
+core, as it does in veil's emulator where the "device" computes on the CPU; on this 2-core machine
+sealing workers and the copy engine then share the other core. `sleep` models a real accelerator,
+whose compute leaves the CPU free. Figures are throughputs in GB/s of streamed weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from veil.bench.report import emit_json, print_table, progress
+from veil.cc.device import Device
+from veil.cc.host import HostBuffer
+from veil.cc.link import MIB
+from veil.cc.transport import Transport, TransportKind
+from veil.errors import UsageError
+from veil.pipellm.options import PipeLLMOptions
+from veil.pipellm.transport import PipeLLMTransport
+from veil.transports import make_transport
+
+NAME = "stream"
+HELP = "cyclic chunk stream with compute: plain vs cc vs pipellm throughput and gap closure"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add this benchmark's options."""
+    parser.add_argument("--sources", type=int, default=8, help="host buffers in the cycle (default 8)")
+    parser.add_argument("--source-mib", type=int, default=4, help="MiB per source (default 4)")
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds over the cycle (default 4)")
+    parser.add_argument(
+        "--compute-us",
+        type=float,
+        default=None,
+        help="compute per 1 MiB chunk in microseconds (default: the measured sealing time of a chunk)",
+    )
+    parser.add_argument("--compute", choices=("busy", "sleep"), default="busy", help="see the module doc")
+    parser.add_argument("--mispredict", type=float, default=0.3, help="deviation probability (default 0.3)")
+    defaults = PipeLLMOptions()
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help=f"pipellm sealing threads (default {defaults.workers}: cores left by compute and copy engine)",
+    )
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=defaults.depth,
+        help=f"pipellm reservations ahead (default {defaults.depth})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the mispredicted sequence")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure and print; returns the exit status."""
+    if min(args.sources, args.source_mib, args.rounds, args.workers) < 1 or not 0 <= args.mispredict <= 1:
+        raise UsageError("--sources, --source-mib, --rounds, --workers must be >= 1; --mispredict in [0, 1]")
+    torch.set_num_threads(1)  # compute takes one core, like one device stream
+    seal_us = _seal_us_per_chunk()
+    compute_us = seal_us if args.compute_us is None else args.compute_us
+    compute = _busy if args.compute == "busy" else _sleep
+    pipellm = PipeLLMOptions(workers=args.workers, depth=args.depth)
+    cyclic = list(range(args.sources)) * args.rounds
+    deviating = _deviate(cyclic, args.sources, args.mispredict, random.Random(args.seed))
+    spec = _Spec(args.sources, args.source_mib, compute_us, compute)
+
+    results: dict[str, Any] = {"seal_us_per_chunk": round(seal_us, 1), "compute_us_per_chunk": compute_us}
+    results["compute"] = args.compute
+    progress("bench stream: cyclic")
+    cyc = {kind.value: _measure(kind, spec, cyclic, pipellm) for kind in TransportKind}
+    results.update({k: v["gbps"] for k, v in cyc.items()})
+    results["gap_closure"] = _closure(cyc)
+    results["stats"] = cyc["pipellm"]["stats"]
+    progress("bench stream: mispredicted")
+    mis = {kind.value: _measure(kind, spec, deviating, pipellm) for kind in TransportKind}
+    results["mispredict"] = {
+        "fraction": args.mispredict,
+        **{k: v["gbps"] for k, v in mis.items()},
+        "gap_closure": _closure(mis),
+        "pipellm_vs_cc": round(mis["pipellm"]["gbps"] / mis["cc"]["gbps"], 3),
+        "stats": mis["pipellm"]["stats"],
+    }
+    progress("bench stream: checked mode")
+    checked = _measure(
+        TransportKind.PIPELLM, spec, cyclic, PipeLLMOptions(**{**_fields(pipellm), "checked": True})
+    )
+    results["checked"] = {
+        "pipellm": checked["gbps"],
+        "check_s": checked["stats"]["check_s"],
+        "mismatches": checked["stats"]["check_mismatches"],
+        "digest_gbps": {name: _digest_gbps(fn) for name, fn in _DIGESTS.items()},
+    }
+    if args.json:
+        emit_json(results)
+    else:
+        _print(results)
+    return 0
+
+
+class _Spec:
+    def __init__(
+        self, sources: int, source_mib: int, compute_us: float, compute: Callable[[float], None]
+    ) -> None:
+        self.sources, self.source_mib, self.compute_us, self.compute = (
+            sources,
+            source_mib,
+            compute_us,
+            compute,
+        )
+
+
+def _measure(
+    kind: TransportKind, spec: _Spec, sequence: list[int], pipellm: PipeLLMOptions
+) -> dict[str, Any]:
+    nbytes = spec.source_mib * MIB
+    sources = [HostBuffer(torch.randint(0, 256, (nbytes,), dtype=torch.uint8)) for _ in range(spec.sources)]
+    warmup = list(range(spec.sources))
+    with (
+        Device(capacity_bytes=4 * nbytes) as device,
+        make_transport(kind, device, pipellm=pipellm if kind is TransportKind.PIPELLM else None) as transport,
+    ):
+        buffers = [device.alloc(nbytes), device.alloc(nbytes)]
+        _stream(transport, sources, buffers, warmup, spec)
+        start = time.perf_counter()
+        _stream(transport, sources, buffers, sequence, spec)
+        elapsed = time.perf_counter() - start
+        stats = asdict(transport.stats) if isinstance(transport, PipeLLMTransport) else None
+    return {"gbps": round(len(sequence) * nbytes / elapsed / 1e9, 3), "stats": stats}
+
+
+def _stream(
+    transport: Transport, sources: list[HostBuffer], buffers: list[Any], order: list[int], spec: _Spec
+) -> None:
+    """Load one ahead: issue load i+1, wait for load i, compute on it."""
+    chunk_s = spec.compute_us * 1e-6 * spec.source_mib
+    pending = transport.h2d(sources[order[0]], buffers[0])
+    for i in range(len(order)):
+        following = transport.h2d(sources[order[i + 1]], buffers[(i + 1) % 2]) if i + 1 < len(order) else None
+        pending.wait()
+        spec.compute(chunk_s)
+        if following is not None:
+            pending = following
+
+
+def _deviate(cyclic: list[int], sources: int, fraction: float, rng: random.Random) -> list[int]:
+    return [
+        rng.choice([s for s in range(sources) if s != x]) if rng.random() < fraction else x for x in cyclic
+    ]
+
+
+_A = torch.randn(96, 96)
+
+
+def _busy(seconds: float) -> None:
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        torch.mm(_A, _A)
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _seal_us_per_chunk() -> float:
+    aead, nonce = AESGCM(os.urandom(32)), os.urandom(12)
+    data, out = memoryview(bytearray(os.urandom(MIB))), memoryview(bytearray(MIB + 16))
+    aead.encrypt_into(nonce, data, None, out)
+    start = time.perf_counter()
+    for _ in range(32):
+        aead.encrypt_into(nonce, data, None, out)
+    return (time.perf_counter() - start) / 32 * 1e6
+
+
+_DIGESTS: dict[str, Callable[[memoryview], object]] = {
+    "crc32": zlib.crc32,
+    "blake2b": lambda m: hashlib.blake2b(m, digest_size=16).digest(),
+}
+
+
+def _digest_gbps(digest: Callable[[memoryview], object]) -> float:
+    data = memoryview(bytearray(os.urandom(MIB)))
+    start = time.perf_counter()
+    for _ in range(32):
+        digest(data)
+    return round(32 * MIB / (time.perf_counter() - start) / 1e9, 3)
+
+
+def _closure(figures: dict[str, dict[str, Any]]) -> float | None:
+    plain, cc, ours = (figures[k]["gbps"] for k in ("plain", "cc", "pipellm"))
+    return None if plain <= cc else round((ours - cc) / (plain - cc), 3)
+
+
+def _fields(options: PipeLLMOptions) -> dict[str, Any]:
+    return {name: getattr(options, name) for name in options.__dataclass_fields__}
+
+
+def _print(results: dict[str, Any]) -> None:
+    mis = results["mispredict"]
+    print(
+        f"compute {results['compute']}: {results['compute_us_per_chunk']:.0f} us per MiB chunk; "
+        f"sealing {results['seal_us_per_chunk']:.0f} us per chunk (1 core)"
+    )
+    print_table(
+        ["stream", "plain GB/s", "cc GB/s", "pipellm GB/s", "gap closure"],
+        [
+            ["cyclic", results["plain"], results["cc"], results["pipellm"], results["gap_closure"]],
+            [
+                f"{mis['fraction']:.0%} mispredicted",
+                mis["plain"],
+                mis["cc"],
+                mis["pipellm"],
+                mis["gap_closure"],
+            ],
+        ],
+    )
+    s, c = results["stats"], results["checked"]
+    sp = s["speculator"]
+    print(
+        f"\npipellm cyclic: hits {sp['hits']}, misses {sp['misses']}, nops {sp['nops']}, "
+        f"relinquishes {sp['relinquishes']}, waited {s['wait_s']:.3f} s, "
+        f"sealed in caller {s['sync_seal_s']:.3f} s"
+    )
+    print(f"mispredicted: pipellm / cc = {mis['pipellm_vs_cc']:.3f}")
+    print(
+        f"checked mode: {c['pipellm']} GB/s (re-hashing {c['check_s']:.3f} s); "
+        f"digests GB/s: {c['digest_gbps']}"
+    )

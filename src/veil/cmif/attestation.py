@@ -1,0 +1,185 @@
+"""Attestation evidence, the verifier's policy, one-time nonces, and the verifier itself.
+
+Security contract:
+- Evidence binds an enclave's X25519 public key and a server-issued nonce to a measurement of the
+  enclave, through `report_data(public_key, nonce)` = SHA-512(public_key || nonce) (64 bytes, the size of
+  TDX REPORTDATA, SEV-SNP REPORT_DATA and configfs-tsm's inblob).
+- `Verifier.verify` accepts evidence only if: the nonce was issued by this verifier, has not expired and
+  has not been presented before (it is consumed on the first presentation, valid or not); the report is
+  signed by a signer the policy trusts; the report data equals `report_data(public_key, nonce)`; the
+  measurement is one the policy accepts; simulated evidence is accepted only if the policy opts in.
+- Every failure raises `VerificationError`. Its message says nothing about which check failed; the
+  `reason` attribute does, for the verifier's own logs only.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from veil.cmif import enclave_reports as reports
+from veil.errors import VeilError
+
+NONCE_SIZE = 32  # bytes of a challenge nonce
+PUBLIC_KEY_SIZE = 32  # bytes of a raw X25519 public key
+
+
+class VerificationError(VeilError):
+    """Evidence, a nonce or a wrapped/sealed blob failed verification. Deliberately uninformative."""
+
+    def __init__(self, reason: str = "verification failed") -> None:
+        super().__init__("verification failed")
+        self.reason = reason  # for the verifier's logs; never send it to the peer
+
+
+def report_data(public_key: bytes, nonce: bytes) -> bytes:
+    """The 64 bytes an enclave puts in its report: SHA-512(public_key || nonce), both fixed-size."""
+    if len(public_key) != PUBLIC_KEY_SIZE:
+        raise ValueError(f"public_key must be {PUBLIC_KEY_SIZE} bytes, got {len(public_key)}")
+    if len(nonce) != NONCE_SIZE:
+        raise ValueError(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
+    return hashlib.sha512(public_key + nonce).digest()
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What an enclave sends to be provisioned: its public key, the nonce, and a platform report.
+
+    `provider` names the report format: `reports.SIMULATED` ("veil-simulated"), "tdx_guest" or
+    "sev_guest" (configfs-tsm's provider names).
+    """
+
+    provider: str
+    public_key: bytes
+    nonce: bytes
+    report: bytes
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "provider": self.provider,
+            "public_key": self.public_key.hex(),
+            "nonce": self.nonce.hex(),
+            "report": base64.b64encode(self.report).decode("ascii"),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Evidence:
+        """Parse; malformed input raises `ValueError` with the field at fault."""
+        if not isinstance(raw, dict):
+            raise ValueError("evidence must be a JSON object")
+        try:
+            return cls(
+                provider=str(raw["provider"]),
+                public_key=bytes.fromhex(raw["public_key"]),
+                nonce=bytes.fromhex(raw["nonce"]),
+                report=base64.b64decode(raw["report"], validate=True),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed evidence: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the model owner accepts before releasing embedding weights.
+
+    `trusted_signers` holds signer identities as `reports` defines them: a raw Ed25519 public key (the
+    simulated platform), a DER SubjectPublicKeyInfo (an SEV-SNP VCEK, a TDX attestation key).
+    """
+
+    accepted_measurements: frozenset[bytes]
+    trusted_signers: frozenset[bytes]
+    allow_simulated: bool = False  # explicit opt-in: simulated evidence proves nothing about hardware
+    nonce_ttl_s: float = 60.0
+
+    def digest(self) -> bytes:
+        """SHA-256 of a canonical encoding; bound into the wrapped weights' associated data."""
+        canonical = json.dumps(
+            {
+                "measurements": sorted(m.hex() for m in self.accepted_measurements),
+                "signers": sorted(s.hex() for s in self.trusted_signers),
+                "allow_simulated": self.allow_simulated,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(canonical.encode()).digest()
+
+
+@dataclass(frozen=True)
+class VerifiedEnclave:
+    """An enclave that passed verification: provision weights for `public_key`."""
+
+    public_key: bytes
+    measurement: bytes
+    provider: str
+
+
+@dataclass
+class NonceStore:
+    """One-time challenge nonces with expiry. Thread-safe. Time and randomness are injectable seams."""
+
+    ttl_s: float = 60.0
+    max_outstanding: int = 10_000
+    _clock: Callable[[], float] = time.monotonic
+    _random: Callable[[int], bytes] = secrets.token_bytes
+    _issued: dict[bytes, float] = field(default_factory=dict)  # nonce -> expiry time
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def issue(self) -> bytes:
+        with self._lock:
+            now = self._clock()
+            self._drop_expired(now)
+            if len(self._issued) >= self.max_outstanding:
+                raise VerificationError("too many outstanding nonces")
+            nonce = self._random(NONCE_SIZE)
+            self._issued[nonce] = now + self.ttl_s
+            return nonce
+
+    def consume(self, nonce: bytes) -> None:
+        """Accept `nonce` once, if issued here and unexpired; raise `VerificationError` otherwise."""
+        with self._lock:
+            expiry = self._issued.pop(nonce, None)
+            if expiry is None:
+                raise VerificationError("unknown or replayed nonce")
+            if self._clock() > expiry:
+                raise VerificationError("expired nonce")
+
+    def _drop_expired(self, now: float) -> None:
+        for nonce in [n for n, expiry in self._issued.items() if now > expiry]:
+            del self._issued[nonce]
+
+
+class Verifier:
+    """Checks evidence against a policy; owns the nonces it issues."""
+
+    def __init__(self, policy: Policy, nonces: NonceStore | None = None) -> None:
+        self.policy = policy
+        self.nonces = nonces if nonces is not None else NonceStore(ttl_s=policy.nonce_ttl_s)
+
+    def challenge(self) -> bytes:
+        return self.nonces.issue()
+
+    def verify(self, evidence: Evidence) -> VerifiedEnclave:
+        """Return the verified enclave, or raise `VerificationError` (see the module's contract)."""
+        self.nonces.consume(evidence.nonce)  # first: a nonce is burnt by any presentation
+        if len(evidence.public_key) != PUBLIC_KEY_SIZE:
+            raise VerificationError("public key of the wrong size")
+        if evidence.provider == reports.SIMULATED and not self.policy.allow_simulated:
+            raise VerificationError("simulated evidence not allowed by policy")
+        try:
+            claims = reports.parse_and_check_signature(
+                evidence.provider, evidence.report, self.policy.trusted_signers
+            )
+        except reports.ReportError as exc:
+            raise VerificationError(f"report rejected: {exc}") from None
+        if not secrets.compare_digest(claims.report_data, report_data(evidence.public_key, evidence.nonce)):
+            raise VerificationError("report data does not bind this key and nonce")
+        if claims.measurement not in self.policy.accepted_measurements:
+            raise VerificationError(f"measurement {claims.measurement.hex()[:16]}... not accepted")
+        return VerifiedEnclave(evidence.public_key, claims.measurement, evidence.provider)

@@ -1,0 +1,1 @@
+"""Evaluations that need data or models fetched at first use (`veil eval ...`)."""

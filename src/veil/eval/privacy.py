@@ -1,0 +1,190 @@
+"""`veil eval privacy`: utility and inversion risk of each sanitizer at several epsilons, in one run.
+
+Every figure is measured here on this machine; sanitizer randomness is seeded per (mechanism, epsilon),
+so a rerun reproduces the table.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from veil.cmif.baselines import corpus_counts
+from veil.cmif.neighbours import stderr_progress
+from veil.cmif.vocabulary import Vocabulary
+from veil.eval import data
+from veil.eval.attack import KnnInverter
+from veil.eval.mechanisms import MECHANISMS, Context, MechanismSpec, PromptSanitizer, originals
+from veil.eval.utility import MiniLMFeatures, ZeroShot, probe_accuracy
+
+
+@dataclass(frozen=True)
+class Settings:
+    num_train: int  # sanitized training sentences for the probe (utility B)
+    num_test: int  # sanitized test sentences for the probe and the inversion attack
+    num_zero_shot: int  # of those, how many the bundled model classifies (utility A)
+    num_calibration: int  # clean training sentences that set the zero-shot threshold
+    epsilons: tuple[float, ...] = (1.0, 2.0, 3.0, 6.0)
+    seed: int = 0
+
+
+QUICK = Settings(num_train=200, num_test=64, num_zero_shot=48, num_calibration=48, epsilons=(1.0, 6.0))
+FULL = Settings(num_train=1000, num_test=300, num_zero_shot=300, num_calibration=128)
+
+
+@dataclass
+class Row:
+    mechanism: str
+    epsilon: float | None  # None: no sanitizing
+    zero_shot_accuracy: float
+    probe_accuracy: float
+    knn_top1: float  # share of sanitized units whose original is the nearest neighbour of what was sent
+    knn_top10: float
+    changed: float  # share of all test tokens replaced by something else
+    sanitized: float  # share of all test tokens run through the mechanism
+    exposed_top1: float  # share of all test tokens sent in clear or recovered at top-1
+    epsilon_per_sentence: float  # mean total epsilon charged per test sentence
+    seconds: float
+
+
+@dataclass
+class Report:
+    settings: Settings
+    rows: list[Row] = field(default_factory=list)
+    cost: dict[str, float] = field(default_factory=dict)
+    mechanisms: dict[str, str] = field(default_factory=dict)
+    num_sentences: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"settings": asdict(self.settings), "rows": [asdict(r) for r in self.rows], "cost": self.cost,
+                "mechanisms": self.mechanisms, "num_sentences": self.num_sentences}
+
+
+def say(message: str) -> None:
+    print(f"[eval] {message}", file=sys.stderr, flush=True)
+
+
+class Experiment:
+    """Holds the model, the data and the two utility measures; `run` fills a `Report`."""
+
+    def __init__(self, loaded: Any, settings: Settings) -> None:
+        self.settings = settings
+        self.loaded = loaded
+        tokenizer = loaded.tokenizer
+        examples = data.movie_reviews()
+        split = data.split(examples, seed=settings.seed)
+        self.train = split.train[: settings.num_train]
+        self.test = split.test[: settings.num_test]
+        encode: Callable[[str], list[int]] = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+        self.train_ids = [encode(e.text) for e in self.train]
+        self.test_ids = [encode(e.text) for e in self.test]
+        embeddings = loaded.model.embed_tokens.weight.detach().float().numpy()
+        vocabulary = Vocabulary.from_tokenizer(tokenizer, size=embeddings.shape[0])
+        counts = corpus_counts(encode(e.text) for e in examples)
+        self.context = Context(embeddings, vocabulary, counts, progress=stderr_progress())
+        self.inverter = KnnInverter(embeddings)
+        self.zero_shot = ZeroShot(loaded)
+        self.features = MiniLMFeatures(data.minilm_directory())
+        self.report = Report(settings, num_sentences={"all": len(examples), "train": len(self.train),
+                                                      "test": len(self.test)})
+
+    def run(self, mechanisms: Sequence[MechanismSpec] = MECHANISMS) -> Report:
+        say(f"calibrating the zero-shot threshold on {self.settings.num_calibration} clean sentences")
+        self.zero_shot.calibrate(self.train_ids[: self.settings.num_calibration])
+        self.report.rows.append(self._measure("none", None, self.train_ids, self.test_ids, None))
+        for spec in mechanisms:
+            self.report.mechanisms[spec.name] = spec.description
+            for epsilon in self.settings.epsilons:
+                seed = [self.settings.seed, zlib.crc32(spec.name.encode()), int(epsilon * 1000)]
+                rng = np.random.default_rng(seed)
+                started = time.monotonic()
+                sanitizer = spec.build(self.context, epsilon, rng)
+                self.report.rows.append(self._measure(spec.name, epsilon, None, None, sanitizer, started))
+        self.report.cost = self.measure_cost()
+        return self.report
+
+    def _measure(self, name: str, epsilon: float | None, train: list[list[int]] | None,
+                 test: list[list[int]] | None, sanitizer: PromptSanitizer | None,
+                 started: float | None = None) -> Row:
+        started = started if started is not None else time.monotonic()
+        label = name if epsilon is None else f"{name} eps={epsilon:g}"
+        if sanitizer is None:
+            train_out, test_out = self.train_ids, self.test_ids
+            stats = {"knn_top1": 1.0, "knn_top10": 1.0, "changed": 0.0, "sanitized": 0.0, "exposed_top1": 1.0,
+                     "epsilon_per_sentence": 0.0}
+        else:
+            train_out = [list(sanitizer.sanitize(ids).token_ids) for ids in self.train_ids]
+            results = [sanitizer.sanitize(ids) for ids in self.test_ids]
+            test_out = [list(r.token_ids) for r in results]
+            stats = self._privacy(sanitizer, results)
+        say(f"{label}: zero-shot on {self.settings.num_zero_shot} sentences")
+        zero_shot = self._zero_shot(test_out)
+        say(f"{label}: probe on {len(train_out)}+{len(test_out)} sentences")
+        probe = self._probe(train_out, test_out)
+        row = Row(name, epsilon, zero_shot, probe, seconds=time.monotonic() - started, **stats)
+        say(f"{label}: zero-shot {zero_shot:.3f} probe {probe:.3f} top1 {row.knn_top1:.3f} "
+            f"top10 {row.knn_top10:.3f} changed {row.changed:.3f} ({row.seconds:.0f} s)")
+        return row
+
+    def _privacy(self, sanitizer: PromptSanitizer, results: list[Any]) -> dict[str, float]:
+        received: list[int] = []
+        sources: list[list[int]] = []
+        total = sum(len(ids) for ids in self.test_ids)
+        changed = 0
+        for ids, result in zip(self.test_ids, results):
+            units = originals(sanitizer, ids, result)
+            sent = [result.token_ids[p] for p in result.replaced_positions]
+            received += sent
+            sources += units
+            changed += sum(len(u) for u, s in zip(units, sent) if u != [s])
+        attack = self.inverter.attack(received, sources)
+        sanitized = sum(len(u) for u in sources)
+        recovered = sum(len(u) for u, s in zip(sources, self.inverter.neighbours(np.asarray(received))[:, 0])
+                        if s in u) if received else 0
+        return {"knn_top1": attack.top1, "knn_top10": attack.top10, "changed": changed / total,
+                "sanitized": sanitized / total, "exposed_top1": (total - sanitized + recovered) / total,
+                "epsilon_per_sentence": float(np.mean([r.epsilon_spent for r in results]))}
+
+    def _zero_shot(self, test_out: list[list[int]]) -> float:
+        count = self.settings.num_zero_shot
+        labels = np.array([e.label for e in self.test[:count]])
+        return self.zero_shot.accuracy(self.zero_shot.scores(test_out[:count]), labels)
+
+    def _probe(self, train_out: list[list[int]], test_out: list[list[int]]) -> float:
+        decode = self.loaded.tokenizer.decode
+        train_x = self.features.encode([decode(ids) for ids in train_out])
+        test_x = self.features.encode([decode(ids) for ids in test_out])
+        return probe_accuracy(train_x, np.array([e.label for e in self.train]), test_x,
+                              np.array([e.label for e in self.test]))
+
+    def measure_cost(self, *, num_tokens: int = 128, repeats: int = 20) -> dict[str, float]:
+        """Median time to sanitize a `num_tokens` prompt (warm tables) vs one forward pass over it."""
+        prompt = [t for ids in self.test_ids for t in ids][:num_tokens]
+        sanitizer = self.context.veil(epsilon=1.0, rng=np.random.default_rng(0))
+        sanitizer.sanitize(prompt)  # warm-up
+        sanitize_s = _median_seconds(lambda: sanitizer.sanitize(prompt), repeats)
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            self.loaded.model(ids)  # warm-up
+            forward_s = _median_seconds(lambda: self.loaded.model(ids), 5)
+        say(f"cost: sanitize {sanitize_s * 1e3:.2f} ms, forward {forward_s * 1e3:.1f} ms "
+            f"({100 * sanitize_s / forward_s:.2f}%) for {len(prompt)} tokens")
+        return {"num_tokens": float(len(prompt)), "sanitize_ms": sanitize_s * 1e3,
+                "forward_ms": forward_s * 1e3, "ratio_percent": 100 * sanitize_s / forward_s,
+                "torch_threads": float(torch.get_num_threads())}
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))

@@ -1,0 +1,135 @@
+"""Settings and statistics of the `pipellm` transport (mechanism knobs; policy knobs live in config.py)."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from veil.pipellm.config import SpeculatorConfig
+from veil.pipellm.decisions import SpeculatorStats
+from veil.pipellm.predictor import Predictor
+from veil.pipellm.predictors import default_predictor
+from veil.pipellm.types import SizeClasses
+
+Digest = Callable[[memoryview], object]
+
+
+def crc32_digest(data: memoryview) -> int:
+    """CRC-32 of `data` (zlib; about 2 GB/s here). Detects accidental writes, not adversarial ones."""
+    return zlib.crc32(data)
+
+
+def default_workers() -> int:
+    """Sealing threads for this machine: cores beyond compute and the copy engine, at least one."""
+    return max(1, (os.cpu_count() or 1) - 2)
+
+
+@dataclass(frozen=True)
+class PipeLLMOptions:
+    """Knobs of the `pipellm` transport.
+
+    Attributes:
+        workers: sealing threads (each seals one chunk at a time into a bounce slot). Default: one per
+            core left after layer compute and the emulated copy engine, at least one.
+        depth: live reservations the speculator keeps ahead of the counter. To hide sealing it must
+            cover the chunks issued while one unit of work computes (weight streaming: a layer is
+            ~14 chunks of 1 MiB for SmolLM2 in fp32). Each sealed reservation holds a bounce slot, so
+            the link needs more than `depth + workers` slots.
+        max_pad: NOPs worth emitting to reach a pre-sealed chunk (see `SpeculatorConfig.max_pad`).
+        sizes: size classes; only host-to-device BULK chunks are speculated.
+        async_d2h: decrypt device-to-host traffic on a background thread (False: in the caller, as `cc`).
+        checked: hash each chunk's plaintext when it is sealed ahead and re-hash the source before it
+            is committed; a mismatch (a write that bypassed `HostBuffer.write()`/`mark_written()`)
+            bumps the source's version, so the stale ciphertext is never committed. Costs one hash of
+            every committed chunk on the caller's thread (see docs/pipellm.md for the measured cost).
+        digest: the hash of checked mode (CRC-32 by default; pass e.g. a blake2b wrapper for more).
+        predictor: builds the predictor (default: hints, cyclic, swap and queue combined).
+        speculate: False turns speculation off (every chunk sealed in the caller, as `cc` does).
+    """
+
+    workers: int = field(default_factory=lambda: default_workers())
+    depth: int = 32
+    max_pad: int = 16
+    sizes: SizeClasses = field(default_factory=SizeClasses)
+    async_d2h: bool = True
+    checked: bool = False
+    digest: Digest = crc32_digest
+    predictor: Callable[[], Predictor] = default_predictor
+    speculate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.depth < 0 or self.max_pad < 0:
+            raise ValueError("depth and max_pad must be >= 0")
+
+    def speculator_config(self, *, iv_limit: int) -> SpeculatorConfig:
+        """The policy configuration these options imply for a channel of `iv_limit` IVs."""
+        slack = min(4, self.max_pad)
+        return SpeculatorConfig(
+            depth=self.depth,
+            max_pad=self.max_pad,
+            max_slack=slack,
+            sizes=self.sizes,
+            speculate=self.speculate,
+            iv_limit=iv_limit,
+        )
+
+
+@dataclass(frozen=True)
+class PipeLLMStats:
+    """What the `pipellm` transport did since it was created (a snapshot).
+
+    Attributes:
+        speculator: the policy's counters (hits, misses, NOPs, relinquishes, bytes sealed ahead and
+            wasted, ...) summed over every epoch.
+        wait_s: time callers waited for a worker still sealing the chunk they asked for.
+        sync_seal_s: time callers spent sealing chunks themselves (misses and synchronous traffic).
+        check_s: time callers spent re-hashing sources in checked mode.
+        check_mismatches: chunks whose source changed behind veil's back (checked mode).
+        burned_ciphertexts: dropped pre-sealed chunks emitted (and discarded by the device) to burn
+            their IV; the channel never seals a second message under a sealed IV (docs/pipellm.md).
+        worker_error: the first sealing worker failure (the transport is then synchronous), if any.
+        synchronous: True once speculation is off.
+        d2h_async: device-to-host transfers decrypted in the background.
+        d2h_forced: of those, how many a reader forced before the background thread reached them.
+        rekeys: epochs started by this transport.
+    """
+
+    speculator: SpeculatorStats
+    wait_s: float = 0.0
+    sync_seal_s: float = 0.0
+    check_s: float = 0.0
+    check_mismatches: int = 0
+    burned_ciphertexts: int = 0
+    worker_error: str | None = None
+    synchronous: bool = False
+    d2h_async: int = 0
+    d2h_forced: int = 0
+    rekeys: int = 0
+
+    @property
+    def hits(self) -> int:
+        return self.speculator.hits
+
+    @property
+    def misses(self) -> int:
+        return self.speculator.misses
+
+    @property
+    def nops(self) -> int:
+        return self.speculator.nops
+
+    @property
+    def relinquishes(self) -> int:
+        return self.speculator.relinquishes
+
+    @property
+    def bytes_sealed_ahead(self) -> int:
+        return self.speculator.bytes_sealed_ahead
+
+    @property
+    def bytes_wasted(self) -> int:
+        return self.speculator.bytes_wasted

@@ -1,0 +1,163 @@
+"""The HTTP API (FastAPI), built by `create_app`. No module-level state: everything hangs off the app.
+
+Endpoints:
+    GET  /health                      liveness and the model's name
+    GET  /v1/models                   the one model served (OpenAI shape)
+    POST /v1/completions              plain inference, server-side tokenization (no protection)
+    POST /v1/cmif/challenge           a one-time attestation nonce
+    POST /v1/cmif/provision           evidence (JSON) -> embedding weights wrapped for the enclave
+    POST /v1/cmif/generate            prompt embeddings (veil tensor) -> NDJSON token stream
+    POST /v1/partition/{layer}/{op}   the per-layer partition baseline (only if enabled)
+
+Every client error is a 4xx with `{"error": "..."}`; verification failures say only that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from veil.cmif import wire
+from veil.cmif.attestation import Evidence, VerificationError, Verifier
+from veil.server.protocol import ApiError, CompletionRequest, read_body
+from veil.server.service import InferenceService, Token
+
+log = logging.getLogger("veil.server")
+NDJSON = "application/x-ndjson"
+TENSOR = "application/vnd.veil.tensor"
+
+
+def create_app(service: InferenceService, verifier: Verifier, *, enable_partition: bool = False) -> FastAPI:
+    """The app serving `service`, provisioning enclaves that satisfy `verifier`'s policy."""
+    app = FastAPI(title="veil", version="0.1.0")
+    app.state.requests = []  # (method, path) of every request received, for tests and operators
+    limits = service.limits
+
+    @app.middleware("http")
+    async def record(request: Request, call_next):  # type: ignore[no-untyped-def]
+        app.state.requests.append((request.method, request.url.path))
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": f"invalid request: {exc.errors()[:3]}"}, status_code=422)
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok", "model": service.model_id}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, object]:
+        return {"object": "list", "data": [{"id": service.model_id, "object": "model", "owned_by": "veil"}]}
+
+    @app.post("/v1/completions")
+    def completions(body: CompletionRequest) -> dict[str, object]:
+        ids = body.prompt_ids(service.loaded.tokenizer, limits)
+        tokens = list(service.stream_tokens(prompt_ids=ids, max_new_tokens=body.max_tokens))
+        return {
+            "object": "text_completion",
+            "model": service.model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": "".join(t.text for t in tokens),
+                    "finish_reason": _finish(service, tokens),
+                }
+            ],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": len(tokens)},
+            "veil": {
+                "token_ids": [t.token_id for t in tokens],
+                "server_compute_s": sum(t.compute_s for t in tokens),
+            },
+        }
+
+    @app.post("/v1/cmif/challenge")
+    def challenge() -> dict[str, object]:
+        try:
+            nonce = verifier.challenge()
+        except VerificationError:
+            raise ApiError(503, "too many outstanding challenges") from None
+        return {"nonce": nonce.hex(), "expires_in_s": verifier.policy.nonce_ttl_s}
+
+    @app.post("/v1/cmif/provision")
+    async def provision(request: Request) -> Response:
+        raw = await read_body(request, 64 << 10)
+        try:
+            evidence = Evidence.from_json(json.loads(raw))
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        try:
+            blob = service.provision(verifier, evidence)
+        except VerificationError as exc:
+            log.warning("provisioning refused: %s", exc.reason)
+            raise ApiError(403, "attestation failed") from None
+        return Response(blob, media_type="application/octet-stream")
+
+    @app.post("/v1/cmif/generate")
+    async def generate(request: Request, max_tokens: int = Query(16, ge=1)) -> StreamingResponse:
+        if max_tokens > limits.max_new_tokens:
+            raise ApiError(400, f"max_tokens must be <= {limits.max_new_tokens}")
+        embeds = _embeddings(await read_body(request, limits.max_body_bytes), service)
+        return StreamingResponse(_ndjson(service, embeds, max_tokens), media_type=NDJSON)
+
+    if enable_partition:
+
+        @app.post("/v1/partition/{layer}/{op}")
+        async def partition(request: Request, layer: int, op: str) -> Response:
+            x = _tensor(await read_body(request, limits.max_body_bytes), limits.max_body_bytes)
+            try:
+                out = service.linear(layer, op, x)
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from None
+            return Response(wire.encode(out), media_type=TENSOR)
+
+    return app
+
+
+def _tensor(raw: bytes, max_bytes: int) -> torch.Tensor:
+    try:
+        return wire.decode(raw, max_bytes=max_bytes)
+    except wire.WireFormatError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def _embeddings(raw: bytes, service: InferenceService) -> torch.Tensor:
+    """Prompt embeddings checked against the model: float32, (1, T, hidden), 1 <= T <= limit, finite."""
+    x = _tensor(raw, service.limits.max_body_bytes)
+    hidden, max_t = service.hidden_size, service.limits.max_prompt_tokens
+    if x.dtype != torch.float32:
+        raise ApiError(422, f"embeddings must be float32, got {x.dtype}")
+    if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != hidden:
+        raise ApiError(422, f"embeddings must have shape (1, T, {hidden}), got {tuple(x.shape)}")
+    if not 1 <= x.shape[1] <= max_t:
+        raise ApiError(422, f"prompt length T must be in 1..{max_t}, got {x.shape[1]}")
+    if not bool(torch.isfinite(x).all()):
+        raise ApiError(422, "embeddings must be finite")
+    return x
+
+
+def _ndjson(service: InferenceService, embeds: torch.Tensor, max_tokens: int) -> Iterator[bytes]:
+    tokens: list[Token] = []
+    for token in service.stream_tokens(prompt_embeds=embeds, max_new_tokens=max_tokens):
+        tokens.append(token)
+        yield json.dumps({"token_id": token.token_id, "text": token.text}).encode() + b"\n"
+    done = {
+        "done": True,
+        "finish_reason": _finish(service, tokens),
+        "server_compute_s": sum(t.compute_s for t in tokens),
+    }
+    yield json.dumps(done).encode() + b"\n"
+
+
+def _finish(service: InferenceService, tokens: list[Token]) -> str:
+    return "stop" if tokens and tokens[-1].token_id in service.loaded.config.eos_token_ids else "length"
