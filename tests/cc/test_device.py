@@ -65,3 +65,20 @@ def test_event_timeout_and_completed() -> None:
     with pytest.raises(TimeoutError):
         Event().wait(0.01)
     assert Event.completed().query()
+
+
+def test_freed_blocks_are_reused_and_the_cache_never_exceeds_capacity() -> None:
+    with Device(capacity_bytes=10_000) as device:
+        first = device.alloc(4000)
+        ptr = first.bytes.data_ptr()
+        first.free()
+        again = device.alloc(4000)
+        assert again.bytes.data_ptr() == ptr  # reused, like a caching allocator
+        other = device.alloc(6000)  # live 10000: the cache must not hold more on top
+        assert device.allocated_bytes == 10_000 and device._cached_bytes == 0
+        again.free()
+        other.free()
+        assert device.allocated_bytes == 0 and device._cached_bytes <= 10_000
+        big = device.alloc(10_000)  # a size never cached: the cache is evicted to make room
+        assert device._cached_bytes + device.allocated_bytes <= 10_000
+        big.free()

@@ -47,7 +47,9 @@ class BounceRing:
             raise ValueError("slot_count and slot_bytes must be >= 1")
         self.slot_count = slot_count
         self.slot_bytes = slot_bytes
-        self.memory = torch.empty(slot_count * slot_bytes, dtype=torch.uint8)
+        # Written once now, so every page is resident before traffic (a driver's bounce buffers are
+        # allocated and pinned up front); lazily faulted pages would be charged to the first transfers.
+        self.memory = torch.zeros(slot_count * slot_bytes, dtype=torch.uint8)
         self._view = memoryview(self.memory.numpy())
         self._cond = threading.Condition()
         self._free: deque[int] = deque(range(slot_count))

@@ -27,13 +27,14 @@ class DeviceBuffer:
         dtype, shape: the typed view `tensor` presents.
     """
 
-    def __init__(self, device: Device, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, device: Device, memory: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> None:
         self.device = device
-        self.nbytes = nbytes
+        self.nbytes = memory.numel()
         self.dtype = dtype
         self.shape = shape
-        with torch.inference_mode(False):  # device memory is written by the copy engine's thread
-            self._bytes: torch.Tensor | None = torch.empty(nbytes, dtype=torch.uint8)
+        self._bytes: torch.Tensor | None = memory
 
     @property
     def freed(self) -> bool:
@@ -63,8 +64,8 @@ class DeviceBuffer:
     def free(self) -> None:
         """Return the memory to the arena (idempotent)."""
         if self._bytes is not None:
-            self._bytes = None
-            self.device._release(self.nbytes)
+            memory, self._bytes = self._bytes, None
+            self.device._release(memory)
 
 
 class Device:
@@ -84,6 +85,8 @@ class Device:
         self.name = name
         self.capacity_bytes = capacity_bytes
         self._allocated = 0
+        self._cache: dict[int, list[torch.Tensor]] = {}  # freed blocks by size, for reuse
+        self._cached_bytes = 0
         self._lock = threading.Lock()
         self._copy_engine = Stream(f"{name}-copy-engine")
         self._streams: list[Stream] = []
@@ -162,8 +165,36 @@ class Device:
                     f"{self.capacity_bytes} free"
                 )
             self._allocated += nbytes
-        return DeviceBuffer(self, nbytes, dtype, shape)
+            memory = self._reuse(nbytes)
+        if memory is None:
+            with torch.inference_mode(False):  # device memory is written by the copy engine's thread
+                memory = torch.empty(nbytes, dtype=torch.uint8)
+        return DeviceBuffer(self, memory, dtype, shape)
 
-    def _release(self, nbytes: int) -> None:
+    def _reuse(self, nbytes: int) -> torch.Tensor | None:
+        """A cached block of exactly `nbytes` (caller holds the lock), evicting the cache beyond capacity.
+
+        Freed blocks are kept for reuse, like an accelerator's caching allocator: allocating fresh
+        host pages for every streamed layer would charge page faults to every transfer. Cached blocks
+        plus live allocations never exceed the capacity; capacity checks count live bytes only.
+        """
+        memory = None
+        blocks = self._cache.get(nbytes)
+        if blocks:
+            memory = blocks.pop()
+            self._cached_bytes -= nbytes
+            if not blocks:
+                del self._cache[nbytes]
+        while self._cached_bytes + self._allocated > self.capacity_bytes and self._cache:
+            size, evicted = next(iter(self._cache.items()))
+            evicted.pop()
+            self._cached_bytes -= size
+            if not evicted:
+                del self._cache[size]
+        return memory
+
+    def _release(self, memory: torch.Tensor) -> None:
         with self._lock:
-            self._allocated -= nbytes
+            self._allocated -= memory.numel()
+            self._cache.setdefault(memory.numel(), []).append(memory)
+            self._cached_bytes += memory.numel()
