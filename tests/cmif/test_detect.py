@@ -6,8 +6,32 @@ import pytest
 from veil.cmif.detect import AllTokens, AnyOf, NonStopwords, Patterns, RareWords
 from veil.cmif.vocabulary import Vocabulary
 
-PIECES = ["<s>", "The", " movie", " by", " John", " Smith", " is", " tep", "id", ",", " call",
-          " 555", "-", "123", "4567", " or", " mail", " jo", "@", "ex", ".", "com", " 42", " times"]
+PIECES = [
+    "<s>",
+    "The",
+    " movie",
+    " by",
+    " John",
+    " Smith",
+    " is",
+    " tep",
+    "id",
+    ",",
+    " call",
+    " 555",
+    "-",
+    "123",
+    "4567",
+    " or",
+    " mail",
+    " jo",
+    "@",
+    "ex",
+    ".",
+    "com",
+    " 42",
+    " times",
+]
 
 
 def segment(text_pieces: list[str]):
@@ -24,8 +48,12 @@ def flagged(detector, pieces: list[str]) -> list[str]:
 
 def test_tokens_are_grouped_back_into_words():
     words = segment(["The", " tep", "id", " movie", ","]).words
-    assert [(w.text, w.start, w.end) for w in words] == [("The", 0, 1), ("tepid", 1, 3), ("movie", 3, 4),
-                                                          (",", 4, 5)]
+    assert [(w.text, w.start, w.end) for w in words] == [
+        ("The", 0, 1),
+        ("tepid", 1, 3),
+        ("movie", 3, 4),
+        (",", 4, 5),
+    ]
 
 
 def test_all_tokens_and_non_stopwords():
@@ -40,8 +68,28 @@ def test_rare_words_use_word_frequency():
 
 
 def test_patterns_find_numbers_phones_emails_and_names():
-    pieces = ["The", " movie", " by", " John", " Smith", ",", " call", " 555", "-", "123", "4567", " or",
-              " mail", " jo", "@", "ex", ".", "com", " 42", " times"]
+    pieces = [
+        "The",
+        " movie",
+        " by",
+        " John",
+        " Smith",
+        ",",
+        " call",
+        " 555",
+        "-",
+        "123",
+        "4567",
+        " or",
+        " mail",
+        " jo",
+        "@",
+        "ex",
+        ".",
+        "com",
+        " 42",
+        " times",
+    ]
     found = flagged(Patterns(), pieces)
     assert found == ["John", "Smith", "555", "-", "1234567", "jo", "@", "ex", ".", "com", "42"]
     assert "The" not in found  # a capitalized sentence start is not a name

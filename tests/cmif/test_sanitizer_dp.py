@@ -38,8 +38,9 @@ def sample_counts(
     rng = np.random.default_rng(seed)
     counts = np.zeros_like(scores, dtype=np.int64)
     for row, u in enumerate(scores):
-        chosen = report_noisy_max(np.tile(u, (SAMPLES, 1)), epsilon=epsilon, sensitivity=sensitivity,
-                                  noise=noise, rng=rng)
+        chosen = report_noisy_max(
+            np.tile(u, (SAMPLES, 1)), epsilon=epsilon, sensitivity=sensitivity, noise=noise, rng=rng
+        )
         counts[row] = np.bincount(chosen, minlength=scores.shape[1])
     return counts
 
@@ -64,8 +65,9 @@ def certified_log_ratio(counts: np.ndarray) -> float:
 @pytest.mark.parametrize("utility", [Utility.COSINE, Utility.NORMALIZED])
 def test_group_members_log_ratio_stays_within_epsilon(noise, utility):
     epsilon = 1.0
-    counts = sample_counts(group_utilities(utility), epsilon=epsilon, sensitivity=utility.sensitivity,
-                           noise=noise, seed=11)
+    counts = sample_counts(
+        group_utilities(utility), epsilon=epsilon, sensitivity=utility.sensitivity, noise=noise, seed=11
+    )
     assert certified_log_ratio(counts) <= epsilon
 
 
@@ -73,8 +75,9 @@ def test_group_members_log_ratio_stays_within_epsilon(noise, utility):
 def test_the_check_catches_noise_scaled_for_the_wrong_sensitivity(noise):
     # Normalized utilities span [0, 1] but the noise is scaled as if du were 1/8: 8 * epsilon leaks.
     epsilon = 1.0
-    counts = sample_counts(group_utilities(Utility.NORMALIZED), epsilon=epsilon, sensitivity=1 / 8,
-                           noise=noise, seed=12)
+    counts = sample_counts(
+        group_utilities(Utility.NORMALIZED), epsilon=epsilon, sensitivity=1 / 8, noise=noise, seed=12
+    )
     assert certified_log_ratio(counts) > epsilon
 
 
@@ -106,8 +109,10 @@ def permute_and_flip(u: np.ndarray, *, epsilon: float, sensitivity: float, rng: 
 def test_exponential_noise_matches_permute_and_flip():
     scores = group_utilities(Utility.NORMALIZED)[:1]
     rng = np.random.default_rng(15)
-    direct = np.bincount([permute_and_flip(scores[0], epsilon=2.0, sensitivity=1.0, rng=rng)
-                          for _ in range(8000)], minlength=GROUP)
+    direct = np.bincount(
+        [permute_and_flip(scores[0], epsilon=2.0, sensitivity=1.0, rng=rng) for _ in range(8000)],
+        minlength=GROUP,
+    )
     noisy = sample_counts(scores, epsilon=2.0, sensitivity=1.0, noise=Noise.EXPONENTIAL, seed=16)[0]
     assert stats.chi2_contingency(np.stack([direct, noisy])).pvalue > ALPHA
 
@@ -129,6 +134,7 @@ def test_cross_check_with_opendp_noisy_max():
     assert measurement.map(sensitivity) == pytest.approx(epsilon)  # OpenDP's own privacy map agrees
     scores = group_utilities(Utility.NORMALIZED)[0]
     theirs = np.bincount([measurement(scores.tolist()) for _ in range(4000)], minlength=GROUP)
-    ours = sample_counts(scores[None], epsilon=epsilon, sensitivity=sensitivity, noise=Noise.EXPONENTIAL,
-                         seed=17)[0]
+    ours = sample_counts(
+        scores[None], epsilon=epsilon, sensitivity=sensitivity, noise=Noise.EXPONENTIAL, seed=17
+    )[0]
     assert stats.chi2_contingency(np.stack([theirs, ours])).pvalue > ALPHA

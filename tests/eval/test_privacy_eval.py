@@ -48,8 +48,9 @@ def test_knn_inversion_counts_originals_among_neighbours():
 def test_report_table_and_plot(tmp_path):
     report = Report(Settings(1, 1, 1, 1))
     report.rows = [Row("none", None, 0.9, 0.8, 1, 1, 0, 0, 1, 0, 1.0)]
-    report.rows += [Row("veil-groups", e, 0.6 + e / 20, 0.7, 0.1, 0.3, 0.5, 0.6, 0.5, 10 * e, 1.0)
-                    for e in (1, 2)]
+    report.rows += [
+        Row("veil-groups", e, 0.6 + e / 20, 0.7, 0.1, 0.3, 0.5, 0.6, 0.5, 10 * e, 1.0) for e in (1, 2)
+    ]
     report.cost = {"sanitize_ms": 0.5, "forward_ms": 300.0, "num_tokens": 128, "ratio_percent": 0.17}
     text = table(report)
     assert "veil-groups" in text and "0.17%" in text

@@ -13,14 +13,20 @@ from veil.errors import UsageError
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="run an evaluation and write its figures")
     names = parser.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
-    privacy = names.add_parser("privacy", help="CMIF sanitizers vs SanText+ and CusText+ on movie reviews",
-                               description=__doc__)
+    privacy = names.add_parser(
+        "privacy", help="CMIF sanitizers vs SanText+ and CusText+ on movie reviews", description=__doc__
+    )
     privacy.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     privacy.add_argument("--quick", action="store_true", help="small subsets: a few minutes on 2 cores")
-    privacy.add_argument("--out", type=Path, default=Path("out/eval-privacy"),
-                         help="directory for privacy.json and privacy.png (default: %(default)s)")
-    privacy.add_argument("--epsilons", type=str, default=None,
-                         help="comma-separated epsilons per token (default: 1,2,3,6)")
+    privacy.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/eval-privacy"),
+        help="directory for privacy.json and privacy.png (default: %(default)s)",
+    )
+    privacy.add_argument(
+        "--epsilons", type=str, default=None, help="comma-separated epsilons per token (default: 1,2,3,6)"
+    )
     privacy.set_defaults(handler=run_privacy)
 
 

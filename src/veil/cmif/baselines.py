@@ -77,8 +77,9 @@ class SanTextPlus:
         positions = np.flatnonzero(~self._special[ids] & (self.sensitive[ids] | flip))
         out = ids.copy()
         out[positions] = self._sample(ids[positions])
-        return SanitizedPrompt(tuple(int(t) for t in out), tuple(int(p) for p in positions),
-                               self.privacy_map(positions.size))
+        return SanitizedPrompt(
+            tuple(int(t) for t in out), tuple(int(p) for p in positions), self.privacy_map(positions.size)
+        )
 
     def _sample(self, tokens: np.ndarray) -> np.ndarray:
         """Exact sampling from exp(-eps * d / 2) over V_S by the Gumbel-max trick, in row blocks."""
@@ -107,8 +108,22 @@ def custext_plus(
     """CusText+ as a `Sanitizer`: Euclidean groups seeded by corpus frequency, normalized-distance
     exponential mechanism (Gumbel noise is exactly it), stopwords and punctuation kept."""
     seeds = np.array([t for t, _ in counts.most_common()], dtype=np.int64)
-    table = load_or_build(embeddings, vocabulary.eligible, kind=CandidateSet.GROUPS, k=k,
-                          metric=Metric.EUCLIDEAN, seed_order=seeds, progress=progress)
-    return Sanitizer(table=table, embeddings=embeddings, vocabulary=vocabulary, epsilon=epsilon,
-                     noise=Noise.GUMBEL, utility=Utility.DISTANCE_NORMALIZED, detector=NonStopwords(),
-                     rng=rng)
+    table = load_or_build(
+        embeddings,
+        vocabulary.eligible,
+        kind=CandidateSet.GROUPS,
+        k=k,
+        metric=Metric.EUCLIDEAN,
+        seed_order=seeds,
+        progress=progress,
+    )
+    return Sanitizer(
+        table=table,
+        embeddings=embeddings,
+        vocabulary=vocabulary,
+        epsilon=epsilon,
+        noise=Noise.GUMBEL,
+        utility=Utility.DISTANCE_NORMALIZED,
+        detector=NonStopwords(),
+        rng=rng,
+    )

@@ -65,8 +65,9 @@ class RareWords:
         self._language = language
 
     def sensitive(self, segmentation: Segmentation) -> list[bool]:
-        return [_is_word(w) and self._zipf(w.text, self._language) < self._max_zipf
-                for w in segmentation.words]
+        return [
+            _is_word(w) and self._zipf(w.text, self._language) < self._max_zipf for w in segmentation.words
+        ]
 
 
 _PATTERNS = (

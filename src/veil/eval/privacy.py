@@ -63,8 +63,13 @@ class Report:
     num_sentences: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"settings": asdict(self.settings), "rows": [asdict(r) for r in self.rows], "cost": self.cost,
-                "mechanisms": self.mechanisms, "num_sentences": self.num_sentences}
+        return {
+            "settings": asdict(self.settings),
+            "rows": [asdict(r) for r in self.rows],
+            "cost": self.cost,
+            "mechanisms": self.mechanisms,
+            "num_sentences": self.num_sentences,
+        }
 
 
 def say(message: str) -> None:
@@ -92,8 +97,9 @@ class Experiment:
         self.inverter = KnnInverter(embeddings)
         self.zero_shot = ZeroShot(loaded)
         self.features = MiniLMFeatures(data.minilm_directory())
-        self.report = Report(settings, num_sentences={"all": len(examples), "train": len(self.train),
-                                                      "test": len(self.test)})
+        self.report = Report(
+            settings, num_sentences={"all": len(examples), "train": len(self.train), "test": len(self.test)}
+        )
 
     def run(self, mechanisms: Sequence[MechanismSpec] = MECHANISMS) -> Report:
         say(f"calibrating the zero-shot threshold on {self.settings.num_calibration} clean sentences")
@@ -110,15 +116,27 @@ class Experiment:
         self.report.cost = self.measure_cost()
         return self.report
 
-    def _measure(self, name: str, epsilon: float | None, train: list[list[int]] | None,
-                 test: list[list[int]] | None, sanitizer: PromptSanitizer | None,
-                 started: float | None = None) -> Row:
+    def _measure(
+        self,
+        name: str,
+        epsilon: float | None,
+        train: list[list[int]] | None,
+        test: list[list[int]] | None,
+        sanitizer: PromptSanitizer | None,
+        started: float | None = None,
+    ) -> Row:
         started = started if started is not None else time.monotonic()
         label = name if epsilon is None else f"{name} eps={epsilon:g}"
         if sanitizer is None:
             train_out, test_out = self.train_ids, self.test_ids
-            stats = {"knn_top1": 1.0, "knn_top10": 1.0, "changed": 0.0, "sanitized": 0.0, "exposed_top1": 1.0,
-                     "epsilon_per_sentence": 0.0}
+            stats = {
+                "knn_top1": 1.0,
+                "knn_top10": 1.0,
+                "changed": 0.0,
+                "sanitized": 0.0,
+                "exposed_top1": 1.0,
+                "epsilon_per_sentence": 0.0,
+            }
         else:
             train_out = [list(sanitizer.sanitize(ids).token_ids) for ids in self.train_ids]
             results = [sanitizer.sanitize(ids) for ids in self.test_ids]
@@ -129,8 +147,10 @@ class Experiment:
         say(f"{label}: probe on {len(train_out)}+{len(test_out)} sentences")
         probe = self._probe(train_out, test_out)
         row = Row(name, epsilon, zero_shot, probe, seconds=time.monotonic() - started, **stats)
-        say(f"{label}: zero-shot {zero_shot:.3f} probe {probe:.3f} top1 {row.knn_top1:.3f} "
-            f"top10 {row.knn_top10:.3f} changed {row.changed:.3f} ({row.seconds:.0f} s)")
+        say(
+            f"{label}: zero-shot {zero_shot:.3f} probe {probe:.3f} top1 {row.knn_top1:.3f} "
+            f"top10 {row.knn_top10:.3f} changed {row.changed:.3f} ({row.seconds:.0f} s)"
+        )
         return row
 
     def _privacy(self, sanitizer: PromptSanitizer, results: list[Any]) -> dict[str, float]:
@@ -146,11 +166,23 @@ class Experiment:
             changed += sum(len(u) for u, s in zip(units, sent) if u != [s])
         attack = self.inverter.attack(received, sources)
         sanitized = sum(len(u) for u in sources)
-        recovered = sum(len(u) for u, s in zip(sources, self.inverter.neighbours(np.asarray(received))[:, 0])
-                        if s in u) if received else 0
-        return {"knn_top1": attack.top1, "knn_top10": attack.top10, "changed": changed / total,
-                "sanitized": sanitized / total, "exposed_top1": (total - sanitized + recovered) / total,
-                "epsilon_per_sentence": float(np.mean([r.epsilon_spent for r in results]))}
+        recovered = (
+            sum(
+                len(u)
+                for u, s in zip(sources, self.inverter.neighbours(np.asarray(received))[:, 0])
+                if s in u
+            )
+            if received
+            else 0
+        )
+        return {
+            "knn_top1": attack.top1,
+            "knn_top10": attack.top10,
+            "changed": changed / total,
+            "sanitized": sanitized / total,
+            "exposed_top1": (total - sanitized + recovered) / total,
+            "epsilon_per_sentence": float(np.mean([r.epsilon_spent for r in results])),
+        }
 
     def _zero_shot(self, test_out: list[list[int]]) -> float:
         count = self.settings.num_zero_shot
@@ -161,8 +193,9 @@ class Experiment:
         decode = self.loaded.tokenizer.decode
         train_x = self.features.encode([decode(ids) for ids in train_out])
         test_x = self.features.encode([decode(ids) for ids in test_out])
-        return probe_accuracy(train_x, np.array([e.label for e in self.train]), test_x,
-                              np.array([e.label for e in self.test]))
+        return probe_accuracy(
+            train_x, np.array([e.label for e in self.train]), test_x, np.array([e.label for e in self.test])
+        )
 
     def measure_cost(self, *, num_tokens: int = 128, repeats: int = 20) -> dict[str, float]:
         """Median time to sanitize a `num_tokens` prompt (warm tables) vs one forward pass over it."""
@@ -174,11 +207,17 @@ class Experiment:
         with torch.inference_mode():
             self.loaded.model(ids)  # warm-up
             forward_s = _median_seconds(lambda: self.loaded.model(ids), 5)
-        say(f"cost: sanitize {sanitize_s * 1e3:.2f} ms, forward {forward_s * 1e3:.1f} ms "
-            f"({100 * sanitize_s / forward_s:.2f}%) for {len(prompt)} tokens")
-        return {"num_tokens": float(len(prompt)), "sanitize_ms": sanitize_s * 1e3,
-                "forward_ms": forward_s * 1e3, "ratio_percent": 100 * sanitize_s / forward_s,
-                "torch_threads": float(torch.get_num_threads())}
+        say(
+            f"cost: sanitize {sanitize_s * 1e3:.2f} ms, forward {forward_s * 1e3:.1f} ms "
+            f"({100 * sanitize_s / forward_s:.2f}%) for {len(prompt)} tokens"
+        )
+        return {
+            "num_tokens": float(len(prompt)),
+            "sanitize_ms": sanitize_s * 1e3,
+            "forward_ms": forward_s * 1e3,
+            "ratio_percent": 100 * sanitize_s / forward_s,
+            "torch_threads": float(torch.get_num_threads()),
+        }
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:

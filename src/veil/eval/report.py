@@ -7,26 +7,46 @@ from pathlib import Path
 from veil.eval.privacy import Report
 
 COLUMNS = (
-    ("mechanism", "{:<17}"), ("eps", "{:>4}"), ("zero-shot", "{:>9.3f}"), ("probe", "{:>6.3f}"),
-    ("knn@1", "{:>6.3f}"), ("knn@10", "{:>6.3f}"), ("changed", "{:>7.3f}"), ("sanitized", "{:>9.3f}"),
-    ("exposed@1", "{:>9.3f}"), ("eps/sent", "{:>8.1f}"),
+    ("mechanism", "{:<17}"),
+    ("eps", "{:>4}"),
+    ("zero-shot", "{:>9.3f}"),
+    ("probe", "{:>6.3f}"),
+    ("knn@1", "{:>6.3f}"),
+    ("knn@10", "{:>6.3f}"),
+    ("changed", "{:>7.3f}"),
+    ("sanitized", "{:>9.3f}"),
+    ("exposed@1", "{:>9.3f}"),
+    ("eps/sent", "{:>8.1f}"),
 )
 
 
 def table(report: Report) -> str:
     """A fixed-width table, one row per (mechanism, epsilon)."""
-    header = " ".join(f"{name:>{len(fmt.format(0) if 'f' in fmt else name)}}" if i else f"{name:<17}"
-                      for i, (name, fmt) in enumerate(COLUMNS))
+    header = " ".join(
+        f"{name:>{len(fmt.format(0) if 'f' in fmt else name)}}" if i else f"{name:<17}"
+        for i, (name, fmt) in enumerate(COLUMNS)
+    )
     lines = [header]
     for r in report.rows:
-        values = (r.mechanism, "-" if r.epsilon is None else f"{r.epsilon:g}", r.zero_shot_accuracy,
-                  r.probe_accuracy, r.knn_top1, r.knn_top10, r.changed, r.sanitized, r.exposed_top1,
-                  r.epsilon_per_sentence)
+        values = (
+            r.mechanism,
+            "-" if r.epsilon is None else f"{r.epsilon:g}",
+            r.zero_shot_accuracy,
+            r.probe_accuracy,
+            r.knn_top1,
+            r.knn_top10,
+            r.changed,
+            r.sanitized,
+            r.exposed_top1,
+            r.epsilon_per_sentence,
+        )
         lines.append(" ".join(fmt.format(v) for (_, fmt), v in zip(COLUMNS, values)))
     if report.cost:
         c = report.cost
-        lines.append(f"sanitizer cost: {c['sanitize_ms']:.2f} ms for {c['num_tokens']:.0f} tokens vs a "
-                     f"{c['forward_ms']:.1f} ms forward pass = {c['ratio_percent']:.2f}%")
+        lines.append(
+            f"sanitizer cost: {c['sanitize_ms']:.2f} ms for {c['num_tokens']:.0f} tokens vs a "
+            f"{c['forward_ms']:.1f} ms forward pass = {c['ratio_percent']:.2f}%"
+        )
     return "\n".join(lines)
 
 
@@ -40,8 +60,11 @@ def plot(report: Report, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     clean = next((r for r in report.rows if r.epsilon is None), None)
     names = list(dict.fromkeys(r.mechanism for r in report.rows if r.epsilon is not None))
-    panels = (("zero_shot_accuracy", "zero-shot accuracy (SmolLM2)"),
-              ("probe_accuracy", "probe accuracy (MiniLM+LR)"), ("knn_top10", "KNN inversion success @10"))
+    panels = (
+        ("zero_shot_accuracy", "zero-shot accuracy (SmolLM2)"),
+        ("probe_accuracy", "probe accuracy (MiniLM+LR)"),
+        ("knn_top10", "KNN inversion success @10"),
+    )
     for ax, (attr, title) in zip(axes, panels):
         for name in names:
             rows = [r for r in report.rows if r.mechanism == name]

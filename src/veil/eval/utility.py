@@ -17,9 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-PROMPT_PREFIX = (
-    "<|im_start|>user\nIs the sentiment of this movie review positive or negative?\nReview: "
-)
+PROMPT_PREFIX = "<|im_start|>user\nIs the sentiment of this movie review positive or negative?\nReview: "
 PROMPT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\nThe sentiment of the review is"
 Progress = Callable[[int, int], None]
 
@@ -82,8 +80,13 @@ class MiniLMFeatures:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         rows = []
         for start in range(0, len(texts), self._batch_size):
-            batch = self._tokenizer(list(texts[start : start + self._batch_size]), padding=True,
-                                    truncation=True, max_length=128, return_tensors="pt")
+            batch = self._tokenizer(
+                list(texts[start : start + self._batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            )
             hidden = self._model(**batch).last_hidden_state  # (B, T, 384)
             mask = batch["attention_mask"].unsqueeze(-1).float()
             rows.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy())
