@@ -63,7 +63,7 @@ class Point:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--new-tokens", type=int, default=8, help="decode steps per point (default 8)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="decode steps per point (default 16)")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of decode points")
     parser.add_argument("--prefill-tokens", type=int, default=256, help="prompt length of the prefill point")
     parser.add_argument(

@@ -156,8 +156,7 @@ class SealPipeline:
     def reach(self) -> int:
         """One past the highest IV the epoch has bound or emitted."""
         with self._cond:
-            bound = [r.iv for r in self._spec.pipeline if r.state is not ReservationState.RESERVED]
-            return max([self._spec.next_iv, *(iv + 1 for iv in bound)])
+            return self._spec.reach
 
     # the caller's side -----------------------------------------------------------------------------
     def observe_device_to_host(self, key: TransferKey, destination: HostBuffer) -> None:

@@ -86,6 +86,11 @@ class Speculator:
         return self._synchronous
 
     @property
+    def reach(self) -> int:
+        """One past the highest IV bound to a job or emitted: IVs below it are spoken for."""
+        return max(self._pipe.next_iv, self._pipe.last_bound_iv() + 1)
+
+    @property
     def paused(self) -> bool:
         """True while speculation is paused because predictions have been poor (see the config)."""
         return self._paused
