@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from collections.abc import Iterator
 
 import torch
@@ -29,6 +30,7 @@ from veil.server.protocol import ApiError, CompletionRequest, read_body
 from veil.server.service import InferenceService, Token
 
 log = logging.getLogger("veil.server")
+_RECENT_REQUESTS = 1024
 NDJSON = "application/x-ndjson"
 TENSOR = "application/vnd.veil.tensor"
 
@@ -36,7 +38,9 @@ TENSOR = "application/vnd.veil.tensor"
 def create_app(service: InferenceService, verifier: Verifier, *, enable_partition: bool = False) -> FastAPI:
     """The app serving `service`, provisioning enclaves that satisfy `verifier`'s policy."""
     app = FastAPI(title="veil", version="0.1.0")
-    app.state.requests = []  # (method, path) of every request received, for tests and operators
+    # (method, path) of the most recent requests, for tests and operators; bounded so a long-running
+    # server does not grow without limit.
+    app.state.requests = deque(maxlen=_RECENT_REQUESTS)
     limits = service.limits
 
     @app.middleware("http")
