@@ -57,6 +57,7 @@ def test_wait_while_sealing_then_commit() -> None:
     (job,) = spec.plan(1)
     d = spec.request(k(0), 3)
     assert d == Wait(job.job_id, k(0)) and spec.next_iv == 0
+    assert spec.stats.waits == 1 and spec.stats.requests == 0  # a Wait consumes nothing
     spec.sealed(job.job_id, 3)
     assert spec.request(k(0), 3) == Commit(0, job.job_id, k(0), 3)
 

@@ -11,11 +11,19 @@ from types import ModuleType
 
 from veil.bench import model as model_bench
 from veil.bench import offload as offload_bench
+from veil.bench import sim as sim_bench
 from veil.bench import split as split_bench
 from veil.bench import stream as stream_bench
 from veil.bench import transfer as transfer_bench
 
-BENCHMARKS: tuple[ModuleType, ...] = (model_bench, transfer_bench, offload_bench, split_bench, stream_bench)
+BENCHMARKS: tuple[ModuleType, ...] = (
+    model_bench,
+    transfer_bench,
+    offload_bench,
+    split_bench,
+    stream_bench,
+    sim_bench,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

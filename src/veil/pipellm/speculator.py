@@ -189,7 +189,9 @@ class Speculator:
             decision = self._speculative(key, version)
         else:
             decision = self._sync(key, version, size_class)
-        if not isinstance(decision, Wait):
+        if isinstance(decision, Wait):
+            self._stats.waits += 1
+        else:
             self._account(decision, size_class)
         self._refill()
         return decision

@@ -1,0 +1,146 @@
+"""Hardware and model profiles of the simulator, with their sources and assumptions.
+
+Figures are public specifications or typical published measurements, rounded; where a figure is an
+assumption rather than a source, the comment says so. Every profile is a frozen dataclass: derive a
+variant with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GB = 1e9
+TFLOP = 1e12
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """One GPU behind PCIe and the CPU that seals its host-to-device traffic.
+
+    Attributes:
+        name: label for reports.
+        pcie_h2d_bytes_per_s: effective host-to-device copy bandwidth with CC off. PCIe 5.0 x16 is
+            64 GB/s raw per direction; pinned `cudaMemcpy` reaches about 50-55 GB/s on H100 hosts.
+            CC on is assumed to keep this link rate (the copy engine decrypts at line rate in
+            hardware); only the CPU's sealing is added.
+        aes_gcm_bytes_per_s: AES-256-GCM sealing rate of one core with AES-NI + PCLMULQDQ (OpenSSL on
+            server Xeons / EPYCs: about 2.5-4 GB/s per core for 1 MiB messages).
+        aes_gcm_vaes_bytes_per_s: the same with VAES / VPCLMULQDQ (Ice Lake and later, Zen 4): about
+            8-12 GB/s per core; this repository measures about 10 GB/s on one core of its CI machine.
+        vaes: seal at the VAES rate instead of the AES-NI rate.
+        spare_cores: CPU cores free to seal ahead for PipeLLM (an assumption: a confidential VM with
+            16-32 vCPUs, minus the serving process's own threads).
+        gpu_flops: dense bf16/fp16 tensor throughput; H100 SXM is 989 TFLOP/s (H100 PCIe 756).
+        flops_efficiency: share of `gpu_flops` that decode kernels reach (assumption: 0.5).
+        hbm_bytes_per_s: H100 SXM HBM3 bandwidth, 3.35 TB/s (H100 PCIe HBM2e: 2.0 TB/s).
+        hbm_efficiency: share of `hbm_bytes_per_s` that decode kernels reach (assumption: 0.8).
+        message_s: fixed host cost of one message, data or NOP (driver call, bounce-buffer slot,
+            doorbell): a few microseconds (assumption: 4 us), in every mode.
+    """
+
+    name: str
+    pcie_h2d_bytes_per_s: float = 50 * GB
+    aes_gcm_bytes_per_s: float = 3.5 * GB
+    aes_gcm_vaes_bytes_per_s: float = 10 * GB
+    vaes: bool = False
+    spare_cores: int = 8
+    gpu_flops: float = 989 * TFLOP
+    flops_efficiency: float = 0.5
+    hbm_bytes_per_s: float = 3350 * GB
+    hbm_efficiency: float = 0.8
+    message_s: float = 4e-6
+
+    def __post_init__(self) -> None:
+        rates = (self.pcie_h2d_bytes_per_s, self.aes_gcm_bytes_per_s, self.aes_gcm_vaes_bytes_per_s)
+        if min((*rates, self.gpu_flops, self.hbm_bytes_per_s)) <= 0:
+            raise ValueError("bandwidths, sealing rates and FLOP/s must be > 0")
+        if not (0 < self.flops_efficiency <= 1 and 0 < self.hbm_efficiency <= 1):
+            raise ValueError("flops_efficiency and hbm_efficiency must be in (0, 1]")
+        if self.spare_cores < 0 or self.message_s < 0:
+            raise ValueError("spare_cores and message_s must be >= 0")
+
+    @property
+    def seal_bytes_per_s(self) -> float:
+        """Sealing rate of one core, AES-NI or VAES as configured."""
+        return self.aes_gcm_vaes_bytes_per_s if self.vaes else self.aes_gcm_bytes_per_s
+
+
+H100_SXM_PCIE5 = HardwareProfile(name="H100 SXM, PCIe 5 x16, AES-NI host")
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Decoder-only transformer shapes (public architecture numbers).
+
+    Attributes:
+        name: label for reports and `--model`.
+        layers: decoder layers (each streamed in full when offloaded).
+        hidden: model width.
+        intermediate: MLP width.
+        kv_dim: width of K (and of V) per layer: `hidden` for multi-head attention, less with GQA.
+        params_per_layer: weights of one decoder layer, biases and norms included.
+        bytes_per_param: 2 for fp16 / bf16 weights.
+    """
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    params_per_layer: int
+    bytes_per_param: int = 2
+
+    def __post_init__(self) -> None:
+        if min(self.layers, self.hidden, self.intermediate, self.kv_dim, self.params_per_layer) < 1:
+            raise ValueError("layers, widths and params_per_layer must be >= 1")
+        if self.bytes_per_param < 1:
+            raise ValueError("bytes_per_param must be >= 1")
+
+    @property
+    def layer_bytes(self) -> int:
+        return self.params_per_layer * self.bytes_per_param
+
+
+def _opt(name: str, layers: int, hidden: int) -> ModelProfile:
+    """OPT (Zhang et al. 2022, table 1): MHA, MLP width 4 x hidden, biases everywhere, 2 LayerNorms."""
+    ffn = 4 * hidden
+    params = 4 * hidden * hidden + 4 * hidden + 2 * hidden * ffn + ffn + hidden + 4 * hidden
+    return ModelProfile(name, layers, hidden, ffn, hidden, params)
+
+
+def _llama2(name: str, layers: int, hidden: int, intermediate: int, kv_dim: int) -> ModelProfile:
+    """Llama 2 (Touvron et al. 2023; HF configs): no biases, SwiGLU MLP (3 matrices), 2 RMSNorms."""
+    params = 2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * intermediate + 2 * hidden
+    return ModelProfile(name, layers, hidden, intermediate, kv_dim, params)
+
+
+MODELS: dict[str, ModelProfile] = {
+    m.name: m
+    for m in (
+        _opt("opt-13b", 40, 5120),
+        _opt("opt-30b", 48, 7168),
+        _opt("opt-66b", 64, 9216),
+        _llama2("llama-2-7b", 32, 4096, 11008, 4096),
+        _llama2("llama-2-13b", 40, 5120, 13824, 5120),
+        _llama2("llama-2-70b", 80, 8192, 28672, 1024),  # GQA: 8 KV heads of 128
+    )
+}
+
+
+def decode_layer_seconds(
+    model: ModelProfile, hardware: HardwareProfile, *, batch: int, context_tokens: int
+) -> float:
+    """FlexGen-style roofline of one decoder layer for one decode step of `batch` sequences.
+
+    max(FLOPs / (FLOP/s x efficiency), HBM bytes / (HBM bandwidth x efficiency)), where FLOPs are
+    2 per weight per token plus attention (4 x context x hidden per token), and HBM bytes are the
+    layer's weights (read once per step) plus every sequence's K and V cache. Assumes the KV cache is
+    on the GPU and attention runs there.
+    """
+    if batch < 1 or context_tokens < 0:
+        raise ValueError(f"batch must be >= 1 and context_tokens >= 0, got {batch}, {context_tokens}")
+    flops = batch * (2 * model.params_per_layer + 4 * context_tokens * model.hidden)
+    kv_bytes = batch * 2 * context_tokens * model.kv_dim * model.bytes_per_param
+    compute_s = flops / (hardware.gpu_flops * hardware.flops_efficiency)
+    memory_s = (model.layer_bytes + kv_bytes) / (hardware.hbm_bytes_per_s * hardware.hbm_efficiency)
+    return max(compute_s, memory_s)
