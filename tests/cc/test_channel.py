@@ -45,11 +45,10 @@ def test_a_reservation_seals_exactly_once(pair: Pair) -> None:
 
 def test_concurrent_seals_of_one_reservation_only_one_wins(pair: Pair) -> None:
     reservation = pair.tx.reserve()
-    staging = [memoryview(bytearray(64 + TAG_BYTES)) for _ in range(8)]
 
     def attempt(i: int) -> bool:
         try:
-            reservation.seal(bytes([i]) * 64, into=staging[i])
+            reservation.seal(bytes([i]) * 64)
         except ReservationError:
             return False
         return True
@@ -73,9 +72,8 @@ def test_emission_out_of_counter_order_is_refused(pair: Pair) -> None:
 
 def test_out_of_order_sealing_on_workers_emits_in_order(pair: Pair) -> None:
     reservations = [pair.tx.reserve() for _ in range(8)]
-    staging = [memoryview(bytearray(32 + TAG_BYTES)) for _ in reservations]
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda i: reservations[i].seal(bytes([i]) * 32, into=staging[i]), reversed(range(8))))
+        list(pool.map(lambda i: reservations[i].seal(bytes([i]) * 32), reversed(range(8))))
     assert pair.tx.emit_ready() == 8
     assert [receive(pair.rx, 32) for _ in range(8)] == [bytes([i]) * 32 for i in range(8)]
 
@@ -95,8 +93,8 @@ def test_dropped_reservations_burn_their_ivs(pair: Pair) -> None:
 def test_misuse_is_value_error(pair: Pair) -> None:
     with pytest.raises(ValueError, match="at most 256 bytes"):
         pair.tx.reserve().seal(bytes(257))
-    with pytest.raises(ValueError, match="at least 20 bytes"):
-        pair.tx.reserve().seal(bytes(4), into=memoryview(bytearray(19)))
+    with pytest.raises(ValueError, match="snapshot"):
+        pair.tx.reserve().seal(bytes(4), in_place=True)
 
 
 def test_exhaustion_forces_rekey_never_wraps() -> None:

@@ -12,9 +12,9 @@ from veil.cc.device import Device
 from veil.cc.errors import IntegrityError, RekeyRequired
 from veil.cc.host import HostBuffer, byte_view
 from veil.cc.link import MIB, LinkConfig
-from veil.cc.sealed import CcTransport
-from veil.cc.transport import Transport, TransportKind, TransportOptions
-from veil.transports import make_transport
+from veil.transport import make_transport
+from veil.transport.base import Transport, TransportKind, TransportOptions
+from veil.transport.sealed import CcTransport
 
 DTYPES = [
     torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,

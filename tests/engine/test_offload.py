@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from veil.cc import Device, DeviceOutOfMemory, TransportKind
+from veil.cc import Device, DeviceOutOfMemory
 from veil.engine.offload import OffloadedModel
 from veil.engine.offload_policy import HostDtype, OffloadPolicy
 from veil.errors import UsageError
 from veil.model.generate import GenerationRequest, generate
 from veil.model.llama import LayerWeights
-from veil.transports import make_transport
+from veil.pipellm.governor import GovernorConfig
+from veil.pipellm.options import PipeLLMOptions
+from veil.transport import TransportKind, make_transport
 
 PROMPTS = ["The capital of France is", "Encryption keeps secrets"]
 NEW_TOKENS = 6
@@ -114,6 +116,9 @@ def test_device_bytes_needed_is_enough_and_tight(bundled, policy) -> None:
         assert ran == fits
 
 
+ALWAYS_SPECULATE = PipeLLMOptions(governor=GovernorConfig(enabled=False))  # the test is about learning
+
+
 def test_pipellm_learns_the_layer_cycle_with_and_without_hints(bundled, resident) -> None:
     """Transparent: no hints needed; with hints the transport is told and commits from the start."""
     capacity = model_bytes(bundled.config)
@@ -122,15 +127,15 @@ def test_pipellm_learns_the_layer_cycle_with_and_without_hints(bundled, resident
         policy = OffloadPolicy(resident_fraction=0.5, hint_transport=hints)
         with (
             Device(capacity_bytes=capacity) as device,
-            make_transport(TransportKind.PIPELLM, device) as transport,
+            make_transport(TransportKind.PIPELLM, device, pipellm=ALWAYS_SPECULATE) as transport,
         ):
             ids = [bundled.tokenizer(p).input_ids for p in PROMPTS]
             with OffloadedModel(bundled.model, transport, policy) as runner:
                 out = generate(runner, GenerationRequest(max_new_tokens=NEW_TOKENS, prompt_ids=ids))
-            results[hints] = (out, transport.stats.speculator)
+            results[hints] = (out, transport.stats().pipellm.speculator)
     for out, stats in results.values():
         assert out == resident
-        assert stats.hits > stats.misses  # the speculator committed pre-sealed chunks
+        assert stats.hits > stats.misses, stats  # the speculator committed pre-sealed chunks
     assert results[True][1].misses < results[False][1].misses  # hints skip the learning phase
 
 

@@ -12,10 +12,10 @@ import torch
 from veil.cc.channel import Reservation, SenderChannel
 from veil.cc.host import HostBuffer
 from veil.cc.link import LinkConfig
-from veil.cc.transport import TransportOptions
 from veil.pipellm import SizeClasses
 from veil.pipellm.options import PipeLLMOptions
-from veil.pipellm.sealing import seal_into_ring
+from veil.pipellm.sealer import seal_chunk
+from veil.transport.base import TransportOptions
 
 CHUNK = 4096
 SMALL_LINK = TransportOptions(link=LinkConfig(chunk_bytes=CHUNK, ring_slots=64))
@@ -46,11 +46,11 @@ class IvAudit:
     def install(self, sender: SenderChannel) -> None:
         seal, emit = sender._seal, sender.emit
 
-        def audited_seal(counter: int, plaintext: memoryview | bytes, out: memoryview) -> None:
+        def audited_seal(reservation: Reservation, plaintext: memoryview | bytes, out: memoryview) -> None:
             digest = hashlib.blake2b(bytes(plaintext), digest_size=16).digest()
             with self.lock:
-                self.sealed[(sender.epoch, counter)].add(digest)
-            seal(counter, plaintext, out)
+                self.sealed[(reservation.epoch, reservation.counter)].add(digest)
+            seal(reservation, plaintext, out)
 
         def audited_emit(reservation: Reservation) -> None:
             emit(reservation)
@@ -80,11 +80,11 @@ class FlakySeal:
         self.after_sealing = False
         self.failures = 0
 
-    def __call__(self, reservation: Reservation, plaintext: memoryview) -> None:
+    def __call__(self, reservation: Reservation, plaintext: memoryview, *, in_place: bool = False) -> None:
         if self.fail_next:
             self.fail_next = False
             self.failures += 1
             if self.after_sealing:
-                seal_into_ring(reservation, plaintext)
+                seal_chunk(reservation, plaintext, in_place=in_place)
             raise RuntimeError("injected worker failure")
-        seal_into_ring(reservation, plaintext)
+        seal_chunk(reservation, plaintext, in_place=in_place)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from veil.cc.errors import RekeyRequired
 from veil.pipellm import (
     Commit,
-    CounterExhausted,
     CyclicPredictor,
     Direction,
     HintPredictor,
@@ -204,7 +204,7 @@ def test_counter_limit_forces_rekey() -> None:
     assert [r.iv for r in spec.pipeline] == [0, 1]
     spec.request(k(0), 0)
     spec.request(k(1), 0)
-    with pytest.raises(CounterExhausted):
+    with pytest.raises(RekeyRequired):
         spec.request(k(2), 0)
 
 

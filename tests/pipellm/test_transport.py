@@ -12,11 +12,11 @@ from veil.cc.device import Device
 from veil.cc.errors import RekeyRequired
 from veil.cc.host import HostBuffer
 from veil.cc.link import LinkConfig
-from veil.cc.transport import Transport, TransportKind, TransportOptions
 from veil.pipellm import ReservationState
 from veil.pipellm.options import PipeLLMOptions
-from veil.pipellm.transport import PipeLLMTransport
-from veil.transports import make_transport
+from veil.transport import make_transport
+from veil.transport.base import Transport, TransportKind, TransportOptions
+from veil.transport.pipellm import PipeLLMTransport
 
 from .support import CHUNK, SMALL_LINK, FlakySeal, IvAudit, host, options
 
@@ -58,7 +58,7 @@ def test_cyclic_stream_is_learned_and_committed(device: Device) -> None:
         audit = IvAudit()
         audit.install(transport.link.host_tx)
         _cycle(transport, device, sources, rounds=6)
-        stats = transport.stats
+        stats = transport.stats().pipellm
     audit.check()
     assert stats.hits >= 3 * 4 * 3, stats  # the last rounds come from the pipeline
     assert stats.bytes_sealed_ahead > 0 and stats.worker_error is None and not stats.synchronous
@@ -72,7 +72,7 @@ def test_write_through_veil_is_never_committed_stale(device: Device) -> None:
             with sources[0].write() as tensor:
                 tensor.fill_(value)
             _cycle(transport, device, sources, rounds=1)
-        assert transport.stats.speculator.stale + transport.stats.misses >= 1
+        assert transport.stats().pipellm.speculator.stale + transport.stats().pipellm.misses >= 1
 
 
 def _sealed_sources(transport: PipeLLMTransport) -> set[int]:
@@ -80,7 +80,7 @@ def _sealed_sources(transport: PipeLLMTransport) -> set[int]:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         sealed = {
-            r.key.source_id for r in transport._pipeline._spec.pipeline if r.state is ReservationState.SEALED
+            r.key.source_id for r in transport.pipeline if r.state is ReservationState.SEALED
         }
         if sealed:
             return sealed
@@ -97,7 +97,7 @@ def test_checked_mode_catches_writes_behind_veils_back(device: Device) -> None:
             for source_id in _sealed_sources(transport):
                 by_id[source_id].tensor.fill_(value)  # no write()/mark_written(): outside veil
             _cycle(transport, device, sources, rounds=1)
-        stats = transport.stats
+        stats = transport.stats().pipellm
     assert stats.check_mismatches >= 3 and stats.check_s > 0
 
 
@@ -110,7 +110,7 @@ def test_worker_failure_turns_synchronous_and_stays_correct(device: Device) -> N
         _cycle(transport, device, sources, rounds=3)
         flaky.fail_next = flaky.after_sealing = True
         _cycle(transport, device, sources, rounds=3)
-        stats = transport.stats
+        stats = transport.stats().pipellm
     audit.check()
     assert flaky.failures == 1
     assert stats.synchronous and stats.worker_error == "RuntimeError: injected worker failure"
@@ -131,7 +131,7 @@ def test_async_d2h_reading_forces_decryption(device: Device) -> None:
         assert not transport.pending(destination) and destination.version > version
         assert torch.equal(destination.tensor, source)
         event.wait()
-        assert transport.stats.d2h_async == 1
+        assert transport.stats().pipellm.d2h_async == 1
 
 
 def test_swap_out_then_in_is_sealed_ahead(device: Device) -> None:
@@ -140,11 +140,11 @@ def test_swap_out_then_in_is_sealed_ahead(device: Device) -> None:
         on_device = transport.upload(source)
         swap = HostBuffer.empty((4 * CHUNK,), torch.uint8)
         transport.d2h(on_device, swap)  # swap-out: predicts the swap-in of the same host range
-        hits = transport.stats.hits
+        hits = transport.stats().pipellm.hits
         back = device.alloc(4 * CHUNK)
         transport.h2d(swap, back).wait()  # forces the decryption first
         assert torch.equal(back.bytes, source)
-        assert transport.stats.hits - hits == 4
+        assert transport.stats().pipellm.hits - hits == 4
 
 
 def test_rekeys_when_the_epoch_runs_out(device: Device) -> None:
@@ -152,7 +152,7 @@ def test_rekeys_when_the_epoch_runs_out(device: Device) -> None:
     sources = [host(2 * CHUNK, seed) for seed in range(3)]
     with PipeLLMTransport(device, small, options(depth=2, max_pad=2)) as transport:
         _cycle(transport, device, sources, rounds=12)
-        assert transport.stats.rekeys >= 1
+        assert transport.stats().pipellm.rekeys >= 1
     manual = TransportOptions(link=small.link, auto_rekey=False)
     with PipeLLMTransport(device, manual, options(depth=2, max_pad=2)) as transport:
         with pytest.raises(RekeyRequired):
@@ -180,10 +180,11 @@ def test_hints_are_sealed_ahead_and_committed_on_first_sight(device: Device) -> 
         for source in sources:
             transport.hint(source)
         deadline = time.monotonic() + 10
-        while transport.stats.speculator.bytes_sealed_ahead < 6 * CHUNK and time.monotonic() < deadline:
+        while transport.stats().pipellm.speculator.bytes_sealed_ahead < 6 * CHUNK:
+            assert time.monotonic() < deadline, "hinted chunks were not sealed ahead in time"
             time.sleep(0.001)
         _cycle(transport, device, sources, rounds=1)
-        stats = transport.stats.speculator
+        stats = transport.stats().pipellm.speculator
     assert stats.hits == 6 and stats.misses == 0
 
 

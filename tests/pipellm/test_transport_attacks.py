@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from veil.cc.bounce import Descriptor, RingTap
 from veil.cc.device import Device
 from veil.cc.errors import IntegrityError
-from veil.pipellm.transport import PipeLLMTransport
+from veil.transport.pipellm import PipeLLMTransport
 
 from .support import CHUNK, SMALL_LINK, host, options
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from veil.cc.device import Device
 from veil.cc.host import HostBuffer
-from veil.pipellm.transport import PipeLLMTransport
+from veil.transport.pipellm import PipeLLMTransport
 
 from .support import CHUNK, SMALL_LINK, FlakySeal, IvAudit, host, options
 
@@ -87,7 +87,7 @@ def test_device_gets_what_the_host_held(ops: list[tuple]) -> None:
             world.apply(op)
         world.apply(("cycle", SOURCES))
         transport.synchronize()
-        stats = transport.stats
+        stats = transport.stats().pipellm
         receiver = transport.link.device_rx.stats
     audit.check()
     assert receiver.integrity_failures == 0 and not transport.link.poisoned

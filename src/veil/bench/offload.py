@@ -22,16 +22,16 @@ from typing import Any
 import torch
 
 from veil.bench.report import emit_json, print_table, progress
-from veil.bench.transfer import raw_aesgcm_gbps
+from veil.bench.transfer import CoreRates, core_rates
 from veil.cc.device import Device
-from veil.cc.transport import TransportKind
 from veil.engine.offload import OffloadedModel, compute_threads_beside_device
 from veil.engine.offload_policy import HostDtype, OffloadPolicy
 from veil.errors import UsageError
 from veil.model.generate import GenerationRequest, generate
 from veil.model.llama import LayerWeights
 from veil.model.loader import LoadedModel, load_model
-from veil.transports import make_transport
+from veil.transport import make_transport
+from veil.transport.base import TransportKind
 
 NAME = "offload"
 HELP = "weight offloading tokens/s under plain, cc and pipellm at several batch sizes"
@@ -86,17 +86,18 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model()
     points = [Point(f"decode-b{b}", b, args.prompt_tokens, args.new_tokens) for b in args.batch_sizes]
     points.append(Point("prefill-b4", 4, args.prefill_tokens, 2, counts_prompt=True))
-    raw_gbps = raw_aesgcm_gbps()
+    rates = core_rates()
     layer_numel = LayerWeights.numel(loaded.config)
     results: list[dict[str, Any]] = []
     for dtype in (HostDtype(d) for d in args.host_dtypes):
         for point in points:
             progress(f"bench offload: {dtype.value} {point.name}")
-            results.append(_measure(loaded, dtype, point, raw_gbps, layer_numel))
+            results.append(_measure(loaded, dtype, point, rates, layer_numel))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {
-        "raw_aesgcm_gbps": raw_gbps,
+        "raw_aesgcm_gbps": rates.seal,
+        "core_rates_gbps": asdict(rates),
         "cpus": os.cpu_count(),
         "compute_threads": args.compute_threads,
         "points": results,
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure(
-    loaded: LoadedModel, dtype: HostDtype, point: Point, raw_gbps: float, layer_numel: int
+    loaded: LoadedModel, dtype: HostDtype, point: Point, core: CoreRates, layer_numel: int
 ) -> dict[str, Any]:
     prompt = _prompt_ids(loaded, point.prompt_tokens)
     request = GenerationRequest(max_new_tokens=point.new_tokens, prompt_ids=[prompt] * point.batch_size)
@@ -125,6 +126,7 @@ def _measure(
     outputs: dict[str, list[list[int]]] = {}
     stats: dict[str, Any] = {}
     compute_per_layer = 0.0
+    plain_outside_layers_s, plain_layers = 0.0, 0
     runs = [(mode.value, mode, False) for mode in MODES] + [(HINTED, TransportKind.PIPELLM, True)]
     for label, mode, hints in runs:
         run_policy = dataclasses.replace(policy, hint_transport=hints)
@@ -137,11 +139,16 @@ def _measure(
                 elapsed = time.perf_counter() - start
                 layers = runner.stats.layers_streamed - before["layers_streamed"]
                 if mode is TransportKind.PLAIN:
-                    compute_per_layer = (runner.stats.compute_s - before["compute_s"]) / max(layers, 1)
-                stats[label] = {"engine": asdict(runner.stats), "transport": _transport_stats(transport)}
+                    compute_s = runner.stats.compute_s - before["compute_s"]
+                    wait_s = runner.stats.wait_s - before["wait_s"]
+                    compute_per_layer = compute_s / max(layers, 1)
+                    plain_outside_layers_s, plain_layers = elapsed - compute_s - wait_s, layers
+                stats[label] = {"engine": asdict(runner.stats), "transport": asdict(transport.stats())}
         rates[label] = point.tokens / elapsed
     host_bytes = layer_numel * torch.empty((), dtype=dtype.torch).element_size()
-    seal_per_layer = host_bytes / (raw_gbps * 1e9)
+    seal_per_layer = host_bytes / (core.seal * 1e9)
+    bound_per_layer = sealed_layer_bound_s(compute_per_layer, host_bytes, core, os.cpu_count() or 1)
+    bound = point.tokens / (max(plain_outside_layers_s, 0.0) + plain_layers * bound_per_layer)
     gap = rates["plain"] - rates["cc"]
     return {
         "host_dtype": dtype.value,
@@ -150,21 +157,32 @@ def _measure(
         "prompt_tokens": point.prompt_tokens,
         "new_tokens": point.new_tokens,
         **rates,
+        "pipellm_vs_cc": rates["pipellm"] / rates["cc"],
+        "bound": bound,
+        "cc_vs_bound": rates["cc"] / bound,
+        "pipellm_vs_bound": rates["pipellm"] / bound,
         "gap_closure": (rates["pipellm"] - rates["cc"]) / gap if gap > 0 else None,
         "gap_closure_hinted": (rates[HINTED] - rates["cc"]) / gap if gap > 0 else None,
         "outputs_identical": all(o == outputs["plain"] for o in outputs.values()),
         "compute_per_layer_ms": 1e3 * compute_per_layer,
         "seal_per_layer_ms": 1e3 * seal_per_layer,
+        "bound_per_layer_ms": 1e3 * bound_per_layer,
         "hideable": compute_per_layer >= seal_per_layer,
         "stats": stats,
     }
 
 
-def _transport_stats(transport: object) -> dict[str, Any] | None:
-    stats = getattr(transport, "stats", None)
-    if stats is None:
-        return None
-    return asdict(stats) if hasattr(stats, "__dataclass_fields__") else dict(vars(stats))
+def sealed_layer_bound_s(compute_s: float, layer_bytes: int, core: CoreRates, cores: int) -> float:
+    """The shortest time any sealed transport could take per streamed layer on `cores` cores.
+
+    A layer's compute (one thread), and its weights' seal, open and three copies
+    (`CoreRates.sealed_transfer_core_seconds`) must all run somewhere: per layer that is at least the
+    total core-seconds spread over every core, at least the compute itself, and at least what the one
+    copy-engine thread must do in order (open and two copies).
+    """
+    transfer = core.sealed_transfer_core_seconds(layer_bytes)
+    copy_engine_chain = layer_bytes * (1 / core.open + 2 / core.copy) / 1e9
+    return max(compute_s, copy_engine_chain, (compute_s + transfer) / cores)
 
 
 def _prompt_ids(loaded: LoadedModel, num_tokens: int) -> list[int]:
@@ -181,13 +199,15 @@ def _print(results: list[dict[str, Any]]) -> None:
     rows = [
         [
             r["host_dtype"], r["point"], r["plain"], r["cc"], r["pipellm"], r[HINTED],
+            r["pipellm_vs_cc"], r["bound"], r["cc_vs_bound"], r["pipellm_vs_bound"],
             closure(r["gap_closure"]), closure(r["gap_closure_hinted"]),
             r["compute_per_layer_ms"], r["seal_per_layer_ms"], r["outputs_identical"],
         ]
         for r in results
     ]  # fmt: skip
     headers = [
-        "dtype", "point", "plain tok/s", "cc tok/s", "pipellm tok/s", "hinted tok/s", "closure",
+        "dtype", "point", "plain tok/s", "cc tok/s", "pipellm tok/s", "hinted tok/s", "pipellm/cc",
+        "bound tok/s", "cc/bound", "pipellm/bound", "closure",
         "closure hinted", "compute/layer ms", "seal/layer ms", "identical",
     ]  # fmt: skip
     print_table(headers, rows)

@@ -32,11 +32,11 @@ from veil.bench.report import emit_json, print_table, progress
 from veil.cc.device import Device
 from veil.cc.host import HostBuffer
 from veil.cc.link import MIB
-from veil.cc.transport import Transport, TransportKind
 from veil.errors import UsageError
 from veil.pipellm.options import PipeLLMOptions
-from veil.pipellm.transport import PipeLLMTransport
-from veil.transports import make_transport
+from veil.transport import make_transport
+from veil.transport.base import Transport, TransportKind
+from veil.transport.pipellm import PipeLLMTransport
 
 NAME = "stream"
 HELP = "cyclic chunk stream with compute: plain vs cc vs pipellm throughput and gap closure"

@@ -1,4 +1,4 @@
-"""The confidential-computing data path: sealed channels, bounce buffers, the emulated device, transports.
+"""The confidential-computing protocol: sealed channels, bounce buffers, the secure link, the emulated device.
 
 See docs/cc-protocol.md for the protocol and the threat model.
 """
@@ -9,7 +9,6 @@ from veil.cc.errors import DeviceOutOfMemory, IntegrityError, RekeyRequired, Res
 from veil.cc.host import HostBuffer
 from veil.cc.link import LinkConfig, SecureLink
 from veil.cc.stream import Event, Stream
-from veil.cc.transport import Transport, TransportKind, TransportOptions
 
 __all__ = [
     "Device",
@@ -26,7 +25,4 @@ __all__ = [
     "SecureLink",
     "SenderChannel",
     "Stream",
-    "Transport",
-    "TransportKind",
-    "TransportOptions",
 ]

@@ -6,15 +6,17 @@ so replayed, reordered, dropped or truncated messages fail to authenticate. A me
 `max_message_bytes` of plaintext (the ring's slot size minus the tag); a zero-length message is a NOP
 that still consumes one IV on both sides.
 
-Sender side (`SenderChannel`, `Reservation`):
-- `reserve()` hands out the next counter. A `Reservation` seals exactly once (data or NOP), possibly
-  out of order and on any thread; a second seal raises `ReservationError`. Sealing two plaintexts under
-  one IV is therefore impossible through this API.
-- `emit()` publishes sealed reservations into the ring strictly in counter order; emitting n+1 before n
-  raises `ReservationError`.
-- A dropped reservation always burns its IV: if unsealed it is sealed as a NOP on the spot; if already
-  sealed its ciphertext is still emitted and the receiver authenticates and discards it
-  (`receive(None)`). No IV is ever skipped, so the receiver's counter never falls out of step.
+Sender side (`SenderChannel`, `Reservation`): the sender channel is the one owner of its counter.
+- `reserve()` hands out the next counter; `at(n)` returns counter n's reservation, reserving the ones
+  below it on the way (speculation seals ahead of the counter). A `Reservation` keeps the keys of the
+  epoch that issued it and seals exactly once (data or NOP), possibly out of order and on any thread;
+  a second seal raises `ReservationError`. Sealing two plaintexts under one key and IV is therefore
+  impossible through this API, across re-keys too.
+- Sealing writes into private staging, never into the shared ring; `emit()` copies the message into a
+  bounce slot and publishes it, strictly in counter order (emitting n+1 before n raises).
+- A dropped reservation always burns its IV: if unsealed it is sealed as a NOP; if a worker is sealing
+  it, `drop()` waits for that seal; if sealed, its ciphertext is still emitted and the receiver
+  authenticates and discards it (`receive(None)`). No IV is ever skipped.
 - Counters stop at `counter_limit`: `reserve()` then raises `RekeyRequired`; they never wrap.
 
 Receiver side (`ReceiverChannel`): copies each message out of the untrusted slot once (so a concurrent
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections import deque
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -71,6 +72,15 @@ class _State(enum.Enum):
     EMITTED = "emitted"
 
 
+@dataclass(frozen=True, eq=False)
+class _EpochKeys:
+    """One epoch's AEAD and IV mask; a reservation keeps the keys of the epoch that issued it."""
+
+    aead: AESGCM
+    mask: bytes
+    epoch: int
+
+
 class _Endpoint:
     """What sender and receiver share: secrets, AEAD, counter limit, ring, stats."""
 
@@ -94,17 +104,15 @@ class _Endpoint:
     @property
     def epoch(self) -> int:
         """The epoch of the installed secrets."""
-        return self._epoch
+        return self._keys.epoch
 
     def _install(self, secrets: ChannelSecrets) -> None:
-        self._aead = AESGCM(secrets.key)
-        self._mask = secrets.iv_mask
-        self._epoch = secrets.epoch
+        self._keys = _EpochKeys(AESGCM(secrets.key), secrets.iv_mask, secrets.epoch)
         self._counter = 0
 
 
 class SenderChannel(_Endpoint):
-    """The sealing end of one direction.
+    """The sealing end of one direction, and the one owner of its message counter.
 
     Args:
         secrets: key and IV mask of this direction.
@@ -122,7 +130,14 @@ class SenderChannel(_Endpoint):
         _aad: bytes = b"",
     ) -> None:
         super().__init__(secrets, ring, counter_limit, _aad)
-        self._unemitted: deque[Reservation] = deque()
+        self._unemitted: dict[int, Reservation] = {}  # reserved and not yet emitted, by counter
+        self._next_emit = 0
+        self._staging: list[bytearray] = []  # free private staging buffers, one message each
+
+    @property
+    def next_counter(self) -> int:
+        """The counter of the next message to be emitted."""
+        return self._next_emit
 
     def remaining(self) -> int:
         """IVs that can still be reserved in this epoch."""
@@ -136,40 +151,62 @@ class SenderChannel(_Endpoint):
         """
         with self._lock:
             if self._counter >= self.counter_limit:
-                raise RekeyRequired(f"all {self.counter_limit} IVs of epoch {self._epoch} are used")
-            reservation = Reservation(self, self._counter, self._epoch)
+                raise RekeyRequired(f"all {self.counter_limit} IVs of epoch {self.epoch} are used")
+            reservation = Reservation(self, self._counter, self._keys)
+            self._unemitted[self._counter] = reservation
             self._counter += 1
-            self._unemitted.append(reservation)
             return reservation
+
+    def at(self, counter: int) -> Reservation:
+        """The reservation of `counter`, reserving every counter up to it first.
+
+        Speculation seals ahead of the counter: its mechanism asks for the reservation of the IV the
+        policy chose, and the counters below it are reserved in order on the way (a reserved counter
+        is just a number until something is sealed under it).
+
+        Raises:
+            ReservationError: if `counter` was already emitted in this epoch.
+            RekeyRequired: if `counter` is beyond the epoch's limit.
+        """
+        with self._lock:
+            if counter < self._next_emit:
+                raise ReservationError(f"counter {counter} was already emitted in this epoch")
+            while self._counter <= counter:
+                self.reserve()
+            return self._unemitted[counter]
 
     def emit(self, reservation: Reservation) -> None:
         """Publish a sealed reservation; it must be the oldest one not yet emitted.
+
+        Copies the sealed message from private staging into a bounce slot (blocking while the ring is
+        full) and publishes it.
 
         Raises:
             ReservationError: if it is not next in counter order, not sealed, or stale.
             IntegrityError: if the ring is closed (the receiver poisoned the channel).
         """
         with self._lock:
-            if reservation._channel is not self or reservation.epoch != self._epoch:
+            if reservation._channel is not self or reservation._keys is not self._keys:
                 raise ReservationError("reservation belongs to another channel or epoch")
-            if not self._unemitted or self._unemitted[0] is not reservation:
+            if reservation.counter != self._next_emit:
                 raise ReservationError("reservations must be emitted in counter order")
             if reservation._state is not _State.SEALED:
                 raise ReservationError("only a sealed reservation can be emitted")
             reservation._publish()
-            self._unemitted.popleft()
+            del self._unemitted[reservation.counter]
+            self._next_emit += 1
 
     def emit_ready(self) -> int:
         """Emit the longest run of sealed reservations at the head; return how many were emitted."""
         emitted = 0
         with self._lock:
-            while self._unemitted and self._unemitted[0]._state is _State.SEALED:
-                self.emit(self._unemitted[0])
+            while (head := self._unemitted.get(self._next_emit)) is not None and head._state is _State.SEALED:
+                self.emit(head)
                 emitted += 1
         return emitted
 
     def send(self, plaintext: memoryview | bytes) -> None:
-        """Reserve, seal into a bounce slot and emit one message (a NOP if empty).
+        """Reserve, seal and emit one message (a NOP if empty).
 
         Raises:
             RekeyRequired, IntegrityError, ReservationError: as `reserve`, `Reservation.seal`, `emit`.
@@ -195,31 +232,57 @@ class SenderChannel(_Endpoint):
                 self.send(data[start : start + step])
 
     def rekey(self, secrets: ChannelSecrets) -> None:
-        """Install a new epoch's secrets; reset the counter; outstanding reservations become stale."""
+        """Install a new epoch's secrets; reset the counter; outstanding reservations become stale.
+
+        A stale reservation keeps its own epoch's keys: if a worker seals it after this call, the
+        ciphertext is under the old key and IV (still sealed once) and `emit` refuses it.
+        """
         with self._lock:
             self._install(secrets)
             self._unemitted.clear()
+            self._next_emit = 0
             self.stats.rekeys += 1
 
-    def _seal(self, counter: int, plaintext: memoryview | bytes, out: memoryview) -> None:
-        self._aead.encrypt_into(iv_for(counter, self._mask), plaintext, self._aad, out)
+    def _take_staging(self) -> memoryview:
+        with self._lock:
+            buffer = self._staging.pop() if self._staging else bytearray(self.ring.slot_bytes)
+        return memoryview(buffer)
+
+    def _give_staging(self, buffer: memoryview) -> None:
+        if len(buffer) == self.ring.slot_bytes:
+            with self._lock:
+                self._staging.append(buffer.obj)  # type: ignore[arg-type]
+
+    def _seal(self, reservation: Reservation, plaintext: memoryview | bytes, out: memoryview) -> None:
+        """Seal under the reservation's own epoch keys (the seam the IV-audit tests wrap)."""
+        keys = reservation._keys
+        keys.aead.encrypt_into(iv_for(reservation.counter, keys.mask), plaintext, self._aad, out)
 
 
 class Reservation:
     """One reserved IV of a `SenderChannel`; seals exactly once, data or NOP.
 
-    Not created directly: use `SenderChannel.reserve()`.
+    Not created directly: use `SenderChannel.reserve()` or `at()`. Sealing writes into private
+    staging memory, never into the shared bounce ring (a GCM implementation may read back the
+    ciphertext it wrote while computing the tag, and shared memory can change under it); `emit`
+    copies the finished message into a slot.
     """
 
-    def __init__(self, channel: SenderChannel, counter: int, epoch: int) -> None:
+    def __init__(self, channel: SenderChannel, counter: int, keys: _EpochKeys) -> None:
         self._channel = channel
         self.counter = counter
-        self.epoch = epoch
+        self._keys = keys
         self.dropped = False
         self._state = _State.RESERVED
-        self._slot: int | None = None
+        self._cond = threading.Condition()
         self._out: memoryview | None = None
+        self._snapshot_out: memoryview | None = None
         self._length = 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose keys this reservation seals under."""
+        return self._keys.epoch
 
     @property
     def sealed(self) -> bool:
@@ -227,86 +290,113 @@ class Reservation:
         return self._state in (_State.SEALED, _State.EMITTED)
 
     @property
+    def carries_data(self) -> bool:
+        """True once sealed with a non-empty plaintext."""
+        return self.sealed and self._length > TAG_BYTES
+
+    @property
     def emitted(self) -> bool:
         """True once published into the ring."""
         return self._state is _State.EMITTED
 
-    def seal(self, plaintext: memoryview | bytes, *, into: memoryview | None = None) -> None:
-        """Seal `plaintext` under this reservation's IV.
+    def seal(self, plaintext: memoryview | bytes, *, in_place: bool = False) -> None:
+        """Seal `plaintext` under this reservation's IV, into private staging.
 
         Args:
             plaintext: at most `max_message_bytes` bytes; empty seals a NOP.
-            into: private staging of at least len(plaintext) + 16 bytes that the caller leaves alone
-                until emission (which copies from it); None seals straight into a bounce slot, which
-                the reservation then holds until it is emitted.
+            in_place: `plaintext` is a view of the first bytes of a staging buffer from
+                `snapshot()`: seal it where it lies (the source is then read exactly once).
 
         Raises:
             ReservationError: if already sealed (or being sealed) or stale after a re-key.
-            ValueError: if the plaintext is too long or `into` too small.
-            IntegrityError: if sealing into the ring and the ring is closed.
+            ValueError: if the plaintext is too long.
         """
         channel = self._channel
         length = len(plaintext) + TAG_BYTES
         if length - TAG_BYTES > channel.max_message_bytes:
             raise ValueError(f"a message carries at most {channel.max_message_bytes} bytes")
-        if into is not None and len(into) < length:
-            raise ValueError(f"into must hold at least {length} bytes")
-        with channel._lock:
-            if self.epoch != channel.epoch:
+        with self._cond:
+            if self._keys is not channel._keys:
                 raise ReservationError("reservation is stale: the channel was re-keyed")
             if self._state is not _State.RESERVED:
                 raise ReservationError("a reservation seals exactly once")
             self._state = _State.SEALING
+        if in_place and self._snapshot_out is None:
+            raise ValueError("in_place sealing needs a snapshot() first")
+        out = self._snapshot_out if in_place and self._snapshot_out is not None else channel._take_staging()
         try:
-            if into is None:
-                self._slot = channel.ring.acquire()
-                into = channel.ring.slot(self._slot)
-            channel._seal(self.counter, plaintext, into[:length])
+            channel._seal(self, plaintext, out[:length])
         except BaseException:
-            self._release_slot()
-            with channel._lock:
+            channel._give_staging(out)
+            with self._cond:
                 self._state = _State.RESERVED
+                self._cond.notify_all()
             raise
-        self._out, self._length = into, length
-        with channel._lock:
+        with self._cond:
+            self._out, self._length = out, length
             self._state = _State.SEALED
+            self._cond.notify_all()
 
-    def seal_nop(self, *, into: memoryview | None = None) -> None:
+    def message(self) -> bytes:
+        """A copy of the sealed message (ciphertext + tag) before emission (for published vectors).
+
+        Raises:
+            ReservationError: if not sealed, or already emitted.
+        """
+        if self._state is not _State.SEALED or self._out is None:
+            raise ReservationError("only a sealed, unemitted reservation has a message")
+        return bytes(self._out[: self._length])
+
+    def snapshot(self, source: memoryview) -> memoryview:
+        """Copy `source` once into this reservation's staging and return that private copy.
+
+        Pair with `seal(copy, in_place=True)`: what is hashed or checked and what is sealed are then
+        the same bytes, whatever writes the source meanwhile.
+        """
+        self._snapshot_out = self._channel._take_staging()
+        copy = self._snapshot_out[: len(source)]
+        copy_bytes(copy, source)
+        return copy
+
+    def seal_nop(self) -> None:
         """Seal a zero-length NOP (burns the IV); same contract as `seal`."""
-        self.seal(b"", into=into)
+        self.seal(b"")
 
     def drop(self) -> None:
         """Give up this reservation; its IV is burned, never reused.
 
-        Unsealed: sealed now as a NOP in a private 16-byte buffer. Sealed: the ciphertext stays. Either
-        way it is still emitted in order and the receiver must consume it with `receive(None)`.
+        Unsealed: sealed now as a NOP. Being sealed on another thread: waits for that seal to end.
+        Sealed: the ciphertext stays. Either way it is still emitted in order and the receiver
+        consumes it with `receive(None)`.
         """
-        if self._state is _State.RESERVED:
-            self.seal(b"", into=memoryview(bytearray(TAG_BYTES)))
-        self.dropped = True
+        with self._cond:
+            self._cond.wait_for(lambda: self._state is not _State.SEALING)
+            reserved = self._state is _State.RESERVED
+            self.dropped = True
+        if reserved:
+            try:
+                self.seal(b"")
+            except ReservationError:  # sealed by a worker between the check and here: keep it
+                with self._cond:
+                    self._cond.wait_for(lambda: self._state is not _State.SEALING)
 
     def _publish(self) -> None:
         ring = self._channel.ring
-        if self._slot is None:
-            assert self._out is not None
-            self._slot = ring.acquire()
-            copy_bytes(ring.slot(self._slot)[: self._length], self._out[: self._length])
+        assert self._out is not None
+        slot = ring.acquire()
         try:
-            ring.publish(self._slot, self._length)
+            copy_bytes(ring.slot(slot)[: self._length], self._out[: self._length])
+            ring.publish(slot, self._length)
         except BaseException:
-            self._release_slot()
+            ring.release(slot)
             raise
         stats = self._channel.stats
         stats.messages += 1
         stats.nops += self._length == TAG_BYTES
         stats.plaintext_bytes += self._length - TAG_BYTES
         self._state = _State.EMITTED
+        self._channel._give_staging(self._out)
         self._out = None
-
-    def _release_slot(self) -> None:
-        if self._slot is not None:
-            self._channel.ring.release(self._slot)
-            self._slot = None
 
 
 class ReceiverChannel(_Endpoint):
@@ -395,7 +485,8 @@ class ReceiverChannel(_Endpoint):
         staged = self._staging[:length]
         copy_bytes(staged, self.ring.slot(slot)[:length])  # read untrusted memory exactly once
         try:
-            self._aead.decrypt_into(iv_for(self._counter, self._mask), staged, self._aad, staged[:-TAG_BYTES])
+            keys = self._keys
+            keys.aead.decrypt_into(iv_for(self._counter, keys.mask), staged, self._aad, staged[:-TAG_BYTES])
         except InvalidTag:
             return None
         return staged[:-TAG_BYTES]

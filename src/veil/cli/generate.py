@@ -12,14 +12,14 @@ from collections.abc import Iterator
 import torch
 
 from veil.cc.device import Device
-from veil.cc.transport import TransportKind
 from veil.engine.offload import OffloadedModel, compute_threads_beside_device
 from veil.engine.offload_policy import HostDtype, OffloadPolicy
 from veil.errors import UsageError
 from veil.model.generate import GenerationRequest, Runner, stream
 from veil.model.loader import LoadedModel, load_model
 from veil.model.sampling import SamplingParams
-from veil.transports import make_transport
+from veil.transport import make_transport
+from veil.transport.base import TransportKind
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

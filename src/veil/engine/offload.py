@@ -29,11 +29,11 @@ import torch
 from veil.cc.device import Device, DeviceBuffer
 from veil.cc.host import HostBuffer
 from veil.cc.stream import Event
-from veil.cc.transport import Transport
 from veil.engine.offload_policy import HostDtype, OffloadPolicy
 from veil.model.config import ModelConfig
 from veil.model.kv_cache import KVCache
 from veil.model.llama import LayerWeights, Llama, StepContext, decoder_layer, lm_head
+from veil.transport.base import Transport
 
 
 def compute_threads_beside_device() -> int:

@@ -18,7 +18,6 @@ from veil.pipellm.decisions import (
     SpeculatorStats,
     Wait,
 )
-from veil.pipellm.pipeline import CounterExhausted
 from veil.pipellm.predictors import (
     CompositePredictor,
     CyclicPredictor,
@@ -34,7 +33,6 @@ from veil.pipellm.types import Direction, KiB, MiB, SizeClass, SizeClasses, Tran
 __all__ = [
     "Commit",
     "CompositePredictor",
-    "CounterExhausted",
     "CyclicPredictor",
     "Decision",
     "Direction",

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from veil.pipellm.config import SpeculatorConfig
 from veil.pipellm.decisions import SpeculatorStats
+from veil.pipellm.governor import GovernorConfig, GovernorStats
 from veil.pipellm.predictor import Predictor
 from veil.pipellm.predictors import default_predictor
 from veil.pipellm.types import SizeClasses
@@ -35,8 +36,8 @@ class PipeLLMOptions:
             core left after layer compute and the emulated copy engine, at least one.
         depth: live reservations the speculator keeps ahead of the counter. To hide sealing it must
             cover the chunks issued while one unit of work computes (weight streaming: a layer is
-            ~14 chunks of 1 MiB for SmolLM2 in fp32). Each sealed reservation holds a bounce slot, so
-            the link needs more than `depth + workers` slots.
+            ~14 chunks of 1 MiB for SmolLM2 in fp32). Sealed reservations wait in private staging
+            (one message each), never in bounce slots, so any ring size works with any depth.
         max_pad: NOPs worth emitting to reach a pre-sealed chunk (see `SpeculatorConfig.max_pad`).
         sizes: size classes; only host-to-device BULK chunks are speculated.
         async_d2h: decrypt device-to-host traffic on a background thread (False: in the caller, as `cc`).
@@ -47,6 +48,9 @@ class PipeLLMOptions:
         digest: the hash of checked mode (CRC-32 by default; pass e.g. a blake2b wrapper for more).
         predictor: builds the predictor (default: hints, cyclic, swap and queue combined).
         speculate: False turns speculation off (every chunk sealed in the caller, as `cc` does).
+        governor: the do-no-harm controller: it measures, per window of traffic, whether speculation
+            or sealing in the caller is faster here, and keeps the faster (`GovernorConfig(enabled=
+            False)` pins speculation on).
     """
 
     workers: int = field(default_factory=lambda: default_workers())
@@ -58,6 +62,7 @@ class PipeLLMOptions:
     digest: Digest = crc32_digest
     predictor: Callable[[], Predictor] = default_predictor
     speculate: bool = True
+    governor: GovernorConfig = field(default_factory=GovernorConfig)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -85,6 +90,7 @@ class PipeLLMStats:
     Attributes:
         speculator: the policy's counters (hits, misses, NOPs, relinquishes, bytes sealed ahead and
             wasted, ...) summed over every epoch.
+        governor: windows measured, mode switches and probes, and the latest cost of each mode.
         wait_s: time callers waited for a worker still sealing the chunk they asked for.
         sync_seal_s: time callers spent sealing chunks themselves (misses and synchronous traffic).
         check_s: time callers spent re-hashing sources in checked mode.
@@ -99,6 +105,7 @@ class PipeLLMStats:
     """
 
     speculator: SpeculatorStats
+    governor: GovernorStats = field(default_factory=GovernorStats)
     wait_s: float = 0.0
     sync_seal_s: float = 0.0
     check_s: float = 0.0

@@ -13,15 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from veil.errors import VeilError
+from veil.cc.errors import RekeyRequired
 from veil.pipellm.decisions import Reservation, ReservationState
 from veil.pipellm.types import TransferKey
 
 _LIVE = (ReservationState.SEALING, ReservationState.SEALED)
-
-
-class CounterExhausted(VeilError):
-    """The message counter would pass its limit: the channel must be re-keyed (never wrapped)."""
 
 
 @dataclass(slots=True)
@@ -80,7 +76,7 @@ class IVPipeline:
 
     def check_limit(self, iv: int) -> None:
         if iv >= self._iv_limit:
-            raise CounterExhausted(f"IV {iv} reaches the counter limit {self._iv_limit}; re-key the channel")
+            raise RekeyRequired(f"IV {iv} reaches the counter limit {self._iv_limit}; re-key the channel")
 
     def within_limit(self, iv: int) -> bool:
         return iv < self._iv_limit

@@ -65,6 +65,7 @@ class Speculator:
         self._slack: dict[TransferKey, int] = {}  # learned: sync messages seen before this key
         self._confidence = 1.0  # running share of bulk requests the predictor got right
         self._paused = False  # speculation paused for low confidence (resumes by itself)
+        self._held = False  # speculation held off by the mechanism's governor (see `hold`)
 
     # -- inspection ---------------------------------------------------------------------------------
     @property
@@ -94,6 +95,25 @@ class Speculator:
     def paused(self) -> bool:
         """True while speculation is paused because predictions have been poor (see the config)."""
         return self._paused
+
+    @property
+    def held(self) -> bool:
+        """True while the mechanism holds speculation off (`hold`)."""
+        return self._held
+
+    def hold(self, held: bool) -> None:
+        """Hold speculation off (True) or let it run again (False).
+
+        While held, nothing new is reserved; reservations already live are still committed as their
+        requests arrive, and once they are gone every request is sealed in the caller. The predictor
+        keeps learning, so letting go resumes at once. The mechanism holds speculation off when it
+        measures that speculation costs more than it saves on this machine.
+        """
+        self._held = held
+        if held:
+            self._pipe.strip_reserved()
+        else:
+            self._refill()
 
     @property
     def confidence(self) -> float:
@@ -126,6 +146,11 @@ class Speculator:
             jobs.append(SealJob(slot.job_id, slot.iv, slot.key))
         self._stats.seal_jobs += len(jobs)
         return jobs
+
+    def wanted(self, job_id: int) -> bool:
+        """True if job `job_id` is handed out and its reservation is still live (worth sealing)."""
+        slot = self._outstanding.get(job_id)
+        return slot is not None and slot.state is ReservationState.SEALING
 
     def sealed(self, job_id: int, version: int) -> bool:
         """Job `job_id` sealed its chunk, whose source had write `version` before it was read.
@@ -176,7 +201,7 @@ class Speculator:
 
         Raises:
             ValueError: a device-to-host key, or a negative version.
-            CounterExhausted: the counter cannot serve this request; re-key the channel.
+            RekeyRequired: the counter cannot serve this request; re-key the channel.
         """
         if key.direction is not Direction.H2D:
             raise ValueError("request() takes host-to-device keys; report others with observe_device_to_host")
@@ -184,7 +209,7 @@ class Speculator:
             raise ValueError(f"version must be >= 0, got {version}")
         self._pipe.strip_reserved()
         size_class = self._config.sizes.classify(key.length)
-        drained = self._paused and not self._pipe.live()
+        drained = (self._paused or self._held) and not self._pipe.live()
         if size_class is SizeClass.BULK and not self._synchronous and not drained:
             decision = self._speculative(key, version)
         else:
@@ -313,7 +338,7 @@ class Speculator:
 
     def _refill(self) -> None:
         """Top the pipeline up to `depth` with provisional reservations for the predicted keys."""
-        if self._synchronous or self._paused:
+        if self._synchronous or self._paused or self._held:
             return
         live = self._pipe.live()
         depth = self._config.depth

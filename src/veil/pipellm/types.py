@@ -10,15 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from veil.cc.session import Direction  # one Direction for the channel and the policy
+
 KiB = 1024
 MiB = 1024 * KiB
-
-
-class Direction(Enum):
-    """Which way a transfer crosses the boundary. Each direction has its own key and IV counter."""
-
-    H2D = "host-to-device"  # sealed by the CPU: the only direction the speculator reserves IVs for
-    D2H = "device-to-host"  # sealed by the copy engine: observed (swap-outs), decrypted by the host
 
 
 @dataclass(frozen=True, slots=True)

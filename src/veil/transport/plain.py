@@ -7,7 +7,7 @@ from contextlib import ExitStack
 from veil.cc.device import DeviceBuffer
 from veil.cc.host import HostBuffer
 from veil.cc.stream import Event
-from veil.cc.transport import Span, Transport, TransportKind
+from veil.transport.base import Span, Transport, TransportKind
 
 
 class PlainTransport(Transport):

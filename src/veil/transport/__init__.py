@@ -1,19 +1,34 @@
-"""Build any transport from its `TransportKind`: `plain`, `cc` or `pipellm`.
+"""Transports: the one interface engines use to cross the host-device boundary, and its three kinds.
 
-This is the one place that maps kinds to classes for all three. It lives above `veil.cc` and
-`veil.pipellm` so that dependencies flow one way: `veil.cc` never imports `veil.pipellm`.
+- `base`: the `Transport` ABC, `TransportKind`, `TransportOptions`, `TransportStats`.
+- `plain`: no confidential computing (the baseline).
+- `sealed`: `SealedTransport` (what every sealed transport shares) and `cc` (seal in the caller).
+- `pipellm`: speculative pipelined encryption.
+
+`make_transport` is the one place that maps kinds to classes. This package sits above `veil.cc` (the
+protocol) and `veil.pipellm` (the policy and its sealer), so dependencies flow one way.
 """
 
 from __future__ import annotations
 
 from veil.cc.device import Device
-from veil.cc.plain import PlainTransport
-from veil.cc.sealed import CcTransport
-from veil.cc.transport import Transport, TransportKind, TransportOptions
 from veil.pipellm.options import PipeLLMOptions
-from veil.pipellm.transport import PipeLLMTransport
+from veil.transport.base import Transport, TransportKind, TransportOptions, TransportStats
+from veil.transport.pipellm import PipeLLMTransport
+from veil.transport.plain import PlainTransport
+from veil.transport.sealed import CcTransport, SealedTransport
 
-__all__ = ["make_transport"]
+__all__ = [
+    "CcTransport",
+    "PipeLLMTransport",
+    "PlainTransport",
+    "SealedTransport",
+    "Transport",
+    "TransportKind",
+    "TransportOptions",
+    "TransportStats",
+    "make_transport",
+]
 
 
 def make_transport(

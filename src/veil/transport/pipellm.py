@@ -3,10 +3,12 @@
 Same interface, channel and threat model as `cc` (docs/cc-protocol.md); what changes is who seals when.
 
 Host to device: a transfer is split into chunk requests `TransferKey(source_id, offset, length)`. For
-each, the speculator decides (commit a chunk a worker sealed ahead, pad with NOPs then commit, or
-relinquish and seal now); the transport emits the decision's messages into the bounce ring in counter
-order while the copy engine opens them (NOPs and burned IVs are authenticated and discarded, data
-goes into the destination). `h2d` returns once every message is emitted, like `cc`.
+each, the sealer's speculator decides (commit a chunk a worker sealed ahead, pad with NOPs then commit,
+or relinquish and seal now); the transport emits the decision's messages into the bounce ring in
+counter order while the copy engine opens them (NOPs and burned IVs are authenticated and discarded,
+data goes into the destination). `h2d` returns once every message is emitted, like `cc`. The time
+from one `h2d` to the next (the caller's compute included) is reported to the sealer's governor,
+which keeps speculation only while it measures faster than sealing in the caller.
 
 Device to host (`async_d2h`, default): the copy engine seals; the host half (open, copy into the
 destination) runs on a background thread. Until it has run, the destination `HostBuffer` is *pending*:
@@ -17,28 +19,29 @@ An `h2d` from a pending buffer, and a worker about to seal one, force it first.
 
 Lifecycle: enter the transport (`with make_transport(...) as t`) to start its workers and decryption
 thread; `close()` drains and stops them. A sealing worker that fails turns the transport synchronous
-(every chunk sealed in the caller, as `cc`) and records the error in `stats.worker_error`.
+(every chunk sealed in the caller, as `cc`) and records the error in `stats().pipellm.worker_error`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
+import time
 from contextlib import ExitStack, suppress
 
-from veil.cc.bounce import POISONED_MESSAGE
-from veil.cc.channel import ReceiverChannel, SenderChannel, message_count
+from veil.cc.channel import ReceiverChannel
 from veil.cc.device import Device, DeviceBuffer
-from veil.cc.errors import IntegrityError, RekeyRequired
+from veil.cc.errors import IntegrityError
 from veil.cc.host import HostBuffer
-from veil.cc.link import SecureLink
-from veil.cc.sealed import device_sealer
+from veil.cc.session import Direction
 from veil.cc.stream import Event
-from veil.cc.transport import Span, Transport, TransportKind, TransportOptions
 from veil.pipellm.decryptor import Decryptor, PendingTransfer
 from veil.pipellm.options import PipeLLMOptions, PipeLLMStats
-from veil.pipellm.sealing import SealFunction, SealPipeline, seal_into_ring
-from veil.pipellm.types import Direction, TransferKey
+from veil.pipellm.sealer import Sealer, SealFunction, seal_chunk
+from veil.pipellm.types import TransferKey
+from veil.transport.base import Span, TransportKind, TransportOptions, TransportStats
+from veil.transport.sealed import SealedTransport, open_on_host
 
 _END = object()
 
@@ -69,17 +72,14 @@ class DeviceSchedule:
             self._receiver.receive(item)
 
 
-class PipeLLMTransport(Transport):
+class PipeLLMTransport(SealedTransport):
     """Seals ahead on worker threads, decrypts device-to-host traffic in the background.
 
     Args:
         device: a started device.
         options: settings common to transports (link shape, auto re-key).
-        pipellm: workers, depth, checked mode, predictor (defaults when None).
+        pipellm: workers, depth, checked mode, predictor, governor (defaults when None).
         _seal: test seam through which workers seal (inject failures here).
-
-    Attributes:
-        link: the secure link (channels, rings, channel statistics).
     """
 
     kind = TransportKind.PIPELLM
@@ -90,38 +90,23 @@ class PipeLLMTransport(Transport):
         options: TransportOptions | None = None,
         pipellm: PipeLLMOptions | None = None,
         *,
-        _seal: SealFunction = seal_into_ring,
+        _seal: SealFunction = seal_chunk,
     ) -> None:
         super().__init__(device, options)
         self.pipellm = pipellm or PipeLLMOptions()
-        slots_needed = self.pipellm.depth + self.pipellm.workers + 1
-        if self.options.link.ring_slots < slots_needed:
-            raise ValueError(
-                f"the link has {self.options.link.ring_slots} bounce slots; pipellm with depth "
-                f"{self.pipellm.depth} and {self.pipellm.workers} workers needs at least {slots_needed} "
-                "(pre-sealed chunks hold their slots until emitted)"
-            )
-        self.link = SecureLink(self.options.link)
-        self._lock = threading.RLock()  # serializes transfers and re-keys (ring order = command order)
-        self._pipeline = SealPipeline(
-            self.link.host_tx, self.pipellm, prepare_source=self._ready_quietly, seal=_seal
-        )
+        self._sealer = Sealer(self.link.host_tx, self.pipellm, prepare_source=self._ready_quietly, seal=_seal)
         self._decryptor = Decryptor(f"{device.name}-pipellm-decrypt")
         self._pending: dict[int, PendingTransfer] = {}  # latest async d2h into each host buffer
         self._unreported: list[Event] = []  # async d2h events since the last synchronize()
         self._pending_lock = threading.Lock()
-        self._started = False
         self._d2h_async = 0
         self._rekeys = 0
+        self._last_h2d: tuple[float, int] | None = None  # start time and bytes of the previous h2d
 
     # lifecycle -------------------------------------------------------------------------------
-    def __enter__(self) -> PipeLLMTransport:
-        if self._started:
-            raise RuntimeError("transport is already started")
-        self._pipeline.__enter__()
+    def _start(self) -> None:
+        self._sealer.__enter__()
         self._decryptor.__enter__()
-        self._started = True
-        return self
 
     def close(self) -> None:
         """Finish in-flight transfers (decrypting what is pending), then stop every thread (idempotent)."""
@@ -130,7 +115,7 @@ class PipeLLMTransport(Transport):
         super().close()
         with self._lock:
             self._decryptor.close()
-            self._pipeline.close()
+            self._sealer.close()
 
     def synchronize(self) -> None:
         """Wait for every transfer, decrypt every pending device-to-host transfer, raise the first error."""
@@ -154,9 +139,8 @@ class PipeLLMTransport(Transport):
         """
         with self._lock:
             self._decryptor.drain()
-            self.device.copy_engine.submit(lambda: None).wait()
-            self._pipeline.new_epoch()
-            self.link.rekey()
+            self._sealer.new_epoch()
+            super().rekey()
             self._rekeys += 1
 
     # asynchronous device-to-host: the readers' contract ----------------------------------------------
@@ -186,43 +170,53 @@ class PipeLLMTransport(Transport):
                 del self._pending[buffer.source_id]
 
     # statistics ------------------------------------------------------------------------------------
-    @property
-    def stats(self) -> PipeLLMStats:
-        """A snapshot of what speculation and asynchronous decryption did so far."""
-        c = self._pipeline.counters
-        return PipeLLMStats(
-            speculator=self._pipeline.speculator_stats(),
-            wait_s=c.wait_s,
-            sync_seal_s=c.sync_seal_s,
-            check_s=c.check_s,
-            check_mismatches=c.check_mismatches,
-            burned_ciphertexts=c.burned_ciphertexts,
-            worker_error=self._pipeline.error,
-            synchronous=self._pipeline.synchronous,
+    def stats(self) -> TransportStats:
+        """Channel counters plus what speculation, the governor and asynchronous decryption did."""
+        counters = self._sealer.counters
+        pipellm = PipeLLMStats(
+            speculator=self._sealer.speculator_stats(),
+            governor=self._sealer.governor_stats(),
+            wait_s=counters.wait_s,
+            sync_seal_s=counters.sync_seal_s,
+            check_s=counters.check_s,
+            check_mismatches=counters.check_mismatches,
+            burned_ciphertexts=counters.burned_ciphertexts,
+            worker_error=self._sealer.error,
+            synchronous=self._sealer.synchronous,
             d2h_async=self._d2h_async,
             d2h_forced=self._decryptor.forced,
             rekeys=self._rekeys,
         )
+        return dataclasses.replace(super().stats(), pipellm=pipellm)
+
+    @property
+    def pipeline(self) -> tuple:
+        """The speculator's current reservations (for inspection and tests)."""
+        return self._sealer.pipeline
 
     # transfers -------------------------------------------------------------------------------------
     def _h2d(self, src: HostBuffer, dst: DeviceBuffer, span: Span) -> Event:
-        self._check_started()
         self.ensure_host_ready(src)
         with self._lock:
-            step = self.link.host_tx.max_message_bytes
-            keys = _chunk_keys(src.source_id, span.src_offset, span.nbytes, step, Direction.H2D)
-            self._prepare_h2d(len(keys))
+            self._measure(span.nbytes)
+            sender = self.link.host_tx
+            keys = _chunk_keys(
+                src.source_id, span.src_offset, span.nbytes, sender.max_message_bytes, Direction.H2D
+            )
+            options = self.pipellm
+            margin = len(keys) + (options.depth + 1) * (1 + options.max_pad)
+            self._prepare(sender, len(keys), used=self._sealer.reach(), margin=margin)
             schedule = DeviceSchedule(self.link.device_rx)
             event = self.device.copy_engine.submit(schedule.run)
             target = dst.memory()[span.dst]
             try:
                 for key in keys:
-                    decision = self._pipeline.decide(key, src)
+                    decision = self._sealer.decide(key, src)
                     for _ in decision.nop_ivs:
                         schedule.discard()
                     start = key.offset - span.src_offset
                     schedule.data(target[start : start + key.length])
-                    self._pipeline.carry_out(decision, src)
+                    self._sealer.carry_out(decision, src)
             except BaseException:
                 self.link.h2d_ring.close()  # the device must not wait for messages that will not come
                 raise
@@ -231,71 +225,55 @@ class PipeLLMTransport(Transport):
             return event
 
     def _hint(self, src: HostBuffer, span: Span) -> None:
-        step = self.link.host_tx.max_message_bytes
-        self._pipeline.hint(
-            _chunk_keys(src.source_id, span.src_offset, span.nbytes, step, Direction.H2D), src
-        )
+        with self._lock:
+            step = self.link.host_tx.max_message_bytes
+            self._sealer.hint(
+                _chunk_keys(src.source_id, span.src_offset, span.nbytes, step, Direction.H2D), src
+            )
 
     def _d2h(self, src: DeviceBuffer, dst: HostBuffer, span: Span) -> Event:
-        self._check_started()
         with self._lock:
-            step = self.link.device_tx.max_message_bytes
-            self._prepare(self.link.device_tx, message_count(span.nbytes, step))
-            source, target = src.memory()[span.src], dst.memory()[span.dst]
             writing = ExitStack()
             writing.enter_context(dst.write())  # held until decrypted: the buffer is pending
             try:
-                device_event = self.device.copy_engine.submit(device_sealer(self.link, source))
+                device_event = self._seal_on_device(src, span)
             except BaseException:
                 writing.close()
                 raise
+            target = dst.memory()[span.dst]
 
-            def open_on_host() -> None:
+            def open_in_background() -> None:
                 with writing:
-                    _open_or_explain(self.link.host_rx, target, device_event)
+                    open_on_host(self.link.host_rx, target, device_event)
 
             if not self.pipellm.async_d2h:
-                open_on_host()
+                open_in_background()
                 return device_event
-            job = self._decryptor.submit(open_on_host)
+            job = self._decryptor.submit(open_in_background)
             with self._pending_lock:
                 self._pending[dst.source_id] = job
                 self._unreported.append(job)
             self._d2h_async += 1
-            for key in _chunk_keys(dst.source_id, span.dst_offset, span.nbytes, step, Direction.D2H):
-                self._pipeline.observe_device_to_host(key, dst)
+            step = self.link.device_tx.max_message_bytes
+            self._sealer.observe_device_to_host(
+                _chunk_keys(dst.source_id, span.dst_offset, span.nbytes, step, Direction.D2H), dst
+            )
             return job
 
     # internals ---------------------------------------------------------------------------------
-    def _check_started(self) -> None:
-        if not self._started:
-            raise RuntimeError("the pipellm transport is not started; use it as a context manager")
+    def _measure(self, nbytes: int) -> None:
+        """Report the previous transfer's bytes and the wall time until this one to the governor."""
+        now = time.perf_counter()
+        if self._last_h2d is not None:
+            started, previous_bytes = self._last_h2d
+            self._sealer.record(previous_bytes, now - started)
+        self._last_h2d = (now, nbytes)
 
     def _ready_quietly(self, buffer: HostBuffer) -> None:
         """A worker's view of `ensure_host_ready`: a failed decryption left the buffer untouched, so
         its current bytes and version are still what a later request would send."""
         with suppress(IntegrityError):
             self.ensure_host_ready(buffer)
-
-    def _prepare_h2d(self, messages: int) -> None:
-        """Re-key first if the epoch may run out of IVs during this transfer (NOPs included)."""
-        options = self.pipellm
-        margin = messages + (options.depth + 1) * (1 + options.max_pad)
-        self._prepare(self.link.host_tx, messages, used=self._pipeline.reach(), margin=margin)
-
-    def _prepare(
-        self, sender: SenderChannel, messages: int, *, used: int | None = None, margin: int = 0
-    ) -> None:
-        if self.link.poisoned:
-            raise IntegrityError(POISONED_MESSAGE)
-        limit = sender.counter_limit
-        if messages > limit:
-            raise ValueError(f"a transfer of {messages} messages needs more IVs than one epoch has")
-        left = sender.remaining() if used is None else limit - used
-        if left < max(messages, min(margin, limit)):
-            if not self.options.auto_rekey:
-                raise RekeyRequired("not enough IVs left in this epoch; call rekey()")
-            self.rekey()
 
 
 def _chunk_keys(
@@ -308,18 +286,3 @@ def _chunk_keys(
         TransferKey(source_id, offset + start, min(step, nbytes - start), direction)
         for start in range(0, nbytes, step)
     ]
-
-
-def _open_or_explain(receiver: ReceiverChannel, target: memoryview, device_event: Event) -> None:
-    """Open a device-to-host transfer; a device-side failure that closed the ring is raised as itself."""
-    try:
-        receiver.receive_chunked(target)
-    except IntegrityError as host_error:
-        try:
-            device_event.wait()
-        except IntegrityError:
-            raise host_error from None
-        except BaseException as device_error:
-            raise device_error from host_error
-        raise
-    device_event.wait()

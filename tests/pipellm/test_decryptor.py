@@ -1,4 +1,4 @@
-"""Mechanism pieces: the worker pool, the decryptor (async D2H, force-on-touch), their lifecycles."""
+"""The decryptor (asynchronous device-to-host decryption, force-on-touch) and its lifecycle."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from veil.cc.device import Device
 from veil.cc.errors import IntegrityError
 from veil.cc.host import HostBuffer
 from veil.pipellm.decryptor import Decryptor
-from veil.pipellm.transport import PipeLLMTransport
-from veil.pipellm.workers import WorkerPool
+from veil.transport.pipellm import PipeLLMTransport
 
 from .support import CHUNK, SMALL_LINK, options
 
@@ -22,30 +21,6 @@ from .support import CHUNK, SMALL_LINK, options
 def device() -> Iterator[Device]:
     with Device(capacity_bytes=16 << 20) as dev:
         yield dev
-
-
-def test_pool_runs_every_task_and_stops() -> None:
-    done: list[int] = []
-    lock = threading.Lock()
-
-    def task(i: int) -> None:
-        with lock:
-            done.append(i)
-
-    with WorkerPool(3) as pool:
-        for i in range(50):
-            pool.submit(lambda i=i: task(i))
-    assert sorted(done) == list(range(50)) and not pool.running
-    with pytest.raises(RuntimeError, match="not running"):
-        pool.submit(lambda: None)
-
-
-def test_pool_surfaces_an_escaped_error_at_close() -> None:
-    pool = WorkerPool(1).__enter__()
-    pool.submit(lambda: 1 / 0)  # type: ignore[func-returns-value]
-    with pytest.raises(ZeroDivisionError):
-        pool.close()
-    pool.close()  # idempotent, error reported once
 
 
 def test_decryptor_runs_in_order_and_forcing_runs_in_the_reader() -> None:
@@ -113,4 +88,4 @@ def test_synchronous_d2h_option(device: Device) -> None:
         destination = HostBuffer.empty((2 * CHUNK + 5,), torch.uint8)
         event = transport.d2h(on_device, destination)
         assert event.query() and not transport.pending(destination)
-        assert torch.equal(destination.tensor, source) and transport.stats.d2h_async == 0
+        assert torch.equal(destination.tensor, source) and transport.stats().pipellm.d2h_async == 0

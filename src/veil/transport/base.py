@@ -1,9 +1,11 @@
 """The one interface engines use to move bytes between host memory and the device.
 
 Every transport offers asynchronous `h2d` and `d2h` over byte ranges of a `HostBuffer` and a
-`DeviceBuffer`, each returning an `Event`; `synchronize()`; and an explicit lifecycle (`close()` or the
-context manager). Engines never learn which implementation they hold; `TransportKind` names them and
-`veil.transports.make_transport` builds them (it lives above veil.cc, which knows no pipellm).
+`DeviceBuffer`, each returning an `Event`; `hint()`; `synchronize()`; `stats()`; and an explicit
+lifecycle: a transport moves nothing until it is entered (`with make_transport(...) as t:`) and
+`close()` (or leaving the block) drains it. Sealed transports (`SealedTransport`) also have `link` and
+`rekey()`. Engines never learn which implementation they hold; `TransportKind` names them and
+`veil.transport.make_transport` builds them.
 
 Contract shared by all implementations:
 - A transfer may read its source at any time until its event completes (and, for speculative
@@ -19,7 +21,7 @@ import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -27,6 +29,26 @@ from veil.cc.device import Device, DeviceBuffer
 from veil.cc.host import HostBuffer
 from veil.cc.link import LinkConfig
 from veil.cc.stream import Event
+
+
+@dataclass(frozen=True)
+class TransportStats:
+    """What a transport did since it was created (a snapshot; `Transport.stats()`).
+
+    Attributes:
+        kind: which transport.
+        h2d_transfers, h2d_bytes, d2h_transfers, d2h_bytes: calls and bytes per direction.
+        sealed: channel counters per direction (sealed transports only).
+        pipellm: speculation, asynchronous decryption and governor counters (`pipellm` only).
+    """
+
+    kind: TransportKind
+    h2d_transfers: int = 0
+    h2d_bytes: int = 0
+    d2h_transfers: int = 0
+    d2h_bytes: int = 0
+    sealed: Any = None
+    pipellm: Any = None
 
 
 class TransportKind(enum.Enum):
@@ -113,10 +135,19 @@ class Transport(ABC):
         _ = device.copy_engine  # raises if the device is not started
         self.device = device
         self.options = options or TransportOptions()
+        self._started = False
         self._closed = False
+        self._counts = [0, 0, 0, 0]  # h2d transfers, h2d bytes, d2h transfers, d2h bytes
 
     def __enter__(self) -> Transport:
+        if self._started:
+            raise RuntimeError("transport is already started")
+        self._start()
+        self._started = True
         return self
+
+    def _start(self) -> None:  # noqa: B027 - optional: transports with no threads start nothing
+        """Start what the transport runs (threads); called once by `__enter__`."""
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -139,7 +170,11 @@ class Transport(ABC):
             IntegrityError: if the link is poisoned (CC). RekeyRequired: if out of IVs, auto_rekey off.
         """
         self._check_open()
-        return self._h2d(src, dst, Span.of(src.nbytes, dst.nbytes, src_offset, dst_offset, nbytes))
+        span = Span.of(src.nbytes, dst.nbytes, src_offset, dst_offset, nbytes)
+        event = self._h2d(src, dst, span)
+        self._counts[0] += 1
+        self._counts[1] += span.nbytes
+        return event
 
     def d2h(
         self,
@@ -156,7 +191,11 @@ class Transport(ABC):
             as `h2d`.
         """
         self._check_open()
-        return self._d2h(src, dst, Span.of(src.nbytes, dst.nbytes, src_offset, dst_offset, nbytes))
+        span = Span.of(src.nbytes, dst.nbytes, src_offset, dst_offset, nbytes)
+        event = self._d2h(src, dst, span)
+        self._counts[2] += 1
+        self._counts[3] += span.nbytes
+        return event
 
     def hint(self, src: HostBuffer, *, src_offset: int = 0, nbytes: int | None = None) -> None:
         """Tell the transport that this host range will be sent to the device soon.
@@ -191,6 +230,11 @@ class Transport(ABC):
         self.d2h(buffer, host).wait()
         return host.tensor
 
+    def stats(self) -> TransportStats:
+        """A snapshot of what this transport did (see `TransportStats`)."""
+        h2d_transfers, h2d_bytes, d2h_transfers, d2h_bytes = self._counts
+        return TransportStats(self.kind, h2d_transfers, h2d_bytes, d2h_transfers, d2h_bytes)
+
     def synchronize(self) -> None:
         """Wait for every transfer issued so far; raise the first error of the device's half."""
         self.device.copy_engine.synchronize()
@@ -204,6 +248,8 @@ class Transport(ABC):
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("transport is closed")
+        if not self._started:
+            raise RuntimeError(f"the {self.kind.value} transport is not started; use it as a context manager")
 
     @abstractmethod
     def _h2d(self, src: HostBuffer, dst: DeviceBuffer, span: Span) -> Event: ...

@@ -1,0 +1,168 @@
+"""Do no harm: decide, from measurements, whether speculation pays on this machine and workload.
+
+Speculation moves sealing off the caller's critical path onto a worker thread. Where a core is free
+that is a gain; where the worker competes with compute and the copy engine for the same cores (this
+2-core emulation) it can cost more than it saves. Which one holds depends on the machine, the batch
+and the model, so it is measured, not assumed.
+
+The governor is an A/B test run online. The mechanism reports, for each stretch of host-to-device
+traffic, the bytes moved and the wall time they took *including everything the caller did in
+between* (compute, waiting): end-to-end seconds per byte, the only figure that captures contention.
+The governor alternates the two modes over windows of `window_bytes`, keeps the better one, and
+probes the other again after a hold that doubles each time the same mode wins (so a stationary
+workload pays for fewer and fewer probes, and a changed one is noticed). After every switch, one
+window is discarded while the new mode settles (a refilling pipeline, or one draining).
+
+Pure: no clock, no threads; the caller measures and reports.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Mode(enum.Enum):
+    """Who seals host-to-device chunks."""
+
+    SPECULATE = "speculate"  # workers seal predicted chunks ahead; the caller commits them
+    SEAL_IN_CALLER = "seal-in-caller"  # the caller seals every chunk itself, as `cc` does
+
+
+@dataclass(frozen=True)
+class GovernorConfig:
+    """Knobs of the governor.
+
+    Attributes:
+        window_bytes: host-to-device bytes per measured window.
+        margin: the probed mode must be this much faster (relative) to take over.
+        first_hold: windows the winner keeps before the first re-probe; doubles on every repeat win.
+        max_hold: cap on that hold.
+        enabled: False pins SPECULATE (the governor then never switches; for experiments).
+    """
+
+    window_bytes: int = 48 << 20
+    margin: float = 0.03
+    first_hold: int = 8
+    max_hold: int = 256
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.window_bytes < 1:
+            raise ValueError(f"window_bytes must be >= 1, got {self.window_bytes}")
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+        if not 1 <= self.first_hold <= self.max_hold:
+            raise ValueError("need 1 <= first_hold <= max_hold")
+
+
+@dataclass
+class GovernorStats:
+    """What the governor measured and did."""
+
+    windows: int = 0
+    switches: int = 0
+    probes: int = 0
+    speculate_s_per_gib: float | None = None  # latest measured cost of each mode
+    seal_in_caller_s_per_gib: float | None = None
+
+
+class _Phase(enum.Enum):
+    SETTLE = "settle"  # discard this window (the mode just changed)
+    MEASURE = "measure"  # this window's cost is the mode's figure
+    HOLD = "hold"  # exploit the winner
+
+
+class Governor:
+    """Chooses `Mode` per window from measured seconds per byte (see module docstring)."""
+
+    def __init__(self, config: GovernorConfig | None = None) -> None:
+        self.config = config or GovernorConfig()
+        self.stats = GovernorStats()
+        self._mode = Mode.SPECULATE
+        self._phase = _Phase.SETTLE
+        self._cost: dict[Mode, float] = {}
+        self._hold = self.config.first_hold
+        self._held_windows = 0
+        self._probing = False  # the current MEASURE window is a probe of the non-incumbent
+        self._bytes = 0
+        self._seconds = 0.0
+
+    @property
+    def mode(self) -> Mode:
+        """The mode the caller should use now."""
+        return self._mode if self.config.enabled else Mode.SPECULATE
+
+    def record(self, nbytes: int, seconds: float) -> Mode:
+        """Report `nbytes` moved in `seconds` of wall time under the current mode; returns the mode.
+
+        Raises:
+            ValueError: if a value is negative.
+        """
+        if nbytes < 0 or seconds < 0:
+            raise ValueError("nbytes and seconds must be >= 0")
+        if not self.config.enabled:
+            return Mode.SPECULATE
+        self._bytes += nbytes
+        self._seconds += seconds
+        if self._bytes >= self.config.window_bytes:
+            self._close_window(self._seconds / self._bytes)
+            self._bytes, self._seconds = 0, 0.0
+        return self._mode
+
+    def _close_window(self, cost: float) -> None:
+        self.stats.windows += 1
+        if self._phase is _Phase.SETTLE:
+            self._phase = _Phase.MEASURE
+            return
+        if self._phase is _Phase.MEASURE:
+            self._measured(cost)
+            return
+        self._held_windows += 1
+        if self._held_windows >= self._hold:
+            self._probe()
+
+    def _measured(self, cost: float) -> None:
+        self._cost[self._mode] = cost
+        gib = cost * (1 << 30)
+        if self._mode is Mode.SPECULATE:
+            self.stats.speculate_s_per_gib = gib
+        else:
+            self.stats.seal_in_caller_s_per_gib = gib
+        other = _other(self._mode)
+        if other not in self._cost:  # first measurement of this mode: measure the other one too
+            self._switch(other, _Phase.SETTLE)
+            return
+        if self._probing:
+            self._probing = False
+            if cost < self._cost[other] * (1 - self.config.margin):
+                self._hold = self.config.first_hold  # the probe won: a new incumbent
+                self._begin_hold()
+                return
+            self._hold = min(2 * self._hold, self.config.max_hold)  # the incumbent won again
+            self._switch(other, _Phase.HOLD)
+            return
+        best = min(self._cost, key=self._cost.__getitem__)
+        if best is not self._mode:
+            self._switch(best, _Phase.HOLD)
+        else:
+            self._begin_hold()
+
+    def _probe(self) -> None:
+        self.stats.probes += 1
+        self._probing = True
+        self._switch(_other(self._mode), _Phase.SETTLE)
+
+    def _begin_hold(self) -> None:
+        self._phase = _Phase.HOLD
+        self._held_windows = 0
+
+    def _switch(self, mode: Mode, phase: _Phase) -> None:
+        self.stats.switches += 1
+        self._mode = mode
+        self._phase = phase
+        self._held_windows = 0
+
+
+def _other(mode: Mode) -> Mode:
+    return Mode.SEAL_IN_CALLER if mode is Mode.SPECULATE else Mode.SPECULATE

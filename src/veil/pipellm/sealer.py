@@ -1,0 +1,360 @@
+"""The sealer: PipeLLM's mechanism around the pure `Speculator`, for one host-to-device channel.
+
+- One condition variable (`_cond`) serializes every speculator call. The caller releases it while it
+  waits for a worker (a `Wait` decision), seals or emits.
+- Workers are a standard `ThreadPoolExecutor`. `_feed()` (under `_cond`) takes the speculator's seal
+  jobs and submits them as one task per run of consecutive jobs, so thread hand-offs are paid per
+  predicted transfer rather than per chunk. A worker reads the source's `stable_version()` BEFORE its
+  bytes, seals into the reservation's private staging (`SenderChannel.at(iv)`: the channel is the one
+  owner of the counter) and reports `sealed(job, version)`. A source being written, unknown, or a
+  reservation burned or made stale meanwhile is reported with `UNSEALED_VERSION`, which no request
+  matches, so it is never committed.
+- Nothing is lost on failure: a job that cannot be submitted, or whose worker raises, is reported
+  (`seal_failed`: the speculator drops every live reservation and turns synchronous for good; the
+  error is kept in `error`). A caller told to `Wait` for a job nobody runs reports it unsealed
+  instead of waiting forever.
+- Checked mode: the worker copies the chunk once into private staging, hashes that copy and seals it
+  in place, so the hash and the ciphertext cover the same bytes whatever writes the source meanwhile.
+  Before committing, the caller re-hashes the source; on a mismatch it bumps the source's version
+  (`mark_written()`), so the stale chunk is relinquished instead of committed.
+- The `Governor` measures, per window of traffic, whether speculation pays, and holds the speculator
+  off when sealing in the caller is faster (`Speculator.hold`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+
+from veil.cc.channel import Reservation, SenderChannel
+from veil.cc.errors import ReservationError
+from veil.cc.host import HostBuffer
+from veil.pipellm.decisions import (
+    Commit,
+    Decision,
+    PadThenCommit,
+    ReservationState,
+    SealJob,
+    SpeculatorStats,
+    Wait,
+)
+from veil.pipellm.governor import Governor, GovernorStats, Mode
+from veil.pipellm.options import PipeLLMOptions
+from veil.pipellm.speculator import Speculator
+from veil.pipellm.types import TransferKey
+
+UNSEALED_VERSION = -1  # reported for a job that sealed nothing: requests carry versions >= 0
+_LIVE = (ReservationState.SEALING, ReservationState.SEALED)
+
+
+def seal_chunk(reservation: Reservation, plaintext: memoryview, *, in_place: bool = False) -> None:
+    """The default worker seal seam (tests inject failures by passing another)."""
+    reservation.seal(plaintext, in_place=in_place)
+
+
+SealFunction = Callable[..., None]
+
+
+def chunk_of(source: HostBuffer, key: TransferKey) -> memoryview:
+    """The bytes `key` names in `source`."""
+    return source.memory()[key.offset : key.offset + key.length]
+
+
+@dataclasses.dataclass
+class SealerCounters:
+    """The mechanism's own counters (the speculator counts the rest)."""
+
+    wait_s: float = 0.0
+    sync_seal_s: float = 0.0
+    check_s: float = 0.0
+    check_mismatches: int = 0
+    burned_ciphertexts: int = 0
+    unsubmitted_jobs: int = 0
+
+
+class Sealer:
+    """Speculative sealing for one host-to-device sender channel (see module docstring).
+
+    Args:
+        sender: the host-to-device sender; its counter must be at 0 of a fresh epoch.
+        options: workers, depth, checked mode, predictor, governor.
+        prepare_source: called by a worker before it reads a source (forces pending decryptions).
+        seal: the seam through which workers seal (tests inject failures here).
+    """
+
+    def __init__(
+        self,
+        sender: SenderChannel,
+        options: PipeLLMOptions,
+        *,
+        prepare_source: Callable[[HostBuffer], None],
+        seal: SealFunction = seal_chunk,
+    ) -> None:
+        self._sender = sender
+        self._options = options
+        self._prepare_source = prepare_source
+        self._seal = seal
+        self._predictor = options.predictor()
+        self.governor = Governor(options.governor)
+        self._spec = self._new_speculator(synchronous=False)
+        self._pool: ThreadPoolExecutor | None = None
+        self._cond = threading.Condition()
+        self._running: set[int] = set()  # jobs handed to workers and not reported yet
+        self._active_tasks = 0  # worker tasks submitted and not finished
+        self._digests: dict[int, object] = {}
+        self._sources: weakref.WeakValueDictionary[int, HostBuffer] = weakref.WeakValueDictionary()
+        self._earlier = SpeculatorStats()  # counters of the speculators of earlier epochs
+        self.counters = SealerCounters()
+        self.error: str | None = None
+
+    # lifecycle ---------------------------------------------------------------------------------
+    def __enter__(self) -> Sealer:
+        if self._pool is not None:
+            raise RuntimeError("sealer is already started")
+        self._pool = ThreadPoolExecutor(self._options.workers, thread_name_prefix="veil-pipellm-seal")
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop speculating, let running jobs finish, stop the workers (idempotent)."""
+        with self._cond:
+            self._spec.disable()
+            self._cond.wait_for(lambda: not self._running)
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def new_epoch(self) -> None:
+        """Forget the epoch's reservations before the channel is re-keyed (call with transfers idle)."""
+        with self._cond:
+            synchronous = self._spec.synchronous
+            self._spec.disable()
+            self._cond.wait_for(lambda: not self._running)
+            self._earlier = _add(self._earlier, self._spec.stats)
+            self._digests.clear()
+            self._spec = self._new_speculator(synchronous=synchronous)
+
+    # inspection --------------------------------------------------------------------------------
+    @property
+    def synchronous(self) -> bool:
+        return self._spec.synchronous
+
+    @property
+    def pipeline(self) -> tuple:
+        """The speculator's reservations (for inspection and tests)."""
+        with self._cond:
+            return self._spec.pipeline
+
+    def speculator_stats(self) -> SpeculatorStats:
+        """Speculator counters summed over every epoch."""
+        with self._cond:
+            return _add(self._earlier, self._spec.stats)
+
+    def governor_stats(self) -> GovernorStats:
+        with self._cond:
+            return dataclasses.replace(self.governor.stats)
+
+    def reach(self) -> int:
+        """One past the highest IV the epoch has bound or emitted."""
+        with self._cond:
+            return self._spec.reach
+
+    # the caller's side -----------------------------------------------------------------------------
+    def observe_device_to_host(self, keys: list[TransferKey], destination: HostBuffer) -> None:
+        """Report device-to-host chunks (a swap-out predicts its swap-in) and feed the workers."""
+        with self._cond:
+            self._sources[destination.source_id] = destination
+            for key in keys:
+                self._spec.observe_device_to_host(key)
+            self._feed()
+
+    def hint(self, keys: list[TransferKey], source: HostBuffer) -> None:
+        """Pass an engine's hint (these chunks of `source` come next, in order) and feed the workers."""
+        with self._cond:
+            self._sources[source.source_id] = source
+            self._spec.hint(keys)
+            self._feed()
+
+    def record(self, nbytes: int, seconds: float) -> None:
+        """Report `nbytes` of host-to-device traffic that took `seconds` end to end (the governor)."""
+        with self._cond:
+            mode = self.governor.record(nbytes, seconds)
+            held = mode is Mode.SEAL_IN_CALLER
+            if held != self._spec.held:
+                self._spec.hold(held)
+                self._feed()
+
+    def decide(self, key: TransferKey, source: HostBuffer) -> Decision:
+        """The speculator's final decision for `key`, waiting (lock released) for a sealing worker."""
+        while True:
+            if self._options.checked:
+                self._check(key, source)
+            with self._cond:
+                self._sources[source.source_id] = source
+                decision = self._spec.request(key, source.version)
+                if not isinstance(decision, Wait):
+                    self._settled(decision)
+                    self._feed()
+                    return decision
+                self._wait_for(decision.job_id)
+
+    def carry_out(self, decision: Decision, source: HostBuffer) -> None:
+        """Emit the decision's NOPs, then its data message (pre-sealed, or sealed now), in order."""
+        sender = self._sender
+        for iv in decision.nop_ivs:
+            burned = sender.at(iv)
+            burned.drop()
+            self.counters.burned_ciphertexts += burned.carries_data
+            sender.emit(burned)
+        reservation = sender.at(decision.iv)
+        if isinstance(decision, Commit | PadThenCommit):
+            assert reservation.carries_data, "commit of a chunk that was not sealed"
+        else:
+            start = time.perf_counter()
+            reservation.seal(chunk_of(source, decision.key))
+            self.counters.sync_seal_s += time.perf_counter() - start
+        sender.emit(reservation)
+
+    # internals ---------------------------------------------------------------------------------
+    def _new_speculator(self, *, synchronous: bool) -> Speculator:
+        config = self._options.speculator_config(iv_limit=self._sender.counter_limit)
+        spec = Speculator(self._predictor, config)
+        if synchronous:
+            spec.disable()
+        spec.hold(self.governor.mode is Mode.SEAL_IN_CALLER)
+        return spec
+
+    def _wait_for(self, job_id: int) -> None:
+        """Wait (caller holds `_cond`, released meanwhile) until job `job_id` has reported."""
+        if job_id not in self._running:  # nobody will report it: never wait forever
+            self._spec.sealed(job_id, UNSEALED_VERSION)
+            return
+        start = time.perf_counter()
+        self._cond.wait_for(lambda: job_id not in self._running)
+        self.counters.wait_s += time.perf_counter() - start
+
+    def _feed(self) -> None:
+        """Hand jobs to idle workers as runs of consecutive jobs (caller holds `_cond`)."""
+        idle = self._options.workers - self._active_tasks
+        if idle <= 0 or self._pool is None:
+            return
+        jobs = self._spec.plan(self._options.depth)
+        for run in _runs(jobs, idle):
+            self._running.update(job.job_id for job in run)
+            self._active_tasks += 1
+            try:
+                self._pool.submit(self._seal_run, run)
+            except BaseException as exc:  # e.g. shut down meanwhile: report, never leave a job dangling
+                self._active_tasks -= 1
+                self.counters.unsubmitted_jobs += len(run)
+                for job in run:
+                    self._running.discard(job.job_id)
+                    if self._spec.wanted(job.job_id):
+                        self._settled_ids(self._spec.seal_failed(job.job_id, f"{type(exc).__name__}: {exc}"))
+                    else:
+                        self._spec.sealed(job.job_id, UNSEALED_VERSION)
+                self.error = self.error or self._spec.error
+                self._cond.notify_all()
+                return
+
+    def _seal_run(self, run: list[SealJob]) -> None:
+        """A worker's task: seal a run of predicted chunks, reporting each as soon as it is done."""
+        try:
+            for job in run:
+                self._seal_one(job)
+        finally:
+            with self._cond:
+                self._active_tasks -= 1
+                self._feed()
+
+    def _seal_one(self, job: SealJob) -> None:
+        with self._cond:
+            if not self._spec.wanted(job.job_id):  # dropped before the worker reached it
+                self._running.discard(job.job_id)
+                self._spec.sealed(job.job_id, UNSEALED_VERSION)
+                self._cond.notify_all()
+                return
+        try:
+            version, digest = self._seal_source(job)
+        except BaseException as exc:  # reported: the speculator turns synchronous
+            with self._cond:
+                self._running.discard(job.job_id)
+                self._settled_ids(self._spec.seal_failed(job.job_id, f"{type(exc).__name__}: {exc}"))
+                self.error = self.error or self._spec.error
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._running.discard(job.job_id)
+            if self._spec.sealed(job.job_id, version) and digest is not None:
+                self._digests[job.job_id] = digest
+            self._cond.notify_all()
+
+    def _seal_source(self, job: SealJob) -> tuple[int, object]:
+        source = self._sources.get(job.key.source_id)
+        if source is None:
+            return UNSEALED_VERSION, None
+        self._prepare_source(source)
+        version = source.stable_version()  # BEFORE reading the bytes
+        if version is None:
+            return UNSEALED_VERSION, None
+        try:
+            reservation = self._sender.at(job.iv)
+        except ReservationError:  # emitted (burned) meanwhile
+            return UNSEALED_VERSION, None
+        plaintext, digest = chunk_of(source, job.key), None
+        if self._options.checked:
+            plaintext = reservation.snapshot(plaintext)
+            digest = self._options.digest(plaintext)
+        try:
+            self._seal(reservation, plaintext, in_place=self._options.checked)
+        except ReservationError:
+            if reservation.sealed or reservation.epoch != self._sender.epoch:
+                return UNSEALED_VERSION, None  # burned by the caller, or made stale by a re-key
+            raise
+        return version, digest
+
+    def _check(self, key: TransferKey, source: HostBuffer) -> None:
+        """Checked mode: bump the source's version if a pre-sealed chunk of `key` no longer matches."""
+        with self._cond:
+            live = next((r for r in self._spec.pipeline if r.key == key and r.state in _LIVE), None)
+            digest = None if live is None else self._digests.get(live.job_id)
+        if digest is None:
+            return
+        start = time.perf_counter()
+        current = self._options.digest(chunk_of(source, key))
+        self.counters.check_s += time.perf_counter() - start
+        if current != digest:
+            self.counters.check_mismatches += 1
+            source.mark_written()
+
+    def _settled(self, decision: Decision) -> None:
+        """Forget digests of jobs the decision committed or dropped."""
+        if isinstance(decision, Commit | PadThenCommit):
+            self._digests.pop(decision.job_id, None)
+        self._settled_ids(getattr(decision, "dropped", ()))
+
+    def _settled_ids(self, job_ids: tuple[int, ...]) -> None:
+        for job_id in job_ids:
+            self._digests.pop(job_id, None)
+
+
+def _runs(jobs: list[SealJob], count: int) -> list[list[SealJob]]:
+    """Split jobs (nearest IV first) into at most `count` runs of roughly equal length, in order."""
+    if not jobs:
+        return []
+    count = min(count, len(jobs))
+    size = -(-len(jobs) // count)
+    return [jobs[i : i + size] for i in range(0, len(jobs), size)]
+
+
+def _add(a: SpeculatorStats, b: SpeculatorStats) -> SpeculatorStats:
+    return SpeculatorStats(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(a)})

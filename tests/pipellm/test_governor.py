@@ -1,0 +1,91 @@
+"""The do-no-harm governor: pure A/B decisions from reported seconds per byte."""
+
+from __future__ import annotations
+
+import pytest
+
+from veil.pipellm.governor import Governor, GovernorConfig, Mode
+
+WINDOW = 1000
+
+
+def _drive(governor: Governor, cost: dict[Mode, float], windows: int) -> list[Mode]:
+    """Report `windows` windows, each at the cost per byte of the mode in force; modes used, in order."""
+    used = []
+    for _ in range(windows):
+        mode = governor.mode
+        used.append(mode)
+        governor.record(WINDOW, WINDOW * cost[mode])
+    return used
+
+
+def test_keeps_sealing_in_the_caller_when_speculation_costs_more() -> None:
+    governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=4, max_hold=64))
+    used = _drive(governor, {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0}, windows=400)
+    assert used[:2] == [Mode.SPECULATE, Mode.SPECULATE]  # settle, measure
+    assert used[-1] is Mode.SEAL_IN_CALLER
+    speculative = used.count(Mode.SPECULATE)
+    assert speculative <= 2 + 2 * governor.stats.probes  # every probe costs two windows at most
+    # the hold doubles (4, 8, 16, 32, then 64 for good): probes start at windows 8, 18, 36, 70, 136,
+    # 202, 268, 334 and 400
+    assert governor.stats.probes == 9
+    assert speculative / len(used) <= 0.06
+    assert governor.stats.speculate_s_per_gib == pytest.approx(1.5 * (1 << 30))
+
+
+def test_keeps_speculating_when_it_pays() -> None:
+    governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=4, max_hold=64))
+    used = _drive(governor, {Mode.SPECULATE: 0.7, Mode.SEAL_IN_CALLER: 1.0}, windows=400)
+    assert used[-1] is Mode.SPECULATE
+    assert used.count(Mode.SEAL_IN_CALLER) <= 2 + 2 * governor.stats.probes
+
+
+def test_a_change_in_the_workload_is_noticed_at_the_next_probe() -> None:
+    governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=4, max_hold=16))
+    _drive(governor, {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0}, windows=100)
+    assert governor.mode is Mode.SEAL_IN_CALLER
+    used = _drive(governor, {Mode.SPECULATE: 0.5, Mode.SEAL_IN_CALLER: 1.0}, windows=60)
+    assert used[-1] is Mode.SPECULATE
+
+
+def test_a_difference_within_the_margin_does_not_flip_the_incumbent() -> None:
+    governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=2, max_hold=8, margin=0.05))
+    _drive(governor, {Mode.SPECULATE: 1.0, Mode.SEAL_IN_CALLER: 1.2}, windows=10)
+    switches = governor.stats.switches
+    used = _drive(governor, {Mode.SPECULATE: 1.0, Mode.SEAL_IN_CALLER: 0.98}, windows=100)
+    assert used[-1] is Mode.SPECULATE and governor.stats.switches - switches == 2 * governor.stats.probes - 2
+
+
+def test_windows_accumulate_partial_reports() -> None:
+    governor = Governor(GovernorConfig(window_bytes=WINDOW))
+    for _ in range(9):
+        governor.record(WINDOW // 10, 0.1)
+    assert governor.stats.windows == 0
+    governor.record(WINDOW // 10, 0.1)
+    assert governor.stats.windows == 1
+
+
+def test_disabled_pins_speculation() -> None:
+    governor = Governor(GovernorConfig(window_bytes=WINDOW, enabled=False))
+    used = _drive(governor, {Mode.SPECULATE: 9.0, Mode.SEAL_IN_CALLER: 1.0}, windows=50)
+    assert set(used) == {Mode.SPECULATE} and governor.stats.windows == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"window_bytes": 0},
+        {"margin": -0.1},
+        {"margin": 1.0},
+        {"first_hold": 0},
+        {"first_hold": 9, "max_hold": 8},
+    ],
+)
+def test_bad_config_is_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        GovernorConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_negative_reports_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Governor().record(-1, 0.0)
