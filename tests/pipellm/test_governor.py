@@ -26,9 +26,8 @@ def test_keeps_sealing_in_the_caller_when_speculation_costs_more() -> None:
     assert used[-1] is Mode.SEAL_IN_CALLER
     speculative = used.count(Mode.SPECULATE)
     assert speculative <= 2 + 2 * governor.stats.probes  # every probe costs two windows at most
-    # the hold doubles (4, 8, 16, 32, then 64 for good): probes start at windows 8, 18, 36, 70, 136,
-    # 202, 268, 334 and 400
-    assert governor.stats.probes == 9
+    # speculation loses by 1.5x each time, so the hold grows 8x per probe (4, 32, then 64 for good)
+    assert governor.stats.probes <= 8
     assert speculative / len(used) <= 0.06
     assert governor.stats.speculate_s_per_gib == pytest.approx(1.5 * (1 << 30))
 
@@ -45,7 +44,7 @@ def test_a_change_in_the_workload_is_noticed_at_the_next_probe() -> None:
     _drive(governor, {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0}, windows=100)
     assert governor.mode is Mode.SEAL_IN_CALLER
     used = _drive(governor, {Mode.SPECULATE: 0.5, Mode.SEAL_IN_CALLER: 1.0}, windows=60)
-    assert used[-1] is Mode.SPECULATE
+    assert used[-20:].count(Mode.SPECULATE) >= 16  # probes of the loser aside
 
 
 def test_a_difference_within_the_margin_does_not_flip_the_incumbent() -> None:
@@ -58,11 +57,16 @@ def test_a_difference_within_the_margin_does_not_flip_the_incumbent() -> None:
 
 def test_windows_accumulate_partial_reports() -> None:
     governor = Governor(GovernorConfig(window_bytes=WINDOW))
-    for _ in range(9):
+    for _ in range(4):
         governor.record(WINDOW // 10, 0.1)
     assert governor.stats.windows == 0
-    governor.record(WINDOW // 10, 0.1)
+    governor.record(WINDOW // 10, 0.1)  # a settling window is half a window
     assert governor.stats.windows == 1
+    for _ in range(9):
+        governor.record(WINDOW // 10, 0.1)
+    assert governor.stats.windows == 1
+    governor.record(WINDOW // 10, 0.1)
+    assert governor.stats.windows == 2 and governor.stats.speculate_s_per_gib is not None
 
 
 def test_disabled_pins_speculation() -> None:

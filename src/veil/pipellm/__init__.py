@@ -4,7 +4,6 @@ Pure code (no threads, clock or crypto), shared by the `pipellm` transport and t
 See docs/pipellm.md for the design and the driving loop.
 """
 
-from veil.pipellm.config import SpeculatorConfig
 from veil.pipellm.decisions import (
     Commit,
     Decision,
@@ -15,9 +14,11 @@ from veil.pipellm.decisions import (
     ReservationState,
     SealJob,
     SealNow,
+    SpeculatorConfig,
     SpeculatorStats,
     Wait,
 )
+from veil.pipellm.keys import Direction, KiB, MiB, SizeClass, SizeClasses, TransferKey
 from veil.pipellm.predictors import (
     CompositePredictor,
     CyclicPredictor,
@@ -28,7 +29,6 @@ from veil.pipellm.predictors import (
     default_predictor,
 )
 from veil.pipellm.speculator import Speculator
-from veil.pipellm.types import Direction, KiB, MiB, SizeClass, SizeClasses, TransferKey
 
 __all__ = [
     "Commit",

@@ -8,10 +8,13 @@ and the model, so it is measured, not assumed.
 The governor is an A/B test run online. The mechanism reports, for each stretch of host-to-device
 traffic, the bytes moved and the wall time they took *including everything the caller did in
 between* (compute, waiting): end-to-end seconds per byte, the only figure that captures contention.
-The governor alternates the two modes over windows of `window_bytes`, keeps the better one, and
-probes the other again after a hold that doubles each time the same mode wins (so a stationary
-workload pays for fewer and fewer probes, and a changed one is noticed). After every switch, one
-window is discarded while the new mode settles (a refilling pipeline, or one draining).
+The governor measures both modes over windows of `window_bytes`, keeps the better one, and probes
+the other again after a hold. The probe is compared with the incumbent's latest window (not a figure
+from long ago: the workload drifts, e.g. from prefill to decode). Each probe the incumbent wins
+multiplies the hold, by more the clearer the win (2x within 25%, 4x within 50%, 8x beyond), so a
+stationary workload pays for fewer and fewer probes while a changed one is still noticed. After
+every switch, half a window is discarded while the new mode settles (a pipeline refilling or
+draining).
 
 Pure: no clock, no threads; the caller measures and reports.
 """
@@ -36,12 +39,12 @@ class GovernorConfig:
     Attributes:
         window_bytes: host-to-device bytes per measured window.
         margin: the probed mode must be this much faster (relative) to take over.
-        first_hold: windows the winner keeps before the first re-probe; doubles on every repeat win.
+        first_hold: windows the winner keeps before the first re-probe; grows on every repeat win.
         max_hold: cap on that hold.
         enabled: False pins SPECULATE (the governor then never switches; for experiments).
     """
 
-    window_bytes: int = 48 << 20
+    window_bytes: int = 32 << 20
     margin: float = 0.03
     first_hold: int = 8
     max_hold: int = 256
@@ -105,10 +108,14 @@ class Governor:
             return Mode.SPECULATE
         self._bytes += nbytes
         self._seconds += seconds
-        if self._bytes >= self.config.window_bytes:
+        if self._bytes >= self._window_bytes():
             self._close_window(self._seconds / self._bytes)
             self._bytes, self._seconds = 0, 0.0
         return self._mode
+
+    def _window_bytes(self) -> int:
+        window = self.config.window_bytes
+        return max(1, window // 2) if self._phase is _Phase.SETTLE else window
 
     def _close_window(self, cost: float) -> None:
         self.stats.windows += 1
@@ -118,17 +125,21 @@ class Governor:
         if self._phase is _Phase.MEASURE:
             self._measured(cost)
             return
+        self._record_cost(cost)  # the incumbent's latest figure, for the next probe to beat
         self._held_windows += 1
         if self._held_windows >= self._hold:
             self._probe()
 
-    def _measured(self, cost: float) -> None:
+    def _record_cost(self, cost: float) -> None:
         self._cost[self._mode] = cost
         gib = cost * (1 << 30)
         if self._mode is Mode.SPECULATE:
             self.stats.speculate_s_per_gib = gib
         else:
             self.stats.seal_in_caller_s_per_gib = gib
+
+    def _measured(self, cost: float) -> None:
+        self._record_cost(cost)
         other = _other(self._mode)
         if other not in self._cost:  # first measurement of this mode: measure the other one too
             self._switch(other, _Phase.SETTLE)
@@ -139,7 +150,9 @@ class Governor:
                 self._hold = self.config.first_hold  # the probe won: a new incumbent
                 self._begin_hold()
                 return
-            self._hold = min(2 * self._hold, self.config.max_hold)  # the incumbent won again
+            loss = cost / self._cost[other]  # how much worse the probed mode was
+            growth = 2 if loss < 1.25 else 4 if loss < 1.5 else 8
+            self._hold = min(growth * self._hold, self.config.max_hold)  # the incumbent won again
             self._switch(other, _Phase.HOLD)
             return
         best = min(self._cost, key=self._cost.__getitem__)

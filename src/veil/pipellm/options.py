@@ -7,12 +7,11 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from veil.pipellm.config import SpeculatorConfig
-from veil.pipellm.decisions import SpeculatorStats
+from veil.pipellm.decisions import SpeculatorConfig, SpeculatorStats
 from veil.pipellm.governor import GovernorConfig, GovernorStats
-from veil.pipellm.predictor import Predictor
+from veil.pipellm.keys import SizeClasses
 from veil.pipellm.predictors import default_predictor
-from veil.pipellm.types import SizeClasses
+from veil.pipellm.predictors.base import Predictor
 
 Digest = Callable[[memoryview], object]
 

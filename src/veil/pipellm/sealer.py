@@ -44,9 +44,9 @@ from veil.pipellm.decisions import (
     Wait,
 )
 from veil.pipellm.governor import Governor, GovernorStats, Mode
+from veil.pipellm.keys import TransferKey
 from veil.pipellm.options import PipeLLMOptions
 from veil.pipellm.speculator import Speculator
-from veil.pipellm.types import TransferKey
 
 UNSEALED_VERSION = -1  # reported for a job that sealed nothing: requests carry versions >= 0
 _LIVE = (ReservationState.SEALING, ReservationState.SEALED)

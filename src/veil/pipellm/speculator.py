@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-from veil.pipellm.config import SpeculatorConfig
+from veil.pipellm._ivpipeline import IVPipeline, Slot
 from veil.pipellm.decisions import (
     Commit,
     Decision,
@@ -35,13 +35,13 @@ from veil.pipellm.decisions import (
     ReservationState,
     SealJob,
     SealNow,
+    SpeculatorConfig,
     SpeculatorStats,
     Wait,
 )
-from veil.pipellm.pipeline import IVPipeline, Slot
-from veil.pipellm.predictor import Predictor
+from veil.pipellm.keys import Direction, SizeClass, TransferKey
 from veil.pipellm.predictors import default_predictor
-from veil.pipellm.types import Direction, SizeClass, TransferKey
+from veil.pipellm.predictors.base import Predictor
 
 
 class Speculator:

@@ -36,13 +36,13 @@ class TransportStats:
     """What a transport did since it was created (a snapshot; `Transport.stats()`).
 
     Attributes:
-        kind: which transport.
+        kind: which transport (`TransportKind` value).
         h2d_transfers, h2d_bytes, d2h_transfers, d2h_bytes: calls and bytes per direction.
         sealed: channel counters per direction (sealed transports only).
         pipellm: speculation, asynchronous decryption and governor counters (`pipellm` only).
     """
 
-    kind: TransportKind
+    kind: str
     h2d_transfers: int = 0
     h2d_bytes: int = 0
     d2h_transfers: int = 0
@@ -233,7 +233,7 @@ class Transport(ABC):
     def stats(self) -> TransportStats:
         """A snapshot of what this transport did (see `TransportStats`)."""
         h2d_transfers, h2d_bytes, d2h_transfers, d2h_bytes = self._counts
-        return TransportStats(self.kind, h2d_transfers, h2d_bytes, d2h_transfers, d2h_bytes)
+        return TransportStats(self.kind.value, h2d_transfers, h2d_bytes, d2h_transfers, d2h_bytes)
 
     def synchronize(self) -> None:
         """Wait for every transfer issued so far; raise the first error of the device's half."""

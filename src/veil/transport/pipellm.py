@@ -37,9 +37,9 @@ from veil.cc.host import HostBuffer
 from veil.cc.session import Direction
 from veil.cc.stream import Event
 from veil.pipellm.decryptor import Decryptor, PendingTransfer
+from veil.pipellm.keys import TransferKey
 from veil.pipellm.options import PipeLLMOptions, PipeLLMStats
 from veil.pipellm.sealer import Sealer, SealFunction, seal_chunk
-from veil.pipellm.types import TransferKey
 from veil.transport.base import Span, TransportKind, TransportOptions, TransportStats
 from veil.transport.sealed import SealedTransport, open_on_host
 

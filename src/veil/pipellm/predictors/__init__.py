@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from veil.pipellm.adapter_queue import QueuePredictor
-from veil.pipellm.cyclic import CyclicPredictor
-from veil.pipellm.predictor import HintPredictor, Predictor
-from veil.pipellm.swap import SwapPredictor
-from veil.pipellm.types import TransferKey
+from veil.pipellm.keys import TransferKey
+from veil.pipellm.predictors.base import HintPredictor, Predictor
+from veil.pipellm.predictors.cyclic import CyclicPredictor
+from veil.pipellm.predictors.queue import QueuePredictor
+from veil.pipellm.predictors.swap import SwapPredictor
 
 __all__ = [
     "CompositePredictor",

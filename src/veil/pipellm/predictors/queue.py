@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from veil.pipellm.predictor import Predictor
-from veil.pipellm.types import TransferKey
+from veil.pipellm.keys import TransferKey
+from veil.pipellm.predictors.base import Predictor
 
 
 class QueuePredictor(Predictor):

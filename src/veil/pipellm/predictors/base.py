@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
 
-from veil.pipellm.types import TransferKey
+from veil.pipellm.keys import TransferKey
 
 
 class Predictor(ABC):

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from veil.pipellm.predictor import Predictor
-from veil.pipellm.types import Direction, TransferKey
+from veil.pipellm.keys import Direction, TransferKey
+from veil.pipellm.predictors.base import Predictor
 
 
 class SwapPredictor(Predictor):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from veil.cc.errors import RekeyRequired
 from veil.pipellm.decisions import Reservation, ReservationState
-from veil.pipellm.types import TransferKey
+from veil.pipellm.keys import TransferKey
 
 _LIVE = (ReservationState.SEALING, ReservationState.SEALED)
 
