@@ -7,6 +7,7 @@ hanging the suite."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -150,15 +151,20 @@ def test_checked_mode_seals_exactly_the_bytes_it_hashed(device: Device) -> None:
     source = host(2 * CHUNK, seed=7)
     original = source.tensor.clone()
     tamper = {"armed": False, "done": 0}
+    caller_idle = threading.Lock()  # held by the test while it transfers: the writer stays out then
+    caller_idle.acquire()
 
     def seal_with_a_write_in_between(
         reservation: Reservation, plaintext: memoryview, *, in_place: bool = False
     ) -> None:
-        if tamper["armed"]:
-            source.tensor.fill_(0xBB)  # B, behind veil's back (no version bump)
-            seal_chunk(reservation, plaintext, in_place=in_place)
-            source.tensor.copy_(original)  # ...and back to A
-            tamper["done"] += 1
+        if tamper["armed"] and caller_idle.acquire(timeout=0.2):  # not while the caller transfers
+            try:
+                source.tensor.fill_(0xBB)  # B, behind veil's back (no version bump)
+                seal_chunk(reservation, plaintext, in_place=in_place)
+                source.tensor.copy_(original)  # ...and back to A
+                tamper["done"] += 1
+            finally:
+                caller_idle.release()
             return
         seal_chunk(reservation, plaintext, in_place=in_place)
 
@@ -169,7 +175,10 @@ def test_checked_mode_seals_exactly_the_bytes_it_hashed(device: Device) -> None:
             for _ in range(4):  # learn the cycle
                 _round_trip(transport, device, source)
             tamper["armed"] = True
-            for _ in range(4):
+            for _ in range(6):
+                caller_idle.release()  # workers seal the next chunks ahead now, with the writer armed
+                time.sleep(0.05)
+                caller_idle.acquire()
                 _round_trip(transport, device, source)  # asserts the device holds A
             assert tamper["done"] > 0, "no chunk was sealed ahead while the writer was armed"
 

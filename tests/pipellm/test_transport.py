@@ -79,9 +79,7 @@ def _sealed_sources(transport: PipeLLMTransport) -> set[int]:
     """Source ids of chunks sealed ahead, once at least one is (polls the pipeline briefly)."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        sealed = {
-            r.key.source_id for r in transport.pipeline if r.state is ReservationState.SEALED
-        }
+        sealed = {r.key.source_id for r in transport.pipeline if r.state is ReservationState.SEALED}
         if sealed:
             return sealed
         time.sleep(0.001)

@@ -50,6 +50,19 @@ class IVPipeline:
     def slots(self) -> tuple[Slot, ...]:
         return tuple(self._slots)
 
+    @property
+    def empty(self) -> bool:
+        """True if no reservation of any state is ahead of the counter."""
+        return not self._slots
+
+    def advance(self) -> int:
+        """Consume the next IV for data when the pipeline is empty (no NOPs); returns it."""
+        assert not self._slots, "advance() is for an empty pipeline; use emit()"
+        iv = self.next_iv
+        self.check_limit(iv)
+        self.next_iv = iv + 1
+        return iv
+
     def live(self) -> list[Slot]:
         return [s for s in self._slots if s.live]
 
@@ -62,14 +75,19 @@ class IVPipeline:
 
     def last_bound_iv(self) -> int:
         """Highest IV already bound (or emitted): new reservations go above it."""
-        bound = [s.iv for s in self._slots if s.state is not ReservationState.RESERVED]
-        return max(bound, default=self.next_iv - 1)
+        for slot in reversed(self._slots):  # sorted by IV: the last bound one is the highest
+            if slot.state is not ReservationState.RESERVED:
+                return slot.iv
+        return self.next_iv - 1
 
     def first_clean_iv(self) -> int:
         """Lowest IV >= next_iv under which nothing was ever sealed."""
-        bound = {s.iv for s in self._slots if s.state is not ReservationState.RESERVED}
         iv = self.next_iv
-        while iv in bound:
+        for slot in self._slots:  # sorted by IV: walk the run of bound IVs from next_iv
+            if slot.state is ReservationState.RESERVED or slot.iv < iv:
+                continue
+            if slot.iv > iv:
+                break
             iv += 1
         self.check_limit(iv)
         return iv
@@ -82,8 +100,14 @@ class IVPipeline:
         return iv < self._iv_limit
 
     def strip_reserved(self) -> None:
-        """Forget provisional reservations (nothing was sealed under them)."""
-        self._slots = [s for s in self._slots if s.state is not ReservationState.RESERVED]
+        """Forget provisional reservations (nothing was sealed under them).
+
+        Provisional reservations are always a suffix: they are appended above every other IV, and
+        `Speculator.plan` binds the lowest ones first.
+        """
+        slots = self._slots
+        while slots and slots[-1].state is ReservationState.RESERVED:
+            slots.pop()
 
     def add_reserved(self, slot: Slot) -> None:
         assert slot.state is ReservationState.RESERVED
@@ -108,15 +132,17 @@ class IVPipeline:
         assert iv >= self.next_iv
         self.check_limit(iv)
         dropped: list[Slot] = []
-        keep: list[Slot] = []
-        for slot in self._slots:
-            assert slot.state is not ReservationState.RESERVED, "strip provisional reservations first"
+        slots = self._slots
+        consumed = 0
+        for slot in slots:  # sorted by IV: only a prefix is at or below `iv`
             if slot.iv > iv:
-                keep.append(slot)
-            elif slot.iv < iv and slot.live:
+                break
+            assert slot.state is not ReservationState.RESERVED, "strip provisional reservations first"
+            if slot.iv < iv and slot.live:
                 slot.state = ReservationState.DROPPED
                 dropped.append(slot)
+            consumed += 1
         nops = range(self.next_iv, iv)
-        self._slots = keep
+        del slots[:consumed]
         self.next_iv = iv + 1
         return nops, dropped

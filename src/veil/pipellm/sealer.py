@@ -172,7 +172,7 @@ class Sealer:
     def observe_device_to_host(self, keys: list[TransferKey], destination: HostBuffer) -> None:
         """Report device-to-host chunks (a swap-out predicts its swap-in) and feed the workers."""
         with self._cond:
-            self._sources[destination.source_id] = destination
+            self._remember(destination)
             for key in keys:
                 self._spec.observe_device_to_host(key)
             self._feed()
@@ -180,7 +180,7 @@ class Sealer:
     def hint(self, keys: list[TransferKey], source: HostBuffer) -> None:
         """Pass an engine's hint (these chunks of `source` come next, in order) and feed the workers."""
         with self._cond:
-            self._sources[source.source_id] = source
+            self._remember(source)
             self._spec.hint(keys)
             self._feed()
 
@@ -199,8 +199,11 @@ class Sealer:
             if self._options.checked:
                 self._check(key, source)
             with self._cond:
-                self._sources[source.source_id] = source
-                decision = self._spec.request(key, source.version)
+                spec = self._spec
+                if spec.quiet:  # speculation is off and nothing is in flight: the cheap path
+                    return spec.request(key, source.version)  # type: ignore[return-value]
+                self._remember(source)
+                decision = spec.request(key, source.version)
                 if not isinstance(decision, Wait):
                     self._settled(decision)
                     self._feed()
@@ -232,6 +235,11 @@ class Sealer:
             spec.disable()
         spec.hold(self.governor.mode is Mode.SEAL_IN_CALLER)
         return spec
+
+    def _remember(self, source: HostBuffer) -> None:
+        """Let workers find `source` by id (caller holds `_cond`)."""
+        if self._sources.get(source.source_id) is not source:
+            self._sources[source.source_id] = source
 
     def _wait_for(self, job_id: int) -> None:
         """Wait (caller holds `_cond`, released meanwhile) until job `job_id` has reported."""

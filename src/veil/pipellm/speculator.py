@@ -92,6 +92,15 @@ class Speculator:
         return max(self._pipe.next_iv, self._pipe.last_bound_iv() + 1)
 
     @property
+    def quiet(self) -> bool:
+        """True when nothing is reserved and nothing will be: every request is a plain `SealNow`.
+
+        Speculation is off (synchronous, or held by the mechanism) and the pipeline is empty. The
+        mechanism may then decide a whole transfer's chunks at once (`request` stays O(1) per chunk).
+        """
+        return (self._synchronous or self._held) and not self._paused and self._pipe.empty
+
+    @property
     def paused(self) -> bool:
         """True while speculation is paused because predictions have been poor (see the config)."""
         return self._paused
@@ -207,6 +216,8 @@ class Speculator:
             raise ValueError("request() takes host-to-device keys; report others with observe_device_to_host")
         if version < 0:
             raise ValueError(f"version must be >= 0, got {version}")
+        if self.quiet:
+            return self._quiet(key, version)
         self._pipe.strip_reserved()
         size_class = self._config.sizes.classify(key.length)
         drained = (self._paused or self._held) and not self._pipe.live()
@@ -237,6 +248,21 @@ class Speculator:
         self._refill()
 
     # -- decisions -----------------------------------------------------------------------------------------
+    def _quiet(self, key: TransferKey, version: int) -> SealNow:
+        """`request` when `quiet`: the next IV, no NOPs; the predictor keeps learning."""
+        size_class = self._config.sizes.classify(key.length)
+        iv = self._pipe.advance()
+        s = self._stats
+        s.requests += 1
+        s.sync_seals += 1
+        s.bytes_sealed_now += key.length
+        if size_class is SizeClass.BULK:
+            self._learn_slack(key)
+            self._predictor.observe(key)
+        else:
+            self._sync_run += 1
+        return SealNow(range(iv, iv), iv, key, version, size_class)
+
     def _speculative(self, key: TransferKey, version: int) -> Decision | Wait:
         slot = self._pipe.find_live(key)
         if slot is None:

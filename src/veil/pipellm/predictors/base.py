@@ -6,6 +6,7 @@ pure: no threads, no clock, no I/O; the same object runs in the transport and in
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
@@ -67,4 +68,4 @@ class HintPredictor(Predictor):
             pass
 
     def predict(self, n: int) -> list[TransferKey]:
-        return list(self._hints)[: max(n, 0)]
+        return list(itertools.islice(self._hints, max(n, 0)))

@@ -76,6 +76,8 @@ class CyclicPredictor(Predictor):
         start = self._t - p  # the observation one period before the next one
         if start < 0 or start < self._t - self._capacity:
             return []
+        if n <= p:  # the common case: part of one period (O(n), not O(period))
+            return self._ring_range(start, start + n)
         period = self._ring_range(start, self._t)  # one whole period, oldest first
         repeats, rest = divmod(n, p)
         return period * repeats + period[:rest]
