@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 
 from veil.cc.device import Device
 from veil.cc.host import HostBuffer
+from veil.cc.link import LinkConfig
+from veil.transport.base import TransportOptions
 from veil.transport.pipellm import PipeLLMTransport
 
-from .support import CHUNK, SMALL_LINK, FlakySeal, IvAudit, host, options
+from .support import CHUNK, FlakySeal, IvAudit, host, options
 
 SOURCES = 3
 CHUNKS = 3
@@ -71,14 +73,21 @@ class World:
             self.flaky.fail_next, self.flaky.after_sealing = True, op[1]
 
 
+# (bounce slots, depth, workers): the roomy default, and rings far smaller than the pipeline, which
+# once deadlocked (pre-sealed chunks held slots) and which the suite never reached with 64 slots.
+SHAPES = st.sampled_from([(64, 4, 2), (2, 8, 2), (1, 16, 3), (3, 24, 1)])
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(OPS, min_size=1, max_size=14))
-def test_device_gets_what_the_host_held(ops: list[tuple]) -> None:
+@given(ops=st.lists(OPS, min_size=1, max_size=14), shape=SHAPES)
+def test_device_gets_what_the_host_held(ops: list[tuple], shape: tuple[int, int, int]) -> None:
+    slots, depth, workers = shape
+    link = TransportOptions(link=LinkConfig(chunk_bytes=CHUNK, ring_slots=slots))
     flaky = FlakySeal()
     audit = IvAudit()
     with (
         Device(capacity_bytes=4 << 20) as device,
-        PipeLLMTransport(device, SMALL_LINK, options(workers=2, depth=4), _seal=flaky) as transport,
+        PipeLLMTransport(device, link, options(workers=workers, depth=depth), _seal=flaky) as transport,
     ):
         audit.install(transport.link.host_tx)
         world = World(device, transport, flaky)
