@@ -193,6 +193,22 @@ class Sealer:
                 self._spec.hold(held)
                 self._feed()
 
+    def decide_quiet(self, keys: list[TransferKey], source: HostBuffer) -> bool:
+        """Decide a whole transfer at once if speculation is off and nothing is in flight.
+
+        Returns:
+            True if every key was decided `SealNow` at the next consecutive IVs (the caller then
+            seals and emits them in order, exactly as `cc` does); False, deciding nothing, otherwise.
+        """
+        with self._cond:
+            spec = self._spec
+            if not spec.quiet:
+                return False
+            version = source.version
+            for key in keys:
+                spec.request(key, version)
+            return True
+
     def decide(self, key: TransferKey, source: HostBuffer) -> Decision:
         """The speculator's final decision for `key`, waiting (lock released) for a sealing worker."""
         while True:

@@ -210,6 +210,12 @@ class PipeLLMTransport(SealedTransport):
             event = self.device.copy_engine.submit(schedule.run)
             target = dst.memory()[span.dst]
             try:
+                if self._sealer.decide_quiet(keys, src):  # speculation off: exactly what `cc` does
+                    for key in keys:
+                        start = key.offset - span.src_offset
+                        schedule.data(target[start : start + key.length])
+                    sender.send_chunked(src.memory()[span.src])
+                    return event
                 for key in keys:
                     decision = self._sealer.decide(key, src)
                     for _ in decision.nop_ivs:
