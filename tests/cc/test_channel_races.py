@@ -116,3 +116,19 @@ def test_snapshot_seals_exactly_the_bytes_it_copied() -> None:
     reservation.seal(copy, in_place=True)
     pair.tx.emit(reservation)
     assert receive(pair.rx, 64) == b"A" * 64
+
+
+def test_staging_moves_a_sealed_message_into_a_spare_slot_only() -> None:
+    """A worker may copy a finished message into a slot ahead of emission, but never one of the
+    last `keep_free` free slots: staged messages can never starve the emitter (no deadlock)."""
+    pair = make_pair(slots=3)
+    first, second, third = (pair.tx.reserve() for _ in range(3))
+    for index, reservation in enumerate((first, second, third)):
+        reservation.seal(bytes([index]) * 8)
+    assert first.stage(keep_free=1) and second.stage(keep_free=1)
+    assert not third.stage(keep_free=1)  # the last free slot is the emitter's
+    assert first.message() == pair.tx.at(0).message() and not first.stage()
+    pair.tx.emit_ready()  # staged ones publish from their slots, the third is copied now
+    assert [receive(pair.rx, 8) for _ in range(3)] == [bytes([i]) * 8 for i in range(3)]
+    unsealed = pair.tx.reserve()
+    assert not unsealed.stage()  # nothing to stage before sealing

@@ -83,6 +83,18 @@ class BounceRing:
             self._raise_if_closed()
             return self._free.popleft()
 
+    def try_acquire(self, *, keep_free: int = 1) -> int | None:
+        """Take a free slot only if more than `keep_free` are free; never blocks.
+
+        Raises:
+            IntegrityError: if the ring is closed.
+        """
+        with self._cond:
+            self._raise_if_closed()
+            if len(self._free) <= keep_free:
+                return None
+            return self._free.popleft()
+
     def publish(self, slot: int, length: int) -> None:
         """Hand the message in `slot` (its first `length` bytes) to the consumer.
 

@@ -275,7 +275,8 @@ class Reservation:
         self.dropped = False
         self._state = _State.RESERVED
         self._cond = threading.Condition()
-        self._out: memoryview | None = None
+        self._out: memoryview | None = None  # the sealed message in private staging
+        self._slot: int | None = None  # the bounce slot it was staged into, if any (`stage`)
         self._snapshot_out: memoryview | None = None
         self._length = 0
 
@@ -343,9 +344,13 @@ class Reservation:
         Raises:
             ReservationError: if not sealed, or already emitted.
         """
-        if self._state is not _State.SEALED or self._out is None:
-            raise ReservationError("only a sealed, unemitted reservation has a message")
-        return bytes(self._out[: self._length])
+        with self._cond:
+            if self._state is not _State.SEALED:
+                raise ReservationError("only a sealed, unemitted reservation has a message")
+            if self._slot is not None:
+                return bytes(self._channel.ring.slot(self._slot)[: self._length])
+            assert self._out is not None
+            return bytes(self._out[: self._length])
 
     def snapshot(self, source: memoryview) -> memoryview:
         """Copy `source` once into this reservation's staging and return that private copy.
@@ -380,23 +385,61 @@ class Reservation:
                 with self._cond:
                     self._cond.wait_for(lambda: self._state is not _State.SEALING)
 
+    def stage(self, *, keep_free: int = 1) -> bool:
+        """Copy the sealed message into a bounce slot ahead of emission, if a slot is free to spare.
+
+        For a sealing worker: the copy then happens on the worker, not on the emitting caller. Only
+        a finished message is copied (the tag was computed in private staging), and never into one
+        of the last `keep_free` free slots, so staged messages can never hold every slot while the
+        emitter waits for one. The slot is published when the reservation is emitted (a staged
+        message that is dropped is emitted from its slot and discarded by the receiver). Must not
+        run concurrently with a re-key of the channel (the sealer waits for its workers first).
+
+        Returns:
+            True if the message now sits in a slot; False if not sealed, already staged or emitted,
+            stale, or no slot could be spared (emission then copies it as usual).
+        """
+        ring = self._channel.ring
+        with self._cond:
+            if self._state is not _State.SEALED or self._slot is not None or self._out is None:
+                return False
+            if self._keys is not self._channel._keys:
+                return False
+            slot = ring.try_acquire(keep_free=keep_free)
+            if slot is None:
+                return False
+            copy_bytes(ring.slot(slot)[: self._length], self._out[: self._length])
+            self._slot, staging, self._out = slot, self._out, None
+        self._channel._give_staging(staging)  # outside our lock: emit locks the channel, then us
+        return True
+
     def _publish(self) -> None:
         ring = self._channel.ring
-        assert self._out is not None
-        slot = ring.acquire()
-        try:
-            copy_bytes(ring.slot(slot)[: self._length], self._out[: self._length])
-            ring.publish(slot, self._length)
-        except BaseException:
-            ring.release(slot)
-            raise
+        with self._cond:
+            slot = self._slot
+            if slot is None:
+                assert self._out is not None
+                slot = ring.acquire()
+                try:
+                    copy_bytes(ring.slot(slot)[: self._length], self._out[: self._length])
+                except BaseException:
+                    ring.release(slot)
+                    raise
+            try:
+                ring.publish(slot, self._length)
+            except BaseException:
+                ring.release(slot)
+                self._slot = None
+                raise
+            self._slot = None
+            self._state = _State.EMITTED
+            staging, self._out = self._out, None
         stats = self._channel.stats
         stats.messages += 1
         stats.nops += self._length == TAG_BYTES
         stats.plaintext_bytes += self._length - TAG_BYTES
-        self._state = _State.EMITTED
-        self._channel._give_staging(self._out)
-        self._out = None
+        if staging is not None:
+            self._channel._give_staging(staging)
 
 
 class ReceiverChannel(_Endpoint):

@@ -6,7 +6,9 @@
   jobs and submits them as one task per run of consecutive jobs, so thread hand-offs are paid per
   predicted transfer rather than per chunk. A worker reads the source's `stable_version()` BEFORE its
   bytes, seals into the reservation's private staging (`SenderChannel.at(iv)`: the channel is the one
-  owner of the counter) and reports `sealed(job, version)`. A source being written, unknown, or a
+  owner of the counter), copies the finished message into a spare bounce slot if one is free
+  (`Reservation.stage`: the copy then costs the worker, not the caller's commit) and reports
+  `sealed(job, version)`. A source being written, unknown, or a
   reservation burned or made stale meanwhile is reported with `UNSEALED_VERSION`, which no request
   matches, so it is never committed.
 - Nothing is lost on failure: a job that cannot be submitted, or whose worker raises, is reported
@@ -96,6 +98,7 @@ class Sealer:
         seal: SealFunction = seal_chunk,
     ) -> None:
         self._sender = sender
+        self._keep_free = max(1, sender.ring.slot_count // 4)  # bounce slots staging never takes
         self._options = options
         self._prepare_source = prepare_source
         self._seal = seal
@@ -344,6 +347,7 @@ class Sealer:
             if reservation.sealed or reservation.epoch != self._sender.epoch:
                 return UNSEALED_VERSION, None  # burned by the caller, or made stale by a re-key
             raise
+        reservation.stage(keep_free=self._keep_free)  # the copy into a slot, off the caller's path
         return version, digest
 
     def _check(self, key: TransferKey, source: HostBuffer) -> None:
