@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from conftest import Served
-from veil.cmif import wire
-from veil.cmif.accountant import BudgetExceededError, PrivacyAccountant
-from veil.cmif.attestation import Evidence
-from veil.cmif.client import CmifClient, ServerError
-from veil.cmif.enclave import Backend, Enclave, open_enclave
-from veil.cmif.neighbours import CandidateSet
-from veil.cmif.partition import PartitionClient, plain_generate, tee_only_generate
+from veil import wire
+from veil.attest.evidence import Evidence
+from veil.client import CmifClient, ServerError
+from veil.enclave.enclave import Backend, Enclave, open_enclave
+from veil.eval.partition import PartitionClient, plain_generate, tee_only_generate
 from veil.model.generate import GenerationRequest, generate
+from veil.privacy.accountant import BudgetExceededError, PrivacyAccountant
+from veil.privacy.neighbours import CandidateSet
 
-pytestmark = pytest.mark.filterwarnings("ignore::veil.cmif.enclave_sim.SimulationModeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::veil.enclave.simulated.SimulationModeWarning")
 PROMPT = "My name is Alice Smith and I live at 42 Baker Street. Where do I live?"
 NEW_TOKENS = 6
 

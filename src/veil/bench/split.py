@@ -20,15 +20,15 @@ from typing import Any
 
 import httpx
 
+from veil.attest.verifier import Policy, Verifier
 from veil.bench.report import emit_json, print_table, progress
 from veil.bench.split_projection import H100, LLAMA2_7B, SGX_CLIENT, WAN, ModelShape, project
-from veil.cmif.attestation import Policy, Verifier
-from veil.cmif.client import CmifClient
-from veil.cmif.enclave import Backend, EnclaveConfig, open_enclave
-from veil.cmif.enclave_sim import platform_signer
-from veil.cmif.neighbours import CandidateSet
-from veil.cmif.partition import PartitionClient, Result, plain_generate, tee_only_generate
+from veil.client import CmifClient
+from veil.enclave.enclave import Backend, EnclaveConfig, open_enclave
+from veil.enclave.simulated import platform_signer
+from veil.eval.partition import PartitionClient, Result, plain_generate, tee_only_generate
 from veil.model.loader import LoadedModel, load_model
+from veil.privacy.neighbours import CandidateSet
 from veil.server.app import create_app
 from veil.server.runner import ServerThread
 from veil.server.service import InferenceService, Limits

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import httpx
 
-from veil.cmif.accountant import BudgetExceededError, PrivacyAccountant
-from veil.cmif.client import CmifClient, ServerError
-from veil.cmif.enclave import Backend, EnclaveConfig, default_cache_dir, open_enclave
-from veil.cmif.neighbours import CandidateSet
+from veil.client import CmifClient, ServerError
+from veil.enclave.enclave import Backend, EnclaveConfig, default_cache_dir, open_enclave
 from veil.errors import UsageError
 from veil.model.config import ModelConfig
 from veil.model.loader import bundled_checkpoint
+from veil.privacy.accountant import BudgetExceededError, PrivacyAccountant
+from veil.privacy.neighbours import CandidateSet
 
 LEDGER = "budget-ledger.json"
 

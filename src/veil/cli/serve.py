@@ -8,10 +8,10 @@ import warnings
 
 import uvicorn
 
-from veil.cmif.attestation import Policy, Verifier
-from veil.cmif.enclave import EnclaveConfig, default_cache_dir
-from veil.cmif.enclave_reports import fingerprint
-from veil.cmif.enclave_sim import platform_signer
+from veil.attest.reports import fingerprint
+from veil.attest.verifier import Policy, Verifier
+from veil.enclave.enclave import EnclaveConfig, default_cache_dir
+from veil.enclave.simulated import platform_signer
 from veil.errors import UsageError
 from veil.model.loader import load_model
 from veil.server.app import create_app

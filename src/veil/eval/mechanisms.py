@@ -9,12 +9,12 @@ from typing import Protocol
 
 import numpy as np
 
-from veil.cmif.baselines import SanTextPlus, custext_plus
-from veil.cmif.detect import AnyOf, NonStopwords, Patterns, RareWords
-from veil.cmif.mechanisms import Noise, Utility
-from veil.cmif.neighbours import CandidateSet, CandidateTable, ProgressFn, load_or_build
-from veil.cmif.sanitizer import SanitizedPrompt, Sanitizer, Unit
-from veil.cmif.vocabulary import Vocabulary
+from veil.eval.baselines import SanTextPlus, custext_plus
+from veil.privacy.detect import AnyOf, NonStopwords, Patterns, RareWords
+from veil.privacy.mechanisms import Noise, Utility
+from veil.privacy.neighbours import CandidateSet, CandidateTable, ProgressFn, load_or_build
+from veil.privacy.sanitizer import SanitizedPrompt, Sanitizer, Unit
+from veil.privacy.vocabulary import Vocabulary
 
 
 class PromptSanitizer(Protocol):

@@ -24,8 +24,9 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from veil.cmif import wire
-from veil.cmif.attestation import Evidence, VerificationError, Verifier
+from veil import wire
+from veil.attest.evidence import Evidence, VerificationError
+from veil.attest.verifier import Verifier
 from veil.server.protocol import ApiError, CompletionRequest, read_body
 from veil.server.service import InferenceService, Token
 

@@ -18,8 +18,9 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
-from veil.cmif.attestation import Evidence, Verifier
-from veil.cmif.provisioning import WrapHeader, wrap_weights
+from veil.attest.evidence import Evidence
+from veil.attest.verifier import Verifier
+from veil.attest.wrap import WrapHeader, wrap_weights
 from veil.model.generate import GenerationRequest, stream
 from veil.model.loader import LoadedModel
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import httpx
 import torch
 
-from veil.cmif import wire
-from veil.cmif.client import TENSOR, Meter
+from veil import wire
+from veil.client import TENSOR, Meter
 from veil.model.generate import GenerationRequest, generate
 from veil.model.kv_cache import KVCache
 from veil.model.llama import LayerWeights, StepContext, decoder_layer, rms_norm

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from veil.cmif.detect import AllTokens, AnyOf, NonStopwords, Patterns, RareWords
-from veil.cmif.vocabulary import Vocabulary
+from veil.privacy.detect import AllTokens, AnyOf, NonStopwords, Patterns, RareWords
+from veil.privacy.vocabulary import Vocabulary
 
 PIECES = [
     "<s>",

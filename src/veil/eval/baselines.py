@@ -8,7 +8,7 @@
 - CusText+ (Chen et al., ACL 2023): disjoint groups of K tokens by Euclidean distance, seeded in corpus
   frequency order; each token draws from its group with the exponential mechanism on the min-max
   normalized negative distance (du = 1); stopwords are kept. Guarantee: epsilon-DP between two tokens of
-  one group. It is `veil.cmif.sanitizer.Sanitizer` with CusText's table, utility and detector.
+  one group. It is `veil.privacy.sanitizer.Sanitizer` with CusText's table, utility and detector.
 
 Both run on model tokens, not whitespace words as published; SanText's vocabulary is restricted to the
 dataset's tokens, as SanText restricts it to the dataset's words.
@@ -21,11 +21,11 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from veil.cmif.detect import NonStopwords
-from veil.cmif.mechanisms import Noise, Utility
-from veil.cmif.neighbours import CandidateSet, Metric, ProgressFn, load_or_build
-from veil.cmif.sanitizer import SanitizedPrompt, Sanitizer
-from veil.cmif.vocabulary import Vocabulary
+from veil.privacy.detect import NonStopwords
+from veil.privacy.mechanisms import Noise, Utility
+from veil.privacy.neighbours import CandidateSet, Metric, ProgressFn, load_or_build
+from veil.privacy.sanitizer import SanitizedPrompt, Sanitizer
+from veil.privacy.vocabulary import Vocabulary
 
 
 def corpus_counts(sentences: Iterable[Sequence[int]]) -> Counter[int]:

@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from veil.cmif.accountant import BudgetExceededError, PrivacyAccountant
 from veil.errors import VeilError
+from veil.privacy.accountant import BudgetExceededError, PrivacyAccountant
 
 
 def test_charges_add_up_per_principal():

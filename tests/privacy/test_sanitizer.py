@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from veil.cmif import neighbours
-from veil.cmif.detect import AllTokens
-from veil.cmif.mechanisms import Noise, Utility
-from veil.cmif.neighbours import CandidateSet, load_or_build, unit_rows
-from veil.cmif.sanitizer import Sanitizer, Unit
-from veil.cmif.vocabulary import Vocabulary
+from veil.privacy import neighbours
+from veil.privacy.detect import AllTokens
+from veil.privacy.mechanisms import Noise, Utility
+from veil.privacy.neighbours import CandidateSet, load_or_build, unit_rows
+from veil.privacy.sanitizer import Sanitizer, Unit
+from veil.privacy.vocabulary import Vocabulary
 
 V, D, K = 80, 6, 4
 SPECIAL = (0, 1)

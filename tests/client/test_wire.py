@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from veil.cmif import wire
+from veil import wire
 
 
 @pytest.mark.parametrize("dtype", list(wire.DTYPE_CODES))

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from veil.cmif.detect import Detector, NonStopwords
-from veil.cmif.mechanisms import Noise, Utility, report_noisy_max, utilities
-from veil.cmif.neighbours import CandidateSet, CandidateTable, ProgressFn, load_or_build, unit_rows
-from veil.cmif.vocabulary import Vocabulary
+from veil.privacy.detect import Detector, NonStopwords
+from veil.privacy.mechanisms import Noise, Utility, report_noisy_max, utilities
+from veil.privacy.neighbours import CandidateSet, CandidateTable, ProgressFn, load_or_build, unit_rows
+from veil.privacy.vocabulary import Vocabulary
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,11 @@ class Sanitizer:
     """Replaces the flagged tokens of a prompt by Report-Noisy-Max over their candidate sets.
 
     Args:
-        table: candidate sets (`veil.cmif.neighbours.load_or_build`).
+        table: candidate sets (`veil.privacy.neighbours.load_or_build`).
         embeddings: the (V, d) embedding matrix the table was built from.
         vocabulary: token texts and masks of the same tokenizer.
         epsilon: privacy parameter per unit (positive, finite).
-        noise, utility: the mechanism (see `veil.cmif.mechanisms`; all are epsilon-DP per unit).
+        noise, utility: the mechanism (see `veil.privacy.mechanisms`; all are epsilon-DP per unit).
         detector: which words to sanitize (default: all but stopwords and punctuation).
         unit: token-level or word-level replacement.
         rng: the only source of randomness (a Generator, or a seed for a reproducible one).

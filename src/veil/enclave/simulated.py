@@ -8,8 +8,6 @@ measured. A verifier accepts simulated evidence only if its policy sets `allow_s
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import os
 import warnings
 from pathlib import Path
@@ -18,34 +16,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from veil.cmif.enclave_reports import SIM_MAGIC, SIMULATED, simulated_signed_bytes
+from veil.attest.reports import SIM_MAGIC, SIMULATED, simulated_signed_bytes
+from veil.enclave.measurement import code_measurement
 
-# The modules whose code runs inside the enclave boundary; their source is the simulated measurement.
-TRUSTED_MODULES = (
-    "veil.cmif.enclave",
-    "veil.cmif.enclave_sim",
-    "veil.cmif.provisioning",
-    "veil.cmif.sanitizer",
-    "veil.cmif.mechanisms",
-    "veil.cmif.neighbours",
-    "veil.cmif.detect",
-    "veil.cmif.vocabulary",
-)
 PLATFORM_KEY_FILE = "simulated-platform.ed25519"
 
 
 class SimulationModeWarning(UserWarning):
     """Emitted whenever a simulated platform is opened: it provides no protection."""
-
-
-def code_measurement(config_encoding: bytes) -> bytes:
-    """SHA-384 over the trusted modules' source and the enclave configuration (48 bytes)."""
-    digest = hashlib.sha384(b"veil-cmif-simulated-measurement-v1\0")
-    for name in TRUSTED_MODULES:
-        source = Path(importlib.import_module(name).__file__ or "").read_bytes()
-        digest.update(len(source).to_bytes(8, "little") + source)
-    digest.update(len(config_encoding).to_bytes(8, "little") + config_encoding)
-    return digest.digest()
 
 
 class SimulatedPlatform:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from veil.cmif.mechanisms import (
+from veil.privacy.mechanisms import (
     Noise,
     Utility,
     exponential_mechanism_probabilities,
@@ -15,7 +15,7 @@ from veil.cmif.mechanisms import (
     report_noisy_max,
     utilities,
 )
-from veil.cmif.neighbours import unit_rows
+from veil.privacy.neighbours import unit_rows
 
 stats = pytest.importorskip("scipy.stats")
 

@@ -7,9 +7,9 @@ import torch
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from veil.cmif import provisioning
-from veil.cmif.attestation import VerificationError
-from veil.cmif.provisioning import WrapHeader, WrappedWeights, unwrap_weights, wrap_weights
+from veil.attest import wrap as provisioning
+from veil.attest.evidence import VerificationError
+from veil.attest.wrap import WrapHeader, WrappedWeights, unwrap_weights, wrap_weights
 
 
 def _raw(key: x25519.X25519PrivateKey) -> bytes:

@@ -9,16 +9,16 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from fake_tsm import FakeTsm
 
-from veil.cmif import enclave_reports as reports
-from veil.cmif.attestation import Evidence, NonceStore, Policy, VerificationError, Verifier
-from veil.cmif.enclave import Backend, Enclave, EnclaveConfig, open_enclave
-from veil.cmif.enclave_sim import SimulatedPlatform, SimulationModeWarning, platform_signer
-from veil.cmif.enclave_tsm import TsmError, TsmPlatform
-from veil.cmif.provisioning import WrapHeader, wrap_weights
+from veil.attest import reports
+from veil.attest.evidence import Evidence, VerificationError
+from veil.attest.verifier import NonceStore, Policy, Verifier
+from veil.attest.wrap import WrapHeader, wrap_weights
+from veil.enclave.enclave import Backend, Enclave, EnclaveConfig, open_enclave
+from veil.enclave.simulated import SimulatedPlatform, SimulationModeWarning, platform_signer
+from veil.enclave.tsm import TsmError
 
-pytestmark = pytest.mark.filterwarnings("ignore::veil.cmif.enclave_sim.SimulationModeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::veil.enclave.simulated.SimulationModeWarning")
 CONFIG = EnclaveConfig("toy-model", vocab_size=12, hidden_size=4)
 
 
@@ -170,32 +170,6 @@ def test_nonce_store_bounded() -> None:
     store.issue(), store.issue()
     with pytest.raises(VerificationError):
         store.issue()
-
-
-@pytest.mark.parametrize("provider", [reports.SNP, reports.TDX])
-def test_tsm_backend_against_fake_tree(tmp_path: Path, cache: Path, provider: str) -> None:
-    measurement = bytes(range(48))
-    fake = FakeTsm(tmp_path / "tsm", provider, measurement)
-    other = FakeTsm(tmp_path / "other", provider, measurement)  # a platform key nobody trusts
-    with fake, open_enclave(CONFIG, cache_dir=cache, tsm_root=fake.root) as enclave:  # AUTO finds it
-        weights = torch.randn(12, 4)
-        _provision(enclave, Verifier(Policy(frozenset({measurement}), frozenset({fake.signer}))), weights)
-        assert torch.equal(enclave.embed(torch.tensor([[7]])), weights[torch.tensor([[7]])])
-        for policy in [
-            Policy(frozenset({bytes(48)}), frozenset({fake.signer})),
-            Policy(frozenset({measurement}), frozenset({other.signer})),
-        ]:
-            verifier = Verifier(policy)
-            with pytest.raises(VerificationError):
-                verifier.verify(enclave.evidence(verifier.challenge()))
-
-
-def test_tsm_retries_a_racing_writer(tmp_path: Path, cache: Path) -> None:
-    with FakeTsm(tmp_path / "tsm", reports.SNP, bytes(48), extra_writes=1) as fake:
-        provider, report = TsmPlatform(cache, root=fake.root).report(bytes(64))
-        assert provider == reports.SNP and len(report) == reports.SNP_SIZE
-    with FakeTsm(tmp_path / "tsm2", reports.SNP, bytes(48), extra_writes=5) as fake, pytest.raises(TsmError):
-        TsmPlatform(cache, root=fake.root, attempts=2).report(bytes(64))
 
 
 def test_auto_falls_back_to_simulation(tmp_path: Path, cache: Path) -> None:

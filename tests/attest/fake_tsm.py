@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from veil.cmif import enclave_reports as reports
+from veil.attest import reports
 
 
 def snp_report(key: ec.EllipticCurvePrivateKey, measurement: bytes, data: bytes) -> bytes:

@@ -30,11 +30,8 @@ import torch.nn.functional as F
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from veil.cmif.attestation import Evidence, VerificationError, report_data
-from veil.cmif.enclave_sim import SimulatedPlatform, code_measurement
-from veil.cmif.enclave_tsm import DEFAULT_TSM_ROOT, TsmPlatform, tsm_available
-from veil.cmif.neighbours import CandidateSet, load_or_build
-from veil.cmif.provisioning import (
+from veil.attest.evidence import Evidence, VerificationError, report_data
+from veil.attest.wrap import (
     WrappedWeights,
     seal,
     tensor_bytes,
@@ -42,8 +39,12 @@ from veil.cmif.provisioning import (
     unseal,
     unwrap_weights,
 )
-from veil.cmif.sanitizer import SanitizedPrompt, Sanitizer
-from veil.cmif.vocabulary import Vocabulary
+from veil.enclave.measurement import code_measurement
+from veil.enclave.simulated import SimulatedPlatform
+from veil.enclave.tsm import DEFAULT_TSM_ROOT, TsmPlatform, tsm_available
+from veil.privacy.neighbours import CandidateSet, load_or_build
+from veil.privacy.sanitizer import SanitizedPrompt, Sanitizer
+from veil.privacy.vocabulary import Vocabulary
 
 
 def default_cache_dir() -> Path:
@@ -166,7 +167,7 @@ class Enclave:
         )
 
     def sanitize(self, token_ids: Sequence[int]) -> SanitizedPrompt:
-        """The sanitized prompt and its privacy cost; see `veil.cmif.sanitizer` for the guarantee."""
+        """The sanitized prompt and its privacy cost; see `veil.privacy.sanitizer` for the guarantee."""
         if self._sanitizer is None:
             raise RuntimeError("sanitizer not enabled: call enable_sanitizer() first")
         return self._sanitizer.sanitize(token_ids)

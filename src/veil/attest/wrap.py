@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from veil.cmif.attestation import VerificationError
+from veil.attest.evidence import VerificationError
 
 WRAP_MAGIC = b"VEILWRP1"
 SEAL_MAGIC = b"VEILSEA1"

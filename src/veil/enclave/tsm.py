@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from veil.cmif.enclave_sim import create_secret_file
+from veil.enclave.simulated import create_secret_file
 
 DEFAULT_TSM_ROOT = Path("/sys/kernel/config/tsm/report")
 SEALING_KEY_FILE = "tsm-sealing.key"

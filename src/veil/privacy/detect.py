@@ -1,7 +1,7 @@
 """Sensitive-token detection: which words of a prompt go through the noisy-max mechanism.
 
 Detectors are pure policy. Each gets the prompt's text and its words (tokens grouped back into words, see
-`veil.cmif.vocabulary`) and returns one flag per word; the sanitizer runs every token of a flagged word
+`veil.privacy.vocabulary`) and returns one flag per word; the sanitizer runs every token of a flagged word
 through the mechanism and passes the others through unchanged. What is not flagged is *not* protected:
 the privacy guarantee of docs/privacy.md covers flagged words only.
 """
@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
-from veil.cmif.vocabulary import Segmentation, Word
+from veil.privacy.vocabulary import Segmentation, Word
 
 # Function words (articles, pronouns, auxiliaries, prepositions, conjunctions); written for veil.
 STOPWORDS = frozenset(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from veil.cmif.sanitizer import Sanitizer
-from veil.cmif.vocabulary import Vocabulary
+from veil.privacy.sanitizer import Sanitizer
+from veil.privacy.vocabulary import Vocabulary
 
 
 def test_real_table_never_emits_special_or_byte_tokens_and_groups_share_outputs(bundled) -> None:

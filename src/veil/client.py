@@ -17,11 +17,11 @@ from typing import Any
 import httpx
 import torch
 
-from veil.cmif import wire
-from veil.cmif.accountant import PrivacyAccountant
-from veil.cmif.enclave import Enclave
-from veil.cmif.provisioning import WrappedWeights
-from veil.cmif.sanitizer import SanitizedPrompt
+from veil import wire
+from veil.attest.wrap import WrappedWeights
+from veil.enclave.enclave import Enclave
+from veil.privacy.accountant import PrivacyAccountant
+from veil.privacy.sanitizer import SanitizedPrompt
 
 TENSOR = "application/vnd.veil.tensor"
 
