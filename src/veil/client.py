@@ -18,12 +18,9 @@ import httpx
 import torch
 
 from veil import wire
-from veil.attest.wrap import WrappedWeights
 from veil.enclave.enclave import Enclave
 from veil.privacy.accountant import PrivacyAccountant
 from veil.privacy.sanitizer import SanitizedPrompt
-
-TENSOR = "application/vnd.veil.tensor"
 
 
 @dataclass
@@ -90,7 +87,7 @@ class CmifClient:
         evidence = self.enclave.evidence(bytes.fromhex(challenge.json()["nonce"]))
         response = self.http.post("/v1/cmif/provision", json=evidence.to_json())
         _raise_for_status(response)
-        self.enclave.install(WrappedWeights.from_bytes(response.content))
+        self.enclave.install(response.content)
 
     def generate(
         self,
@@ -117,7 +114,7 @@ class CmifClient:
         if self.accountant is not None:
             self.accountant.charge(self.principal, sanitized.epsilon_spent)
         embeds = self.enclave.embed(torch.tensor([sanitized.token_ids]))
-        body = wire.encode(embeds)
+        body = wire.encode({"embeddings": embeds})
         client_s = time.perf_counter() - started
         return self._stream(body, max_tokens, sanitized, client_s, on_token)
 
@@ -133,7 +130,7 @@ class CmifClient:
         tokens: list[int] = []
         texts: list[str] = []
         done: dict[str, Any] = {}
-        headers = {"content-type": TENSOR}
+        headers = {"content-type": wire.MEDIA_TYPE}
         with self.http.stream(
             "POST", f"/v1/cmif/generate?max_tokens={max_tokens}", content=body, headers=headers
         ) as r:

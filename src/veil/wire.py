@@ -1,84 +1,95 @@
-"""A compact binary tensor format for the split endpoints.
+"""The one tensor wire format of veil's HTTP endpoints and files: safetensors.
 
-Layout (all integers little-endian):
-    offset 0   4 bytes   magic b"VTN1"
-    offset 4   u8        format version (1)
-    offset 5   u8        dtype code (see `DTYPE_CODES`)
-    offset 6   u8        ndim, 1..8
-    offset 7   u8        reserved, 0
-    offset 8   ndim x u64 shape
-    then       prod(shape) * itemsize bytes, C order, little-endian
+A message is a safetensors file (an 8-byte header length, a JSON header naming each tensor's dtype,
+shape and byte range, then the raw little-endian data). The `safetensors` library checks that the
+header is well formed and that every byte range matches its dtype and shape; this module adds what a
+server must check before it allocates anything: the expected tensor names, allowed dtypes, at most
+`MAX_NDIM` dimensions, each dimension at most `Bounds.max_dim`, and at most `Bounds.max_elements`
+elements (a zero-size tensor with a dimension of 2^63 is refused here, not in torch).
 
-`decode` checks every field and that the payload length is exact; any violation is `WireFormatError`
-(a `ValueError`) whose message names the constraint.
+Every violation is `WireFormatError` (a `ValueError`) whose message names the constraint.
 """
 
 from __future__ import annotations
 
-import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
 
+import safetensors
+import safetensors.torch
 import torch
 
-MAGIC = b"VTN1"
-VERSION = 1
+MEDIA_TYPE = "application/vnd.veil.safetensors"
 MAX_NDIM = 8
-_HEADER = struct.Struct("<4sBBBB")
-
-DTYPE_CODES: dict[torch.dtype, int] = {
-    torch.float32: 1,
-    torch.float16: 2,
-    torch.bfloat16: 3,
-    torch.int64: 4,
-    torch.int32: 5,
+_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
 }
-_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 class WireFormatError(ValueError):
-    """Bytes that are not a well-formed tensor in this format."""
+    """Bytes that are not a well-formed message of the expected tensors."""
 
 
-def encode(tensor: torch.Tensor) -> bytes:
-    """Serialize a CPU tensor."""
-    if tensor.dtype not in DTYPE_CODES:
-        raise ValueError(f"dtype {tensor.dtype} has no wire code; supported: {list(DTYPE_CODES)}")
-    if not 1 <= tensor.dim() <= MAX_NDIM:
-        raise ValueError(f"ndim must be in 1..{MAX_NDIM}, got {tensor.dim()}")
-    header = _HEADER.pack(MAGIC, VERSION, DTYPE_CODES[tensor.dtype], tensor.dim(), 0)
-    shape = struct.pack(f"<{tensor.dim()}Q", *tensor.shape)
-    data = tensor.detach().contiguous().cpu()
-    if data.dtype == torch.bfloat16:  # numpy has no bfloat16: move the raw 16-bit words
-        data = data.view(torch.int16)
-    return header + shape + data.numpy().tobytes()
+@dataclass(frozen=True)
+class Bounds:
+    """What a decoder accepts before it builds a tensor."""
+
+    max_dim: int = 1 << 31  # any one dimension
+    max_elements: int = 1 << 31  # product of a tensor's dimensions
 
 
-def decode(blob: bytes, *, max_bytes: int | None = None) -> torch.Tensor:
-    """Parse one tensor; the result owns its memory."""
-    if max_bytes is not None and len(blob) > max_bytes:
-        raise WireFormatError(f"tensor of {len(blob)} bytes exceeds the limit of {max_bytes}")
-    if len(blob) < _HEADER.size:
-        raise WireFormatError(f"need at least {_HEADER.size} header bytes, got {len(blob)}")
-    magic, version, code, ndim, reserved = _HEADER.unpack_from(blob, 0)
-    if magic != MAGIC:
-        raise WireFormatError("bad magic: not a veil tensor")
-    if version != VERSION:
-        raise WireFormatError(f"unsupported version {version}, expected {VERSION}")
-    if code not in _DTYPES:
-        raise WireFormatError(f"unknown dtype code {code}")
-    if not 1 <= ndim <= MAX_NDIM or reserved != 0:
-        raise WireFormatError(f"ndim must be in 1..{MAX_NDIM} and the reserved byte 0")
-    offset = _HEADER.size + 8 * ndim
-    if len(blob) < offset:
-        raise WireFormatError("truncated shape")
-    shape = struct.unpack_from(f"<{ndim}Q", blob, _HEADER.size)
-    dtype = _DTYPES[code]
+def encode(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Serialize CPU tensors by name (contiguous copies are made where needed)."""
+    for name, tensor in tensors.items():
+        if not 1 <= tensor.dim() <= MAX_NDIM:
+            raise ValueError(f"tensor {name!r}: ndim must be in 1..{MAX_NDIM}, got {tensor.dim()}")
+    return safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+def decode(
+    blob: bytes | bytearray,
+    *,
+    names: tuple[str, ...],
+    dtypes: frozenset[torch.dtype] | None = None,
+    bounds: Bounds = Bounds(),
+) -> dict[str, torch.Tensor]:
+    """Exactly the tensors `names` (no more, no fewer), checked against `dtypes` and `bounds`.
+
+    The results own their memory. Raises `WireFormatError`.
+    """
+    try:
+        entries = safetensors.deserialize(bytes(blob))
+    except Exception as exc:  # the library raises SafetensorError and others for malformed input
+        raise WireFormatError(f"not a safetensors message: {exc}") from None
+    found = {name for name, _ in entries}
+    if found != set(names) or len(entries) != len(names):
+        raise WireFormatError(f"expected tensors {sorted(names)}, got {sorted(found)}")
+    return {name: _tensor(name, entry, dtypes, bounds) for name, entry in entries}
+
+
+def _tensor(
+    name: str, entry: dict[str, object], dtypes: frozenset[torch.dtype] | None, bounds: Bounds
+) -> torch.Tensor:
+    dtype = _DTYPES.get(str(entry["dtype"]))
+    if dtype is None or (dtypes is not None and dtype not in dtypes):
+        raise WireFormatError(f"tensor {name!r}: dtype {entry['dtype']} not accepted")
+    shape = [int(n) for n in entry["shape"]]  # type: ignore[attr-defined]
+    if not 1 <= len(shape) <= MAX_NDIM:
+        raise WireFormatError(f"tensor {name!r}: ndim must be in 1..{MAX_NDIM}, got {len(shape)}")
+    if any(n > bounds.max_dim for n in shape):
+        raise WireFormatError(f"tensor {name!r}: a dimension exceeds {bounds.max_dim}")
     numel = 1
     for n in shape:
         numel *= n
-    expected = numel * dtype.itemsize
-    if len(blob) - offset != expected:
-        raise WireFormatError(f"payload is {len(blob) - offset} bytes, shape {shape} needs {expected}")
-    raw = bytearray(blob[offset:])
-    storage_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
-    tensor = torch.frombuffer(raw, dtype=storage_dtype) if raw else torch.empty(0, dtype=storage_dtype)
-    return tensor.view(dtype).view(shape)
+    if numel > bounds.max_elements:
+        raise WireFormatError(f"tensor {name!r}: more than {bounds.max_elements} elements")
+    data = entry["data"]
+    assert isinstance(data, bytearray) and len(data) == numel * dtype.itemsize  # checked by safetensors
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).view(shape)

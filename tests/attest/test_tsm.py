@@ -11,7 +11,7 @@ from fake_tsm import FakeTsm
 from veil.attest import reports
 from veil.attest.evidence import VerificationError
 from veil.attest.verifier import Policy, Verifier
-from veil.attest.wrap import WrapHeader, wrap_weights
+from veil.attest.wrap import WrapHeader, wrap
 from veil.enclave.enclave import Enclave, EnclaveConfig, open_enclave
 from veil.enclave.tsm import TsmError, TsmPlatform
 
@@ -26,7 +26,7 @@ def cache(tmp_path: Path) -> Path:
 def _provision(enclave: Enclave, verifier: Verifier, weights: torch.Tensor) -> None:
     verified = verifier.verify(enclave.evidence(verifier.challenge()))
     header = WrapHeader(CONFIG.model_id, tuple(weights.shape), verifier.policy.digest(), verified.measurement)
-    enclave.install(wrap_weights(weights, verified.public_key, header))
+    enclave.install(wrap(weights, verified.public_key, header))
 
 
 @pytest.mark.parametrize("provider", [reports.SNP, reports.TDX])

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from veil.attest import reports
 from veil.attest.evidence import Evidence, VerificationError
 from veil.attest.verifier import NonceStore, Policy, Verifier
-from veil.attest.wrap import WrapHeader, wrap_weights
+from veil.attest.wrap import WrapHeader, wrap
 from veil.enclave.enclave import Backend, Enclave, EnclaveConfig, open_enclave
 from veil.enclave.simulated import SimulatedPlatform, SimulationModeWarning, platform_signer
 from veil.enclave.tsm import TsmError
@@ -54,7 +54,7 @@ def _policy(cache: Path, **overrides: object) -> Policy:
 def _provision(enclave: Enclave, verifier: Verifier, weights: torch.Tensor) -> None:
     verified = verifier.verify(enclave.evidence(verifier.challenge()))
     header = WrapHeader(CONFIG.model_id, tuple(weights.shape), verifier.policy.digest(), verified.measurement)
-    enclave.install(wrap_weights(weights, verified.public_key, header))
+    enclave.install(wrap(weights, verified.public_key, header))
 
 
 def test_simulation_is_loud(cache: Path) -> None:
@@ -105,11 +105,9 @@ def test_weights_for_another_key_or_model_refused(enclave: Enclave, cache: Path)
     with open_enclave(CONFIG, backend=Backend.SIMULATED, cache_dir=cache) as other:
         header = WrapHeader(CONFIG.model_id, (12, 4), b"", verified.measurement)
         with pytest.raises(VerificationError):
-            enclave.install(wrap_weights(torch.randn(12, 4), other.public_key, header))
+            enclave.install(wrap(torch.randn(12, 4), other.public_key, header))
     with pytest.raises(VerificationError):
-        enclave.install(
-            wrap_weights(torch.randn(12, 4), enclave.public_key, WrapHeader("other", (12, 4), b"", b""))
-        )
+        enclave.install(wrap(torch.randn(12, 4), enclave.public_key, WrapHeader("other", (12, 4), b"", b"")))
 
 
 def _forged_signature(evidence: Evidence) -> Evidence:
@@ -179,3 +177,17 @@ def test_auto_falls_back_to_simulation(tmp_path: Path, cache: Path) -> None:
         assert enclave.evidence(bytes(32)).provider == reports.SIMULATED
     with pytest.raises(TsmError):
         open_enclave(CONFIG, backend=Backend.TSM, cache_dir=cache, tsm_root=tmp_path / "absent")
+
+
+def test_rolled_back_sealed_state_is_refused(enclave: Enclave, cache: Path) -> None:
+    """Defect 8: an older sealed file put back in place loaded silently."""
+    verifier = Verifier(_policy(cache))
+    _provision(enclave, verifier, torch.randn(12, 4))
+    sealed = next((cache / "cmif").glob("*.sealed"))
+    old = sealed.read_bytes()
+    _provision(enclave, verifier, torch.randn(12, 4))  # re-provisioned: version 2
+    sealed.write_bytes(old)
+    with open_enclave(CONFIG, backend=Backend.SIMULATED, cache_dir=cache) as later:
+        with pytest.raises(VerificationError) as info:
+            later.load_sealed()
+        assert "rollback" in info.value.reason

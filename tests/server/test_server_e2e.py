@@ -124,7 +124,7 @@ def test_bad_evidence_gets_no_weights(
 
 
 def _tensor(served: Served, t: int, dtype: torch.dtype = torch.float32) -> bytes:
-    return wire.encode(torch.zeros(1, t, served.loaded.config.hidden_size, dtype=dtype))
+    return wire.encode({"embeddings": torch.zeros(1, t, served.loaded.config.hidden_size, dtype=dtype)})
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def _tensor(served: Served, t: int, dtype: torch.dtype = torch.float32) -> bytes
     [
         ("garbage", 400),
         ("truncated", 400),
-        ("wrong-dtype", 422),
+        ("wrong-dtype", 400),
         ("wrong-hidden", 422),
         ("batch-of-two", 422),
         ("too-long", 422),
@@ -150,11 +150,11 @@ def test_bad_tensors_get_4xx_and_server_stays_up(
         "garbage": b"\x00" * 100,
         "truncated": _tensor(served, 4)[:-3],
         "wrong-dtype": _tensor(served, 4, torch.float16),
-        "wrong-hidden": wire.encode(torch.zeros(1, 4, hidden - 1)),
-        "batch-of-two": wire.encode(torch.zeros(2, 4, hidden)),
+        "wrong-hidden": wire.encode({"embeddings": torch.zeros(1, 4, hidden - 1)}),
+        "batch-of-two": wire.encode({"embeddings": torch.zeros(2, 4, hidden)}),
         "too-long": _tensor(served, 65),
         "empty-prompt": _tensor(served, 0),
-        "not-finite": wire.encode(torch.full((1, 2, hidden), float("nan"))),
+        "not-finite": wire.encode({"embeddings": torch.full((1, 2, hidden), float("nan"))}),
         "oversized": _tensor(served, 200),
         "too-many-tokens": _tensor(served, 4),
     }
@@ -198,6 +198,8 @@ def test_baselines_compute_the_same_answer(served: Served, http: httpx.Client) -
     layers = served.loaded.config.num_layers
     assert result.meter.round_trips == (4 * layers + 1) * len(expected)  # 4 per layer and the head, per step
     assert (
-        http.post(f"/v1/partition/{layers}/wqkv", content=wire.encode(torch.zeros(1, 1, 4))).status_code
+        http.post(
+            f"/v1/partition/{layers}/wqkv", content=wire.encode({"x": torch.zeros(1, 1, 4)})
+        ).status_code
         == 400
     )

@@ -3,7 +3,7 @@
 Security contract:
 - `Verifier.verify` accepts evidence only if: the nonce was issued by this verifier, has not expired and
   has not been presented before (it is consumed on the first presentation, valid or not); the report is
-  signed by a signer the policy trusts; the report data equals `report_data(public_key, nonce)`; the
+  signed by a signer the policy trusts; the report data equals `report_data(kem, public_key, nonce)`; the
   measurement is one the policy accepts; simulated evidence is accepted only if the policy opts in.
 - Every failure raises `VerificationError`. Its message says nothing about which check failed; the
   `reason` attribute does, for the verifier's own logs only.
@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from veil.attest import reports
 from veil.attest.evidence import (
     NONCE_SIZE,
-    PUBLIC_KEY_SIZE,
     Evidence,
     VerificationError,
     VerifiedEnclave,
@@ -104,7 +103,7 @@ class Verifier:
     def verify(self, evidence: Evidence) -> VerifiedEnclave:
         """Return the verified enclave, or raise `VerificationError` (see the module's contract)."""
         self.nonces.consume(evidence.nonce)  # first: a nonce is burnt by any presentation
-        if len(evidence.public_key) != PUBLIC_KEY_SIZE:
+        if len(evidence.public_key) != evidence.kem.public_key_size:
             raise VerificationError("public key of the wrong size")
         if evidence.provider == reports.SIMULATED and not self.policy.allow_simulated:
             raise VerificationError("simulated evidence not allowed by policy")
@@ -114,8 +113,10 @@ class Verifier:
             )
         except reports.ReportError as exc:
             raise VerificationError(f"report rejected: {exc}") from None
-        if not secrets.compare_digest(claims.report_data, report_data(evidence.public_key, evidence.nonce)):
+        if not secrets.compare_digest(
+            claims.report_data, report_data(evidence.kem, evidence.public_key, evidence.nonce)
+        ):
             raise VerificationError("report data does not bind this key and nonce")
         if claims.measurement not in self.policy.accepted_measurements:
             raise VerificationError(f"measurement {claims.measurement.hex()[:16]}... not accepted")
-        return VerifiedEnclave(evidence.public_key, claims.measurement, evidence.provider)
+        return VerifiedEnclave(evidence.public_key, claims.measurement, evidence.provider, evidence.kem)

@@ -27,19 +27,11 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import x25519
 
-from veil.attest.evidence import Evidence, VerificationError, report_data
-from veil.attest.wrap import (
-    WrappedWeights,
-    seal,
-    tensor_bytes,
-    tensor_from_bytes,
-    unseal,
-    unwrap_weights,
-)
+from veil.attest.evidence import Evidence, Kem, VerificationError, report_data
+from veil.attest.wrap import RecipientKey
 from veil.enclave.measurement import code_measurement
+from veil.enclave.sealed import SealedWeights
 from veil.enclave.simulated import SimulatedPlatform
 from veil.enclave.tsm import DEFAULT_TSM_ROOT, TsmPlatform, tsm_available
 from veil.privacy.neighbours import CandidateSet, load_or_build
@@ -87,19 +79,26 @@ class Backend(enum.Enum):
 class Enclave:
     """An attestable holder of a model's embedding layer. Use as a context manager."""
 
-    def __init__(self, platform: Platform, config: EnclaveConfig, cache_dir: Path) -> None:
+    def __init__(
+        self, platform: Platform, config: EnclaveConfig, cache_dir: Path, kem: Kem = Kem.X25519
+    ) -> None:
         self.config = config
         self._platform = platform
-        self._private_key = x25519.X25519PrivateKey.generate()
+        self._key = RecipientKey(kem)
         self._weights: torch.Tensor | None = None
         self._sanitizer: Sanitizer | None = None
-        self._sealed_path = cache_dir / "cmif" / f"{hashlib.sha256(config.encode()).hexdigest()[:24]}.sealed"
+        name = f"{hashlib.sha256(config.encode()).hexdigest()[:24]}.sealed"
+        self._sealed = SealedWeights(
+            cache_dir / "cmif" / name, platform.sealing_key(config.encode()), config.encode()
+        )
+
+    @property
+    def kem(self) -> Kem:
+        return self._key.kem
 
     @property
     def public_key(self) -> bytes:
-        return self._private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        return self._key.public_bytes()
 
     @property
     def provisioned(self) -> bool:
@@ -107,35 +106,35 @@ class Enclave:
 
     def evidence(self, nonce: bytes) -> Evidence:
         """Evidence binding this enclave's public key to `nonce` (32 bytes from the verifier)."""
-        provider, report = self._platform.report(report_data(self.public_key, nonce))
-        return Evidence(provider, self.public_key, nonce, report)
+        provider, report = self._platform.report(report_data(self.kem, self.public_key, nonce))
+        return Evidence(provider, self.public_key, nonce, report, self.kem)
 
-    def install(self, wrapped: WrappedWeights) -> None:
+    def install(self, wrapped: bytes) -> None:
         """Unwrap weights provisioned for this enclave and seal them at rest.
 
         Raises `VerificationError` if they were not wrapped for this key, were tampered with, or are
         for another model than `config`.
         """
-        expected = (self.config.vocab_size, self.config.hidden_size)
-        if wrapped.header.model_id != self.config.model_id or wrapped.header.shape != expected:
+        header, weights = self._key.open(wrapped)
+        if header.model_id != self.config.model_id or header.shape != self._shape:
             raise VerificationError("wrapped weights are for another model")
-        weights = unwrap_weights(wrapped, self._private_key)
-        self._sealed_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._sealed_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(seal(self._sealing_key(), tensor_bytes(weights), self.config.encode()))
-        os.replace(tmp, self._sealed_path)
+        self._sealed.store(weights)
         self._weights = weights
 
     def load_sealed(self) -> bool:
         """Load weights sealed by an earlier `install` on this platform; False if there are none.
 
-        Raises `VerificationError` if the sealed file was tampered with or sealed elsewhere.
+        Raises `VerificationError` if the sealed file was tampered with, sealed elsewhere, or is older
+        than the last one this enclave sealed (rollback; see `veil.enclave.sealed`).
         """
-        if not self._sealed_path.exists():
+        if not self._sealed.exists():
             return False
-        raw = unseal(self._sealing_key(), self._sealed_path.read_bytes(), self.config.encode())
-        self._weights = tensor_from_bytes(raw, (self.config.vocab_size, self.config.hidden_size))
+        self._weights = self._sealed.load(self._shape)
         return True
+
+    @property
+    def _shape(self) -> tuple[int, int]:
+        return (self.config.vocab_size, self.config.hidden_size)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Embeddings (B, T, hidden) of token ids (B, T), computed inside the enclave."""
@@ -186,9 +185,6 @@ class Enclave:
     ) -> None:
         self.close()
 
-    def _sealing_key(self) -> bytes:
-        return self._platform.sealing_key(self.config.encode())
-
 
 def open_enclave(
     config: EnclaveConfig,
@@ -196,9 +192,10 @@ def open_enclave(
     backend: Backend = Backend.AUTO,
     cache_dir: Path | None = None,
     tsm_root: Path = DEFAULT_TSM_ROOT,
+    kem: Kem = Kem.X25519,
 ) -> Enclave:
     """An enclave on the chosen backend. AUTO picks configfs-tsm when `tsm_root` is usable."""
     cache = cache_dir if cache_dir is not None else default_cache_dir()
     if backend is Backend.TSM or (backend is Backend.AUTO and tsm_available(tsm_root)):
-        return Enclave(TsmPlatform(cache, root=tsm_root), config, cache)
-    return Enclave(SimulatedPlatform(cache, config.encode()), config, cache)
+        return Enclave(TsmPlatform(cache, root=tsm_root), config, cache, kem)
+    return Enclave(SimulatedPlatform(cache, config.encode()), config, cache, kem)

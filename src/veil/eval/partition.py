@@ -21,7 +21,7 @@ import httpx
 import torch
 
 from veil import wire
-from veil.client import TENSOR, Meter
+from veil.client import Meter
 from veil.model.generate import GenerationRequest, generate
 from veil.model.kv_cache import KVCache
 from veil.model.llama import LayerWeights, StepContext, decoder_layer, rms_norm
@@ -99,8 +99,9 @@ class PartitionClient:
         return hidden
 
     def _remote(self, layer: int, op: str, x: torch.Tensor) -> torch.Tensor:
-        response = self.meter.post(self.http, f"/v1/partition/{layer}/{op}", wire.encode(x), TENSOR)
-        return wire.decode(response.content)
+        body = wire.encode({"x": x})
+        response = self.meter.post(self.http, f"/v1/partition/{layer}/{op}", body, wire.MEDIA_TYPE)
+        return wire.decode(response.content, names=("y",), dtypes=frozenset({torch.float32}))["y"]
 
     def _layer(self, x: torch.Tensor, w: LayerWeights, ctx: StepContext, layer: int) -> torch.Tensor:
         """`veil.model.llama.decoder_layer` with each linear map computed by a server round trip."""

@@ -28,12 +28,11 @@ from veil import wire
 from veil.attest.evidence import Evidence, VerificationError
 from veil.attest.verifier import Verifier
 from veil.server.protocol import ApiError, CompletionRequest, read_body
-from veil.server.service import InferenceService, Token
+from veil.server.service import InferenceService, Limits, Token
 
 log = logging.getLogger("veil.server")
 _RECENT_REQUESTS = 1024
 NDJSON = "application/x-ndjson"
-TENSOR = "application/vnd.veil.tensor"
 
 
 def create_app(service: InferenceService, verifier: Verifier, *, enable_partition: bool = False) -> FastAPI:
@@ -119,26 +118,28 @@ def create_app(service: InferenceService, verifier: Verifier, *, enable_partitio
 
         @app.post("/v1/partition/{layer}/{op}")
         async def partition(request: Request, layer: int, op: str) -> Response:
-            x = _tensor(await read_body(request, limits.max_body_bytes), limits.max_body_bytes)
+            x = _tensor(await read_body(request, limits.max_body_bytes), "x", limits)
             try:
                 out = service.linear(layer, op, x)
             except ValueError as exc:
                 raise ApiError(400, str(exc)) from None
-            return Response(wire.encode(out), media_type=TENSOR)
+            return Response(wire.encode({"y": out}), media_type=wire.MEDIA_TYPE)
 
     return app
 
 
-def _tensor(raw: bytes, max_bytes: int) -> torch.Tensor:
+def _tensor(raw: bytes, name: str, limits: Limits) -> torch.Tensor:
+    """The one float32 tensor `name` of a request body, refused before allocation if out of bounds."""
+    bounds = wire.Bounds(max_dim=limits.max_dim, max_elements=limits.max_body_bytes // 4)
     try:
-        return wire.decode(raw, max_bytes=max_bytes)
+        return wire.decode(raw, names=(name,), dtypes=frozenset({torch.float32}), bounds=bounds)[name]
     except wire.WireFormatError as exc:
         raise ApiError(400, str(exc)) from None
 
 
 def _embeddings(raw: bytes, service: InferenceService) -> torch.Tensor:
     """Prompt embeddings checked against the model: float32, (1, T, hidden), 1 <= T <= limit, finite."""
-    x = _tensor(raw, service.limits.max_body_bytes)
+    x = _tensor(raw, "embeddings", service.limits)
     hidden, max_t = service.hidden_size, service.limits.max_prompt_tokens
     if x.dtype != torch.float32:
         raise ApiError(422, f"embeddings must be float32, got {x.dtype}")

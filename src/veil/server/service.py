@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from veil.attest.evidence import Evidence
 from veil.attest.verifier import Verifier
-from veil.attest.wrap import WrapHeader, wrap_weights
+from veil.attest.wrap import WrapHeader, wrap
 from veil.model.generate import GenerationRequest, stream
 from veil.model.loader import LoadedModel
 
@@ -37,6 +37,7 @@ class Limits:
     max_prompt_tokens: int = 1024  # T of a prompt, ids or embeddings
     max_new_tokens: int = 256  # tokens generated per request
     max_body_bytes: int = 8 << 20  # any request body
+    max_dim: int = 1 << 16  # any one dimension of a tensor in a request body
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,9 @@ class InferenceService:
         verified = verifier.verify(evidence)
         weights = self.loaded.model.embed_tokens.weight.detach()
         header = WrapHeader(
-            self.model_id, tuple(weights.shape), verifier.policy.digest(), verified.measurement
+            self.model_id, tuple(weights.shape), verifier.policy.digest(), verified.measurement, verified.kem
         )
-        return wrap_weights(weights, verified.public_key, header).to_bytes()
+        return wrap(weights, verified.public_key, header)
 
     def linear(self, layer: int, op: str, x: torch.Tensor) -> torch.Tensor:
         """One linear map of one decoder layer: the server half of the per-layer partition baseline."""
