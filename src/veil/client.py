@@ -32,10 +32,15 @@ class Meter:
     bytes_received: int = 0
     wait_s: float = 0.0  # time spent waiting on the server (network and server compute)
 
-    def post(self, http: httpx.Client, url: str, body: bytes, content_type: str) -> httpx.Response:
+    def post(
+        self, http: httpx.Client, url: str, body: bytes, content_type: str, authorization: str | None = None
+    ) -> httpx.Response:
         """One request/response, both bodies counted; raises for an HTTP error status."""
+        headers = {"content-type": content_type}
+        if authorization is not None:
+            headers["authorization"] = authorization
         started = time.perf_counter()
-        response = http.post(url, content=body, headers={"content-type": content_type})
+        response = http.post(url, content=body, headers=headers)
         self.wait_s += time.perf_counter() - started
         self.round_trips += 1
         self.bytes_sent += len(body)

@@ -46,8 +46,9 @@ def test_round_trip(kem: Kem) -> None:
     weights = torch.randn(10, 4)
     blob = wrap(weights, key.public_bytes(), _header(kem))
     assert weights.numpy().tobytes() not in blob
-    header, opened = key.open(blob)
-    assert header == _header(kem) and torch.equal(opened, weights)
+    header, opened, session = key.open(blob)
+    assert header == _header(kem) and torch.equal(opened, weights) and session == b""
+    assert key.open(wrap(weights, key.public_bytes(), _header(kem), session=b"t" * 32))[2] == b"t" * 32
     parts = wire.decode(blob, names=("header", "ciphertext"))  # the blob is a safetensors message
     assert json.loads(parts["header"].numpy().tobytes())["kem"] == kem.value
 

@@ -189,17 +189,16 @@ def test_plain_completions_match_local(served: Served, http: httpx.Client) -> No
     assert http.post("/v1/completions", json={"prompt": [10**9], "max_tokens": 2}).status_code == 400
 
 
-def test_baselines_compute_the_same_answer(served: Served, http: httpx.Client) -> None:
+def test_baselines_compute_the_same_answer(served: Served, http: httpx.Client, enclave: Enclave) -> None:
     ids = served.loaded.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     expected = _local(served, ids, 4)
     assert tee_only_generate(served.loaded, ids, max_tokens=4).token_ids == expected
-    result = PartitionClient(http, served.loaded).generate(ids, max_tokens=4)
+    CmifClient(http, enclave, served.loaded.tokenizer).provision(use_sealed=False)
+    result = PartitionClient(http, served.loaded, enclave.session_token).generate(ids, max_tokens=4)
     assert result.token_ids == expected
     layers = served.loaded.config.num_layers
-    assert result.meter.round_trips == (4 * layers + 1) * len(expected)  # 4 per layer and the head, per step
-    assert (
-        http.post(
-            f"/v1/partition/{layers}/wqkv", content=wire.encode({"x": torch.zeros(1, 1, 4)})
-        ).status_code
-        == 400
-    )
+    assert served.loaded.config.tie_word_embeddings  # the head runs in the enclave
+    assert result.meter.round_trips == 4 * layers * len(expected)  # 4 per layer, per step
+    attested = {"authorization": f"Bearer {enclave.session_token.hex()}"}
+    x = wire.encode({"x": torch.zeros(1, 1, 4)})
+    assert http.post(f"/v1/partition/{layers}/wqkv", content=x, headers=attested).status_code == 400

@@ -2,7 +2,7 @@
 
 Security contract:
 - `Verifier.verify` accepts evidence only if: the nonce was issued by this verifier, has not expired and
-  has not been presented before (it is consumed on the first presentation, valid or not); the report is
+  has not been used by an earlier successful verification (`veil.attest.nonces`); the report is
   signed by a signer the policy trusts; the report data equals `report_data(kem, public_key, nonce)`; the
   measurement is one the policy accepts; simulated evidence is accepted only if the policy opts in.
 - Every failure raises `VerificationError`. Its message says nothing about which check failed; the
@@ -14,19 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from veil.attest import reports
 from veil.attest.evidence import (
-    NONCE_SIZE,
     Evidence,
     VerificationError,
     VerifiedEnclave,
     report_data,
 )
+from veil.attest.nonces import NonceStore
 
 
 @dataclass(frozen=True)
@@ -55,41 +52,6 @@ class Policy:
         return hashlib.sha256(canonical.encode()).digest()
 
 
-@dataclass
-class NonceStore:
-    """One-time challenge nonces with expiry. Thread-safe. Time and randomness are injectable seams."""
-
-    ttl_s: float = 60.0
-    max_outstanding: int = 10_000
-    _clock: Callable[[], float] = time.monotonic
-    _random: Callable[[int], bytes] = secrets.token_bytes
-    _issued: dict[bytes, float] = field(default_factory=dict)  # nonce -> expiry time
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def issue(self) -> bytes:
-        with self._lock:
-            now = self._clock()
-            self._drop_expired(now)
-            if len(self._issued) >= self.max_outstanding:
-                raise VerificationError("too many outstanding nonces")
-            nonce = self._random(NONCE_SIZE)
-            self._issued[nonce] = now + self.ttl_s
-            return nonce
-
-    def consume(self, nonce: bytes) -> None:
-        """Accept `nonce` once, if issued here and unexpired; raise `VerificationError` otherwise."""
-        with self._lock:
-            expiry = self._issued.pop(nonce, None)
-            if expiry is None:
-                raise VerificationError("unknown or replayed nonce")
-            if self._clock() > expiry:
-                raise VerificationError("expired nonce")
-
-    def _drop_expired(self, now: float) -> None:
-        for nonce in [n for n, expiry in self._issued.items() if now > expiry]:
-            del self._issued[nonce]
-
-
 class Verifier:
     """Checks evidence against a policy; owns the nonces it issues."""
 
@@ -102,7 +64,7 @@ class Verifier:
 
     def verify(self, evidence: Evidence) -> VerifiedEnclave:
         """Return the verified enclave, or raise `VerificationError` (see the module's contract)."""
-        self.nonces.consume(evidence.nonce)  # first: a nonce is burnt by any presentation
+        self.nonces.check(evidence.nonce)
         if len(evidence.public_key) != evidence.kem.public_key_size:
             raise VerificationError("public key of the wrong size")
         if evidence.provider == reports.SIMULATED and not self.policy.allow_simulated:
@@ -119,4 +81,5 @@ class Verifier:
             raise VerificationError("report data does not bind this key and nonce")
         if claims.measurement not in self.policy.accepted_measurements:
             raise VerificationError(f"measurement {claims.measurement.hex()[:16]}... not accepted")
+        self.nonces.consume(evidence.nonce)  # last: only a successful verification uses a nonce up
         return VerifiedEnclave(evidence.public_key, claims.measurement, evidence.provider, evidence.kem)

@@ -5,7 +5,9 @@ Security contract:
   mode): by default DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM; with `Kem.MLKEM768_X25519`
   the hybrid post-quantum KEM (ML-KEM-768 + X25519) in place of DHKEM(X25519). Nothing of the key
   schedule is written here.
-- The plaintext is a safetensors message holding one float32 tensor `embed_tokens` (vocab, hidden).
+- The plaintext is a safetensors message holding one float32 tensor `embed_tokens` (vocab, hidden) and
+  one uint8 tensor `session`: a server token only the enclave learns (empty when the server has no
+  session endpoints; see `veil.server.sessions`).
 - The public header (model id, shape, dtype, policy digest, verified measurement, KEM) is HPKE's `info`,
   so it is bound into the key schedule: a changed header fails to open.
 - The blob itself is a safetensors message of two uint8 tensors, `header` (canonical JSON) and
@@ -59,20 +61,21 @@ class RecipientKey:
     def _private(self) -> PrivateKey:
         return self._classic if self._pq is None else hpke.MLKEM768X25519PrivateKey(self._pq, self._classic)
 
-    def open(self, blob: bytes) -> tuple[WrapHeader, torch.Tensor]:
-        """The header and weights of a blob wrapped for this key, or `VerificationError`."""
+    def open(self, blob: bytes) -> tuple[WrapHeader, torch.Tensor, bytes]:
+        """The header, weights and session token of a blob wrapped for this key, or `VerificationError`."""
         header_bytes, ciphertext = _split(blob)
         header = WrapHeader.decode(header_bytes)
         if header.kem is not self.kem:
             raise VerificationError("wrapped for another KEM")
         try:
             plaintext = suite(self.kem).decrypt(ciphertext, self._private(), info=_INFO_LABEL + header_bytes)
-            weights = wire.decode(plaintext, names=(PAYLOAD,), dtypes=frozenset({torch.float32}))[PAYLOAD]
+            parts = wire.decode(plaintext, names=(PAYLOAD, "session"))
         except (InvalidTag, ValueError):
             raise VerificationError("authentication failed") from None
-        if tuple(weights.shape) != header.shape:
+        weights, session = parts[PAYLOAD], parts["session"]
+        if weights.dtype != torch.float32 or tuple(weights.shape) != header.shape:
             raise VerificationError("payload does not match its header")
-        return header, weights
+        return header, weights, session.numpy().tobytes()
 
 
 def load_public_key(kem: Kem, raw: bytes) -> PublicKey:
@@ -125,15 +128,15 @@ class WrapHeader:
             raise VerificationError("malformed wrap header") from None
 
 
-def wrap(weights: torch.Tensor, recipient: bytes, header: WrapHeader) -> bytes:
-    """Encrypt fp32 `weights` for the raw public key `recipient` of `header.kem`; the blob to send."""
+def wrap(weights: torch.Tensor, recipient: bytes, header: WrapHeader, *, session: bytes = b"") -> bytes:
+    """Encrypt fp32 `weights` (and a session token) for the raw public key `recipient` of `header.kem`."""
     if weights.dtype != torch.float32 or tuple(weights.shape) != header.shape:
         raise ValueError(
             f"weights must be float32 of shape {header.shape}, got {weights.dtype} {tuple(weights.shape)}"
         )
     public_key = load_public_key(header.kem, recipient)
     header_bytes = header.encode()
-    plaintext = wire.encode({PAYLOAD: weights})
+    plaintext = wire.encode({PAYLOAD: weights, "session": _u8(session)})
     ciphertext = suite(header.kem).encrypt(plaintext, public_key, info=_INFO_LABEL + header_bytes)
     return wire.encode({"header": _u8(header_bytes), "ciphertext": _u8(ciphertext)})
 

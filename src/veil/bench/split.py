@@ -108,6 +108,7 @@ def _measure_all(loaded: LoadedModel, ids: list[int], args: argparse.Namespace) 
         ):
             client = CmifClient(http, enclave, loaded.tokenizer)
             client.provision(use_sealed=False)
+            session = enclave.session_token
             enclave.enable_sanitizer(
                 loaded.tokenizer, epsilon=args.epsilon, candidates=CandidateSet(args.candidates)
             )
@@ -117,7 +118,7 @@ def _measure_all(loaded: LoadedModel, ids: list[int], args: argparse.Namespace) 
                 "plain": lambda: plain_generate(http, ids, max_tokens=n),
                 "cmif": lambda: _cmif(client, ids, n),
                 "tee_only": lambda: tee_only_generate(loaded, ids, max_tokens=n),
-                "partition": lambda: PartitionClient(http, loaded).generate(ids, max_tokens=n),
+                "partition": lambda: PartitionClient(http, loaded, session).generate(ids, max_tokens=n),
             }
             samples: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
             for round_index in range(max(1, args.repeats)):

@@ -87,6 +87,7 @@ class Enclave:
         self._key = RecipientKey(kem)
         self._weights: torch.Tensor | None = None
         self._sanitizer: Sanitizer | None = None
+        self._session = b""
         name = f"{hashlib.sha256(config.encode()).hexdigest()[:24]}.sealed"
         self._sealed = SealedWeights(
             cache_dir / "cmif" / name, platform.sealing_key(config.encode()), config.encode()
@@ -99,6 +100,11 @@ class Enclave:
     @property
     def public_key(self) -> bytes:
         return self._key.public_bytes()
+
+    @property
+    def session_token(self) -> bytes:
+        """The server's token for this provisioning (empty if none): authorizes the partition baseline."""
+        return self._session
 
     @property
     def provisioned(self) -> bool:
@@ -115,7 +121,7 @@ class Enclave:
         Raises `VerificationError` if they were not wrapped for this key, were tampered with, or are
         for another model than `config`.
         """
-        header, weights = self._key.open(wrapped)
+        header, weights, self._session = self._key.open(wrapped)
         if header.model_id != self.config.model_id or header.shape != self._shape:
             raise VerificationError("wrapped weights are for another model")
         self._sealed.store(weights)

@@ -5,10 +5,11 @@
 - TEE-only: the whole model runs inside the client's enclave; nothing crosses the network.
 - per-layer partition: the linear maps of every decoder layer run on the server, everything else
   (embedding, RMSNorm, RoPE, attention softmax, SwiGLU activation, residuals, sampling) in the enclave:
-  four round trips per layer per step plus one for the output projection, as in the TEE+GPU split
-  systems CMIF improves on. Hidden states cross in the clear, as
-  the simplest such systems send them; blinding them (Slalom-style masks) would add work, not remove
-  round trips.
+  four round trips per layer per step plus one for the output projection (none when the head is tied
+  to the embeddings: the enclave holds those), as in the TEE+GPU split systems CMIF improves on.
+  Hidden states cross in the clear, as the simplest such systems send them; blinding them
+  (Slalom-style masks) would add work, not remove round trips. The server serves these linear maps
+  only to an attested enclave's session.
 """
 
 from __future__ import annotations
@@ -58,11 +59,14 @@ class PartitionClient:
     """A generation `Runner` in the enclave that calls the server for every linear map.
 
     The client-side `loaded` model supplies only what the enclave holds in such a system: embeddings,
-    norm weights and rotary tables; its linear weights are never used.
+    norm weights and rotary tables; its linear weights are never used. `session` is the token the
+    server wrapped for the attested enclave (`Enclave.session_token`); without it the server refuses.
+    A head tied to the embedding table is computed here: the server never serves it.
     """
 
-    def __init__(self, http: httpx.Client, loaded: LoadedModel) -> None:
+    def __init__(self, http: httpx.Client, loaded: LoadedModel, session: bytes) -> None:
         self.http, self.loaded = http, loaded
+        self._authorization = f"Bearer {session.hex()}"
         self.meter = Meter()
 
     def generate(self, prompt_ids: Sequence[int], *, max_tokens: int) -> Result:
@@ -90,6 +94,8 @@ class PartitionClient:
         """Final norm in the enclave, output projection on the server."""
         model = self.loaded.model
         normed = rms_norm(hidden, model.norm_weight, self.loaded.config.rms_norm_eps)
+        if self.loaded.config.tie_word_embeddings:
+            return torch.nn.functional.linear(normed, model.embed_tokens.weight)
         return self._remote(self.loaded.config.num_layers, "head", normed)
 
     def run_layers(self, hidden: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -100,7 +106,8 @@ class PartitionClient:
 
     def _remote(self, layer: int, op: str, x: torch.Tensor) -> torch.Tensor:
         body = wire.encode({"x": x})
-        response = self.meter.post(self.http, f"/v1/partition/{layer}/{op}", body, wire.MEDIA_TYPE)
+        url = f"/v1/partition/{layer}/{op}"
+        response = self.meter.post(self.http, url, body, wire.MEDIA_TYPE, self._authorization)
         return wire.decode(response.content, names=("y",), dtypes=frozenset({torch.float32}))["y"]
 
     def _layer(self, x: torch.Tensor, w: LayerWeights, ctx: StepContext, layer: int) -> torch.Tensor:

@@ -5,9 +5,12 @@ Endpoints:
     GET  /v1/models                   the one model served (OpenAI shape)
     POST /v1/completions              plain inference, server-side tokenization (no protection)
     POST /v1/cmif/challenge           a one-time attestation nonce
-    POST /v1/cmif/provision           evidence (JSON) -> embedding weights wrapped for the enclave
-    POST /v1/cmif/generate            prompt embeddings (veil tensor) -> NDJSON token stream
-    POST /v1/partition/{layer}/{op}   the per-layer partition baseline (only if enabled)
+    POST /v1/cmif/provision           evidence (JSON) -> embedding weights HPKE-wrapped for the enclave
+    POST /v1/cmif/generate            prompt embeddings (safetensors) -> NDJSON token stream
+    POST /v1/partition/{layer}/{op}   the per-layer partition baseline (only if enabled; only for an
+                                      attested session; never the head when it is the embedding table)
+
+Every body is size-checked while it is read, before it is parsed.
 
 Every client error is a 4xx with `{"error": "..."}`; verification failures say only that.
 """
@@ -23,12 +26,14 @@ import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from veil import wire
 from veil.attest.evidence import Evidence, VerificationError
 from veil.attest.verifier import Verifier
 from veil.server.protocol import ApiError, CompletionRequest, read_body
 from veil.server.service import InferenceService, Limits, Token
+from veil.server.sessions import SessionStore
 
 log = logging.getLogger("veil.server")
 _RECENT_REQUESTS = 1024
@@ -38,6 +43,7 @@ NDJSON = "application/x-ndjson"
 def create_app(service: InferenceService, verifier: Verifier, *, enable_partition: bool = False) -> FastAPI:
     """The app serving `service`, provisioning enclaves that satisfy `verifier`'s policy."""
     app = FastAPI(title="veil", version="0.1.0")
+    sessions = SessionStore() if enable_partition else None
     # (method, path) of the most recent requests, for tests and operators; bounded so a long-running
     # server does not grow without limit.
     app.state.requests = deque(maxlen=_RECENT_REQUESTS)
@@ -65,9 +71,13 @@ def create_app(service: InferenceService, verifier: Verifier, *, enable_partitio
         return {"object": "list", "data": [{"id": service.model_id, "object": "model", "owned_by": "veil"}]}
 
     @app.post("/v1/completions")
-    def completions(body: CompletionRequest) -> dict[str, object]:
-        ids = body.prompt_ids(service.loaded.tokenizer, limits)
-        tokens = list(service.stream_tokens(prompt_ids=ids, max_new_tokens=body.max_tokens))
+    async def completions(request: Request) -> dict[str, object]:
+        # the size limit applies before any parsing, the token limit before generation
+        body = CompletionRequest.parse(await read_body(request, limits.json_body_bytes), limits)
+        ids = await run_in_threadpool(body.prompt_ids, service.loaded.tokenizer, limits)
+        tokens = await run_in_threadpool(
+            lambda: list(service.stream_tokens(prompt_ids=ids, max_new_tokens=body.max_tokens))
+        )
         return {
             "object": "text_completion",
             "model": service.model_id,
@@ -87,11 +97,7 @@ def create_app(service: InferenceService, verifier: Verifier, *, enable_partitio
 
     @app.post("/v1/cmif/challenge")
     def challenge() -> dict[str, object]:
-        try:
-            nonce = verifier.challenge()
-        except VerificationError:
-            raise ApiError(503, "too many outstanding challenges") from None
-        return {"nonce": nonce.hex(), "expires_in_s": verifier.policy.nonce_ttl_s}
+        return {"nonce": verifier.challenge().hex(), "expires_in_s": verifier.policy.nonce_ttl_s}
 
     @app.post("/v1/cmif/provision")
     async def provision(request: Request) -> Response:
@@ -100,12 +106,15 @@ def create_app(service: InferenceService, verifier: Verifier, *, enable_partitio
             evidence = Evidence.from_json(json.loads(raw))
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
-        try:
-            blob = service.provision(verifier, evidence)
+        token = sessions.new_token() if sessions is not None else b""
+        try:  # the wrap encrypts the whole embedding table: off the event loop
+            blob = await run_in_threadpool(service.provision, verifier, evidence, token)
         except VerificationError as exc:
             log.warning("provisioning refused: %s", exc.reason)
             raise ApiError(403, "attestation failed") from None
-        return Response(blob, media_type="application/octet-stream")
+        if sessions is not None:
+            sessions.admit(token)
+        return Response(blob, media_type=wire.MEDIA_TYPE)
 
     @app.post("/v1/cmif/generate")
     async def generate(request: Request, max_tokens: int = Query(16, ge=1)) -> StreamingResponse:
@@ -114,10 +123,14 @@ def create_app(service: InferenceService, verifier: Verifier, *, enable_partitio
         embeds = _embeddings(await read_body(request, limits.max_body_bytes), service)
         return StreamingResponse(_ndjson(service, embeds, max_tokens), media_type=NDJSON)
 
-    if enable_partition:
+    if sessions is not None:
 
         @app.post("/v1/partition/{layer}/{op}")
         async def partition(request: Request, layer: int, op: str) -> Response:
+            if not sessions.valid(request.headers.get("authorization")):
+                raise ApiError(401, "the partition endpoints need an attested session")
+            if op == "head" and service.loaded.config.tie_word_embeddings:
+                raise ApiError(403, "the head is the embedding table: compute it in the enclave")
             x = _tensor(await read_body(request, limits.max_body_bytes), "x", limits)
             try:
                 out = service.linear(layer, op, x)
@@ -149,6 +162,8 @@ def _embeddings(raw: bytes, service: InferenceService) -> torch.Tensor:
         raise ApiError(422, f"prompt length T must be in 1..{max_t}, got {x.shape[1]}")
     if not bool(torch.isfinite(x).all()):
         raise ApiError(422, "embeddings must be finite")
+    if float(x.abs().max()) > service.embedding_bound:  # finite but huge overflows to NaN in the model
+        raise ApiError(422, f"embedding values must lie within +-{service.embedding_bound:.3g}")
     return x
 
 

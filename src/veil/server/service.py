@@ -39,6 +39,11 @@ class Limits:
     max_body_bytes: int = 8 << 20  # any request body
     max_dim: int = 1 << 16  # any one dimension of a tensor in a request body
 
+    @property
+    def json_body_bytes(self) -> int:
+        """A JSON body's limit: room for the longest prompt as text or as ids, never megabytes."""
+        return max(64 << 10, 32 * self.max_prompt_tokens)
+
 
 @dataclass(frozen=True)
 class Token:
@@ -56,6 +61,8 @@ class InferenceService:
         self.limits = limits
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-model")
         self.compute_s = 0.0  # time spent inside model calls, for the benchmark's accounting
+        # embeddings a client sends are rows of this table: nothing larger is a real prompt
+        self.embedding_bound = float(loaded.model.embed_tokens.weight.detach().abs().max()) * 1.01
 
     def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
@@ -109,14 +116,15 @@ class InferenceService:
             if token_id in self.loaded.config.eos_token_ids:
                 return
 
-    def provision(self, verifier: Verifier, evidence: Evidence) -> bytes:
-        """Verify `evidence` (raises `VerificationError`) and wrap the embedding table for its key."""
+    def provision(self, verifier: Verifier, evidence: Evidence, session: bytes = b"") -> bytes:
+        """Verify `evidence` (raises `VerificationError`) and wrap the embedding table (and a session
+        token) for its key. Takes about a second for a 100 MB table: call it off the event loop."""
         verified = verifier.verify(evidence)
         weights = self.loaded.model.embed_tokens.weight.detach()
         header = WrapHeader(
             self.model_id, tuple(weights.shape), verifier.policy.digest(), verified.measurement, verified.kem
         )
-        return wrap(weights, verified.public_key, header)
+        return wrap(weights, verified.public_key, header, session=session)
 
     def linear(self, layer: int, op: str, x: torch.Tensor) -> torch.Tensor:
         """One linear map of one decoder layer: the server half of the per-layer partition baseline."""
