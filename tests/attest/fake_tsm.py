@@ -14,9 +14,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from veil.attest import reports
 
 
-def snp_report(key: ec.EllipticCurvePrivateKey, measurement: bytes, data: bytes) -> bytes:
+def snp_report(
+    key: ec.EllipticCurvePrivateKey, measurement: bytes, data: bytes, *, policy: int = 0x30000, vmpl: int = 0
+) -> bytes:
     body = bytearray(reports.SNP_SIGNED)
     struct.pack_into("<I", body, 0, 3)  # version
+    struct.pack_into("<Q", body, reports.SNP_POLICY, policy)  # bit 17 is reserved-1; bit 16 SMT
+    struct.pack_into("<I", body, reports.SNP_VMPL, vmpl)
     struct.pack_into("<I", body, 0x34, 1)  # ECDSA P-384 with SHA-384
     body[reports.SNP_REPORT_DATA] = data
     body[reports.SNP_MEASUREMENT] = measurement
@@ -25,9 +29,18 @@ def snp_report(key: ec.EllipticCurvePrivateKey, measurement: bytes, data: bytes)
     return bytes(body) + signature
 
 
-def tdx_quote(key: ec.EllipticCurvePrivateKey, measurement: bytes, data: bytes) -> bytes:
+def tdx_quote(
+    key: ec.EllipticCurvePrivateKey,
+    measurement: bytes,
+    data: bytes,
+    *,
+    attributes: int = 0,
+    rtmrs: bytes = bytes(192),
+) -> bytes:
     signed = bytearray(reports.TDX_SIGNED)
     struct.pack_into("<HHI", signed, 0, 4, 2, 0x81)
+    struct.pack_into("<Q", signed, reports.TDX_TD_ATTRIBUTES, attributes)
+    signed[reports.TDX_RTMR0 : reports.TDX_RTMR0 + 192] = rtmrs
     signed[reports.TDX_MRTD] = measurement
     signed[reports.TDX_REPORT_DATA] = data
     r, s = decode_dss_signature(key.sign(bytes(signed), ec.ECDSA(hashes.SHA256())))
@@ -45,8 +58,17 @@ def tdx_quote(key: ec.EllipticCurvePrivateKey, measurement: bytes, data: bytes) 
 class FakeTsm:
     """A thread playing the kernel: answers each report instance under `root` once inblob is written."""
 
-    def __init__(self, root: Path, provider: str, measurement: bytes, *, extra_writes: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        provider: str,
+        measurement: bytes,
+        *,
+        extra_writes: int = 0,
+        platform: dict[str, object] | None = None,
+    ) -> None:
         self.root = root
+        self.platform = platform or {}  # report fields: SNP policy/vmpl, TDX attributes/rtmrs
         self.provider = provider
         self.measurement = measurement
         self.key = ec.generate_private_key(ec.SECP384R1() if provider == reports.SNP else ec.SECP256R1())
@@ -88,5 +110,5 @@ class FakeTsm:
         (entry / "provider").write_text(self.provider + "\n")
         (entry / "generation").write_text(f"{generation}\n")
         tmp = entry / ".outblob"
-        tmp.write_bytes(build(self.key, self.measurement, data))
+        tmp.write_bytes(build(self.key, self.measurement, data, **self.platform))  # type: ignore[operator]
         tmp.rename(entry / "outblob")

@@ -16,6 +16,7 @@ from veil.enclave.enclave import Enclave, EnclaveConfig, open_enclave
 from veil.enclave.tsm import TsmError, TsmPlatform
 
 CONFIG = EnclaveConfig("toy-model", vocab_size=12, hidden_size=4)
+RTMRS = frozenset({bytes(192)})  # what the fake TD reports unless told otherwise
 
 
 @pytest.fixture
@@ -36,11 +37,12 @@ def test_tsm_backend_against_fake_tree(tmp_path: Path, cache: Path, provider: st
     other = FakeTsm(tmp_path / "other", provider, measurement)  # a platform key nobody trusts
     with fake, open_enclave(CONFIG, cache_dir=cache, tsm_root=fake.root) as enclave:  # AUTO finds it
         weights = torch.randn(12, 4)
-        _provision(enclave, Verifier(Policy(frozenset({measurement}), frozenset({fake.signer}))), weights)
+        good = Policy(frozenset({measurement}), frozenset({fake.signer}), accepted_rtmrs=RTMRS)
+        _provision(enclave, Verifier(good), weights)
         assert torch.equal(enclave.embed(torch.tensor([[7]])), weights[torch.tensor([[7]])])
         for policy in [
-            Policy(frozenset({bytes(48)}), frozenset({fake.signer})),
-            Policy(frozenset({measurement}), frozenset({other.signer})),
+            Policy(frozenset({bytes(48)}), frozenset({fake.signer}), accepted_rtmrs=RTMRS),
+            Policy(frozenset({measurement}), frozenset({other.signer}), accepted_rtmrs=RTMRS),
         ]:
             verifier = Verifier(policy)
             with pytest.raises(VerificationError):
@@ -53,3 +55,28 @@ def test_tsm_retries_a_racing_writer(tmp_path: Path, cache: Path) -> None:
         assert provider == reports.SNP and len(report) == reports.SNP_SIZE
     with FakeTsm(tmp_path / "tsm2", reports.SNP, bytes(48), extra_writes=5) as fake, pytest.raises(TsmError):
         TsmPlatform(cache, root=fake.root, attempts=2).report(bytes(64))
+
+
+@pytest.mark.parametrize(
+    ("provider", "platform", "reason"),
+    [
+        (reports.SNP, {"policy": 0x30000 | reports.SNP_POLICY_DEBUG}, "debug"),
+        (reports.SNP, {"vmpl": 3}, "VMPL 3"),
+        (reports.TDX, {"attributes": reports.TDX_ATTRIBUTE_DEBUG}, "debug"),
+        (reports.TDX, {"rtmrs": bytes(range(192))}, "RTMRs"),  # the user booted their own kernel
+    ],
+    ids=["snp-debug", "snp-vmpl3", "tdx-debug", "tdx-own-kernel"],
+)
+def test_platform_policy_refuses(
+    tmp_path: Path, cache: Path, provider: str, platform: dict[str, object], reason: str
+) -> None:
+    """Defect 3: the verifier accepted a debug SNP guest, VMPL 3, a debug TD and arbitrary RTMRs."""
+    measurement = bytes(range(48))
+    with (
+        FakeTsm(tmp_path / "tsm", provider, measurement, platform=platform) as fake,
+        open_enclave(CONFIG, cache_dir=cache, tsm_root=fake.root) as enclave,
+    ):
+        verifier = Verifier(Policy(frozenset({measurement}), frozenset({fake.signer}), accepted_rtmrs=RTMRS))
+        with pytest.raises(VerificationError) as info:
+            verifier.verify(enclave.evidence(verifier.challenge()))
+        assert reason in info.value.reason

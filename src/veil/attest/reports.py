@@ -33,13 +33,19 @@ SIM_SIZE = 8 + 48 + 64 + 32 + 64  # magic, measurement, report data, signer, sig
 
 SNP_SIZE = 0x4A0
 SNP_SIGNED = 0x2A0  # bytes covered by the signature
+SNP_POLICY = 0x08  # u64 guest policy
+SNP_POLICY_DEBUG = 1 << 19  # the hypervisor may debug (read and write) the guest
+SNP_VMPL = 0x30  # u32 privilege level of the software that asked for the report (0 is the highest)
 SNP_REPORT_DATA = slice(0x50, 0x90)
 SNP_MEASUREMENT = slice(0x90, 0xC0)
 
 TDX_HEADER = 48
 TDX_BODY = 584
 TDX_SIGNED = TDX_HEADER + TDX_BODY
+TDX_TD_ATTRIBUTES = TDX_HEADER + 120  # u64
+TDX_ATTRIBUTE_DEBUG = 1 << 0  # the TD is a debug TD: the host can read its memory
 TDX_MRTD = slice(TDX_HEADER + 136, TDX_HEADER + 184)
+TDX_RTMR0 = TDX_HEADER + 328  # RTMR0..3, 48 bytes each: firmware, kernel, command line, user
 TDX_REPORT_DATA = slice(TDX_HEADER + 520, TDX_HEADER + 584)
 
 
@@ -49,9 +55,14 @@ class ReportError(Exception):
 
 @dataclass(frozen=True)
 class Claims:
+    """What a signed report says; the verifier's policy decides whether that is enough."""
+
     measurement: bytes  # simulated: SHA-384 of enclave code and config; SNP: MEASUREMENT; TDX: MRTD
     report_data: bytes  # 64 bytes
     signer: bytes  # identity of the key that signed, as the policy lists it
+    debug: bool = False  # SNP policy DEBUG bit, TDX TD attribute DEBUG
+    vmpl: int = 0  # SNP only: the VMPL that requested the report
+    rtmrs: bytes = b""  # TDX only: RTMR0..3 concatenated (192 bytes)
 
 
 def parse_and_check_signature(provider: str, report: bytes, trusted: frozenset[bytes]) -> Claims:
@@ -105,7 +116,12 @@ def _snp(report: bytes, trusted: frozenset[bytes]) -> Claims:
             key.verify(signature, report[:SNP_SIGNED], ec.ECDSA(hashes.SHA384()))
         except InvalidSignature:
             continue
-        return Claims(report[SNP_MEASUREMENT], report[SNP_REPORT_DATA], signer)
+        policy, vmpl = (
+            struct.unpack_from("<Q", report, SNP_POLICY)[0],
+            struct.unpack_from("<I", report, SNP_VMPL)[0],
+        )
+        debug = bool(policy & SNP_POLICY_DEBUG)
+        return Claims(report[SNP_MEASUREMENT], report[SNP_REPORT_DATA], signer, debug=debug, vmpl=vmpl)
     raise ReportError("SEV-SNP report not signed by a trusted VCEK")
 
 
@@ -131,7 +147,10 @@ def _tdx(quote: bytes, trusted: frozenset[bytes]) -> Claims:
         key.verify(signature, quote[:TDX_SIGNED], ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise ReportError("bad signature") from None
-    return Claims(quote[TDX_MRTD], quote[TDX_REPORT_DATA], signer)
+    attributes = struct.unpack_from("<Q", quote, TDX_TD_ATTRIBUTES)[0]
+    rtmrs = quote[TDX_RTMR0 : TDX_RTMR0 + 4 * 48]
+    debug = bool(attributes & TDX_ATTRIBUTE_DEBUG)
+    return Claims(quote[TDX_MRTD], quote[TDX_REPORT_DATA], signer, debug=debug, rtmrs=rtmrs)
 
 
 def tdx_attestation_key_der(raw_xy: bytes) -> bytes:

@@ -4,7 +4,10 @@ Security contract:
 - `Verifier.verify` accepts evidence only if: the nonce was issued by this verifier, has not expired and
   has not been used by an earlier successful verification (`veil.attest.nonces`); the report is
   signed by a signer the policy trusts; the report data equals `report_data(kem, public_key, nonce)`; the
-  measurement is one the policy accepts; simulated evidence is accepted only if the policy opts in.
+  measurement is one the policy accepts; simulated evidence is accepted only if the policy opts in;
+  no debug guest (SEV-SNP policy bit DEBUG, TDX attribute DEBUG) unless the policy opts in; an SEV-SNP
+  report comes from VMPL <= `max_snp_vmpl` (0 by default: the guest kernel, not a lower-privileged
+  layer); a TDX quote's RTMR0..3 are one of `accepted_rtmrs` (none accepted by default).
 - Every failure raises `VerificationError`. Its message says nothing about which check failed; the
   `reason` attribute does, for the verifier's own logs only.
 """
@@ -38,6 +41,11 @@ class Policy:
     trusted_signers: frozenset[bytes]
     allow_simulated: bool = False  # explicit opt-in: simulated evidence proves nothing about hardware
     nonce_ttl_s: float = 60.0
+    # TDX: the accepted RTMR0..3 values (192 bytes each set): MRTD measures only the firmware image, the
+    # RTMRs the kernel, command line and what the guest loaded. Empty: no TDX quote is accepted.
+    accepted_rtmrs: frozenset[bytes] = frozenset()
+    max_snp_vmpl: int = 0  # SEV-SNP: reports requested from a less privileged VMPL are refused
+    allow_debug: bool = False  # SNP DEBUG policy bit / TDX DEBUG attribute: the host can read memory
 
     def digest(self) -> bytes:
         """SHA-256 of a canonical encoding; bound into the wrapped weights' associated data."""
@@ -46,6 +54,9 @@ class Policy:
                 "measurements": sorted(m.hex() for m in self.accepted_measurements),
                 "signers": sorted(s.hex() for s in self.trusted_signers),
                 "allow_simulated": self.allow_simulated,
+                "rtmrs": sorted(r.hex() for r in self.accepted_rtmrs),
+                "max_snp_vmpl": self.max_snp_vmpl,
+                "allow_debug": self.allow_debug,
             },
             sort_keys=True,
         )
@@ -81,5 +92,15 @@ class Verifier:
             raise VerificationError("report data does not bind this key and nonce")
         if claims.measurement not in self.policy.accepted_measurements:
             raise VerificationError(f"measurement {claims.measurement.hex()[:16]}... not accepted")
+        self._check_platform(evidence.provider, claims)
         self.nonces.consume(evidence.nonce)  # last: only a successful verification uses a nonce up
         return VerifiedEnclave(evidence.public_key, claims.measurement, evidence.provider, evidence.kem)
+
+    def _check_platform(self, provider: str, claims: reports.Claims) -> None:
+        """What decides trust on real hardware beyond the measurement (policy, not parsing)."""
+        if claims.debug and not self.policy.allow_debug:
+            raise VerificationError("debug guest")
+        if provider == reports.SNP and claims.vmpl > self.policy.max_snp_vmpl:
+            raise VerificationError(f"SEV-SNP report from VMPL {claims.vmpl}")
+        if provider == reports.TDX and claims.rtmrs not in self.policy.accepted_rtmrs:
+            raise VerificationError("TDX RTMRs not accepted (an unmeasured kernel or command line)")
