@@ -31,10 +31,17 @@ def test_refusal_changes_nothing_and_says_budget_spent_asked():
     assert accountant.remaining("alice") == 0.0
 
 
-@pytest.mark.parametrize("epsilon", [-1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("epsilon", [-1.0, float("nan")])
 def test_rejects_bad_charges(epsilon):
     with pytest.raises(ValueError):
         PrivacyAccountant(1.0).charge("alice", epsilon)
+
+
+def test_an_unbounded_charge_is_refused_not_recorded():
+    accountant = PrivacyAccountant(1e9)
+    with pytest.raises(BudgetExceededError):
+        accountant.charge("alice", float("inf"))
+    assert accountant.spent("alice") == 0.0
 
 
 @pytest.mark.parametrize("budget", [-1.0, float("nan"), float("inf")])

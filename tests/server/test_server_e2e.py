@@ -55,7 +55,9 @@ def test_cmif_answer_equals_local_inference_on_sanitized_tokens(
 ) -> None:
     client = CmifClient(http, enclave, served.loaded.tokenizer, accountant=PrivacyAccountant(100.0))
     client.provision(use_sealed=False)
-    enclave.enable_sanitizer(served.loaded.tokenizer, epsilon=2.0, candidates=CandidateSet.TOP_K, rng=7)
+    enclave.enable_sanitizer(
+        served.loaded.tokenizer, epsilon=2.0, candidates=CandidateSet.TOP_K, rng=7, allow_top_k=True
+    )
     streamed: list[int] = []
     answer = client.generate(PROMPT, max_tokens=NEW_TOKENS, on_token=lambda t, _: streamed.append(t))
     assert answer.sanitized.epsilon_spent > 0 and answer.sanitized.replaced_positions
@@ -82,7 +84,9 @@ def test_sealed_weights_need_no_second_provisioning(
 def test_spent_budget_refuses_before_sending(served: Served, http: httpx.Client, enclave: Enclave) -> None:
     client = CmifClient(http, enclave, served.loaded.tokenizer, accountant=PrivacyAccountant(0.5))
     client.provision()
-    enclave.enable_sanitizer(served.loaded.tokenizer, epsilon=1.0, candidates=CandidateSet.TOP_K, rng=1)
+    enclave.enable_sanitizer(
+        served.loaded.tokenizer, epsilon=1.0, candidates=CandidateSet.TOP_K, rng=1, allow_top_k=True
+    )
     before = len(served.requests())
     with pytest.raises(BudgetExceededError):
         client.generate(PROMPT, max_tokens=2)

@@ -160,15 +160,24 @@ class Enclave:
         candidates: CandidateSet = CandidateSet.GROUPS,
         k: int = 20,
         rng: int | None = None,
+        allow_top_k: bool = False,
     ) -> None:
-        """Build the Report-Noisy-Max sanitizer from the enclave's embeddings (per-unit `epsilon`)."""
+        """Build the Report-Noisy-Max sanitizer from the enclave's embeddings (per-unit `epsilon`).
+
+        TOP_K candidates are charged as unbounded unless `allow_top_k` (see `veil.privacy.sanitizer`).
+        """
         if self._weights is None:
             raise RuntimeError("enclave not provisioned: call install() or load_sealed() first")
         embeddings = self._weights.numpy()
         vocabulary = Vocabulary.from_tokenizer(tokenizer, size=embeddings.shape[0])
         table = load_or_build(embeddings, vocabulary.eligible, kind=candidates, k=k)
         self._sanitizer = Sanitizer(
-            table=table, embeddings=embeddings, vocabulary=vocabulary, epsilon=epsilon, rng=rng
+            table=table,
+            embeddings=embeddings,
+            vocabulary=vocabulary,
+            epsilon=epsilon,
+            rng=rng,
+            allow_top_k=allow_top_k,
         )
 
     def sanitize(self, token_ids: Sequence[int]) -> SanitizedPrompt:

@@ -38,11 +38,12 @@ class PrivacyAccountant:
         """Add `epsilon` to `principal`'s spending.
 
         Raises:
-            ValueError: epsilon is negative, NaN or infinite.
-            BudgetExceededError: the charge would exceed the budget (state unchanged).
+            ValueError: epsilon is negative or NaN.
+            BudgetExceededError: the charge would exceed the budget, or is infinite (a mechanism with
+                no DP bound, e.g. TOP_K candidates without opt-in); state unchanged.
         """
-        if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0):
-            raise ValueError(f"epsilon must be a non-negative finite number, got {epsilon!r}")
+        if not (isinstance(epsilon, (int, float)) and not math.isnan(epsilon) and epsilon >= 0):
+            raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")
         with self._lock:
             spent = self._spent.get(principal, 0.0)
             # A relative tolerance so that charging exactly the remaining budget is never refused.

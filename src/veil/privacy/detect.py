@@ -1,14 +1,20 @@
 """Sensitive-token detection: which words of a prompt go through the noisy-max mechanism.
 
-Detectors are pure policy. Each gets the prompt's text and its words (tokens grouped back into words, see
-`veil.privacy.vocabulary`) and returns one flag per word; the sanitizer runs every token of a flagged word
-through the mechanism and passes the others through unchanged. What is not flagged is *not* protected:
-the privacy guarantee of docs/privacy.md covers flagged words only.
+Detectors are pure policy. Each gets the prompt's decoded text and its words (found on the decoded text
+of the whole prompt, see `veil.privacy.vocabulary`) and returns one flag per word; the sanitizer runs
+every token of a flagged word through the mechanism and passes the others through unchanged. What is not
+flagged is *not* protected: the privacy guarantee of docs/privacy.md covers flagged words only.
+
+Every detector fails closed on what it cannot judge: a word holding U+FFFD (bytes that are not valid
+UTF-8) is always flagged, and so is any non-ASCII symbol (emoji, flags). `Patterns` also flags every
+word of a script without letter case (Chinese, Japanese, Arabic, Hebrew, Thai, ...), where a capital
+letter cannot mark a name.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -33,7 +39,21 @@ class Detector(Protocol):
 
 
 def _is_word(word: Word) -> bool:
-    return any(ch.isalnum() for ch in word.text)
+    """Content rather than punctuation: letters or digits of any script, or what `_undecidable` flags."""
+    return any(ch.isalnum() for ch in word.text) or _undecidable(word)
+
+
+def _undecidable(word: Word) -> bool:
+    """Fail closed: invalid bytes, or a non-ASCII symbol or format character (emoji, their modifiers
+    and joiners, flags); punctuation of any script is not content."""
+    return any(
+        ch == "\ufffd" or (not ch.isascii() and unicodedata.category(ch)[0] in "SC") for ch in word.text
+    )
+
+
+def _caseless(word: Word) -> bool:
+    """A word in a script without letter case, where capitalization cannot reveal a name."""
+    return any(ch.isalpha() and ch.lower() == ch.upper() and not ch.isascii() for ch in word.text)
 
 
 class AllTokens:
@@ -50,7 +70,10 @@ class NonStopwords:
         self._stopwords = stopwords
 
     def sensitive(self, segmentation: Segmentation) -> list[bool]:
-        return [_is_word(w) and w.text.lower() not in self._stopwords for w in segmentation.words]
+        return [
+            _undecidable(w) or (_is_word(w) and w.text.lower() not in self._stopwords)
+            for w in segmentation.words
+        ]
 
 
 class RareWords:
@@ -66,7 +89,8 @@ class RareWords:
 
     def sensitive(self, segmentation: Segmentation) -> list[bool]:
         return [
-            _is_word(w) and self._zipf(w.text, self._language) < self._max_zipf for w in segmentation.words
+            _undecidable(w) or (_is_word(w) and self._zipf(w.text, self._language) < self._max_zipf)
+            for w in segmentation.words
         ]
 
 
@@ -79,15 +103,15 @@ _SENTENCE_END = re.compile(r"[.!?]\s*$")
 
 
 class Patterns:
-    """Numbers, e-mail addresses, phone numbers, and capitalized words that do not start a sentence
-    (a cheap stand-in for names)."""
+    """Numbers, e-mail addresses, phone numbers, capitalized words that do not start a sentence (a cheap
+    stand-in for names, accented capitals included), and every word of a caseless script."""
 
     def sensitive(self, segmentation: Segmentation) -> list[bool]:
         spans = [m.span() for p in _PATTERNS for m in p.finditer(segmentation.text)]
         flags = []
         for i, word in enumerate(segmentation.words):
             hit = any(s < word.char_end and word.char_start < e for s, e in spans)
-            flags.append(hit or _is_name(segmentation, i))
+            flags.append(hit or _undecidable(word) or _caseless(word) or _is_name(segmentation, i))
         return flags
 
 

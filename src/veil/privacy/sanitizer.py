@@ -5,7 +5,14 @@ word) costs `epsilon`; a prompt with n units costs n * epsilon by sequential com
 (`privacy_map`). Per unit, with `CandidateSet.GROUPS`, the output is epsilon-DP between any two inputs
 whose set is the same group (two tokens of one group, or words anchored to it); with `CandidateSet.TOP_K`
 it is epsilon-DP only between inputs with identical top-K sets, which in general gives no bound at all
-between two different tokens. Words the detector does not flag are sent unchanged and are not protected.
+between two different tokens: `privacy_map` then charges infinity (an accountant refuses it) unless the
+caller opts in with `allow_top_k=True`, accepting n * epsilon as a per-neighbourhood figure only.
+
+Digits are their own candidate set: every flagged token made only of ASCII digits draws from all digit
+tokens of its length (for most tokenizers the ten single digits), always one token per run, so a
+replaced digit is epsilon-DP against any other digit, not only against a few of its neighbours (a phone
+number's digits are each one unit). Words the detector does not flag are sent unchanged and are not
+protected.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class Sanitizer:
         detector: Detector | None = None,
         unit: Unit = Unit.TOKEN,
         rng: np.random.Generator | int | None = None,
+        allow_top_k: bool = False,
     ) -> None:
         if not (isinstance(epsilon, (int, float)) and 0 < epsilon < float("inf")):
             raise ValueError(f"epsilon must be a positive finite number, got {epsilon!r}")
@@ -73,6 +81,8 @@ class Sanitizer:
         self._unit_rows = unit_rows(embeddings)
         self._vectors = self._unit_rows if utility.uses_unit_vectors else np.asarray(embeddings, np.float32)
         self._rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self.allow_top_k = allow_top_k
+        self._digit_set = _digit_sets(vocabulary)
 
     @classmethod
     def for_model(
@@ -88,6 +98,7 @@ class Sanitizer:
         unit: Unit = Unit.TOKEN,
         rng: np.random.Generator | int | None = None,
         progress: ProgressFn | None = None,
+        allow_top_k: bool = False,
     ) -> Sanitizer:
         """A sanitizer for a `veil.model.loader.LoadedModel` (tables cached under $VEIL_CACHE)."""
         embeddings = loaded.model.embed_tokens.weight.detach().float().cpu().numpy()
@@ -103,12 +114,18 @@ class Sanitizer:
             detector=detector,
             unit=unit,
             rng=rng,
+            allow_top_k=allow_top_k,
         )
 
     def privacy_map(self, num_replaced: int) -> float:
-        """Total epsilon of a prompt with `num_replaced` mechanism runs (sequential composition)."""
+        """Total epsilon of a prompt with `num_replaced` mechanism runs (sequential composition).
+
+        Infinite for a TOP_K table without `allow_top_k`: no DP bound holds between two tokens.
+        """
         if not isinstance(num_replaced, (int, np.integer)) or num_replaced < 0:
             raise ValueError(f"num_replaced must be a non-negative integer, got {num_replaced!r}")
+        if num_replaced and self.table.kind is CandidateSet.TOP_K and not self.allow_top_k:
+            return float("inf")
         return float(num_replaced) * self.epsilon
 
     def sanitize(self, token_ids: Sequence[int]) -> SanitizedPrompt:
@@ -120,7 +137,7 @@ class Sanitizer:
             return SanitizedPrompt(tuple(int(t) for t in ids), (), 0.0)
         queries = np.stack([self._query(ids[positions]) for positions in units])
         anchors = np.array([self._anchor(ids[positions], q) for positions, q in zip(units, queries)])
-        candidate_ids = self.table.candidates(anchors)
+        candidate_ids = self._candidates(anchors)
         scores = utilities(queries, candidate_ids, self._vectors, self.utility)
         chosen = report_noisy_max(
             scores,
@@ -144,11 +161,26 @@ class Sanitizer:
             positions = [p for p in range(word.start, word.end) if not self.vocabulary.special[ids[p]]]
             if not flagged or not positions:
                 continue
-            if self.unit is Unit.WORD:
-                units.append(positions)
+            digits = [p for p in positions if self._digit_set.of[ids[p]] >= 0]
+            rest = [p for p in positions if self._digit_set.of[ids[p]] < 0]
+            if self.unit is Unit.WORD and rest:
+                units.append(rest)
             else:
-                units.extend([p] for p in positions)
-        return units
+                units.extend([p] for p in rest)
+            units.extend([p] for p in digits)
+        return sorted(units)
+
+    def _candidates(self, anchors: np.ndarray) -> np.ndarray:
+        """Candidate ids (-1 padded) per unit: its table set, or for a digit token every digit token of
+        its length."""
+        table = self.table.candidates(anchors)
+        digit_rows = self._digit_set.sets[np.maximum(self._digit_set.of[anchors], 0)]
+        width = max(table.shape[1], digit_rows.shape[1])
+        out = np.full((len(anchors), width), -1, dtype=np.int64)
+        is_digit = self._digit_set.of[anchors] >= 0
+        out[~is_digit, : table.shape[1]] = table[~is_digit]
+        out[is_digit, : digit_rows.shape[1]] = digit_rows[is_digit]
+        return out
 
     def _query(self, tokens: np.ndarray) -> np.ndarray:
         """The vector a unit is compared with: its embedding, or the mean of a word's embeddings."""
@@ -179,3 +211,25 @@ class Sanitizer:
             elif p not in covered:
                 out_ids.append(token)
         return SanitizedPrompt(tuple(out_ids), tuple(replaced), self.privacy_map(len(units)))
+
+
+@dataclass(frozen=True)
+class _DigitSets:
+    of: np.ndarray  # (V,) index of the digit set of each token, -1 if it is not all ASCII digits
+    sets: np.ndarray  # (num_sets, max_size) token ids, -1 padded (one (1, 1) row of -1 if none)
+
+
+def _digit_sets(vocabulary: Vocabulary) -> _DigitSets:
+    """Non-special tokens whose bytes are only ASCII digits, one set per length."""
+    by_length: dict[int, list[int]] = {}
+    for token, raw in enumerate(vocabulary.token_bytes):
+        if raw and raw.isdigit() and raw.isascii() and not vocabulary.special[token]:
+            by_length.setdefault(len(raw), []).append(token)
+    lengths = sorted(by_length)
+    of = np.full(vocabulary.size, -1, dtype=np.int64)
+    width = max((len(by_length[n]) for n in lengths), default=1)
+    sets = np.full((max(len(lengths), 1), width), -1, dtype=np.int64)
+    for index, n in enumerate(lengths):
+        of[by_length[n]] = index
+        sets[index, : len(by_length[n])] = by_length[n]
+    return _DigitSets(of, sets)
