@@ -1,9 +1,10 @@
 """The CMIF client: attest and provision the enclave, then sanitize, embed and send one tensor.
 
-Per request, in this order: tokenize (outside the enclave: the tokenizer is public), sanitize inside
-the enclave, charge the sanitized prompt's epsilon to the accountant (a refused charge raises
-`BudgetExceededError` and nothing is sent), embed inside the enclave, send the embeddings once, read
-the generated tokens as they stream back.
+Per request, in this order: tokenize (outside the enclave: the tokenizer is public), check the prompt
+and `max_tokens` against the server's limits (a bad request is refused before anything is charged),
+sanitize and embed inside the enclave, charge the sanitized prompt's epsilon to the accountant (a
+refused charge raises `BudgetExceededError` and nothing is sent), send the embeddings once, read the
+generated tokens as they stream back.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from veil import wire
 from veil.enclave.enclave import Enclave
-from veil.privacy.accountant import PrivacyAccountant
+from veil.privacy.accountant import Accountant
 from veil.privacy.sanitizer import SanitizedPrompt
 
 
@@ -77,14 +78,17 @@ class CmifClient:
         enclave: Enclave,
         tokenizer: Any,
         *,
-        accountant: PrivacyAccountant | None = None,
+        accountant: Accountant | None = None,
         principal: str = "default",
     ) -> None:
         self.http, self.enclave, self.tokenizer = http, enclave, tokenizer
         self.accountant, self.principal = accountant, principal
+        self._limits: dict[str, int] | None = None
 
     def provision(self, *, use_sealed: bool = True) -> None:
-        """Load sealed weights, or attest to the server and install the weights it wraps for us."""
+        """Load sealed weights, or attest to the server and install the weights it wraps for us.
+        Also reads the server's request limits, so `generate` can check a request before charging."""
+        self._read_limits()
         if use_sealed and self.enclave.load_sealed():
             return
         challenge = self.http.post("/v1/cmif/challenge")
@@ -104,24 +108,47 @@ class CmifClient:
     ) -> Answer:
         """Generate for `prompt` (text, or token ids); `on_token` sees each token as it arrives.
 
+        The request is checked against the server's limits first; the epsilon is charged only once the
+        embeddings are ready to go, just before they are sent (charge-before-send).
+
         Raises:
-            BudgetExceededError: the sanitized prompt's epsilon exceeds the remaining budget; nothing
-                was sent.
+            ValueError: an empty or too long prompt, or `max_tokens` outside the server's limits; nothing
+                was charged or sent.
+            BudgetExceededError: the sanitized prompt's epsilon exceeds the remaining budget (or is
+                unbounded); nothing was sent.
             ServerError: the server refused the request.
         """
         ids = (
             self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             if isinstance(prompt, str)
-            else prompt
+            else list(prompt)
         )
+        self._check(len(ids), max_tokens)
         started = time.perf_counter()
         sanitized = self.enclave.sanitize(ids) if sanitize else SanitizedPrompt(tuple(ids), (), 0.0)
-        if self.accountant is not None:
-            self.accountant.charge(self.principal, sanitized.epsilon_spent)
         embeds = self.enclave.embed(torch.tensor([sanitized.token_ids]))
         body = wire.encode({"embeddings": embeds})
         client_s = time.perf_counter() - started
+        if self.accountant is not None:
+            self.accountant.charge(self.principal, sanitized.epsilon_spent)
         return self._stream(body, max_tokens, sanitized, client_s, on_token)
+
+    def _check(self, num_tokens: int, max_tokens: int) -> None:
+        """The server's limits, checked before anything is charged."""
+        if self._limits is None:
+            self._read_limits()
+        assert self._limits is not None
+        max_prompt = int(self._limits.get("max_prompt_tokens", num_tokens))
+        max_new = int(self._limits.get("max_new_tokens", max_tokens))
+        if not 1 <= num_tokens <= max_prompt:
+            raise ValueError(f"the prompt must have 1..{max_prompt} tokens, it has {num_tokens}")
+        if not 1 <= max_tokens <= max_new:
+            raise ValueError(f"max_tokens must be in 1..{max_new} on this server, got {max_tokens}")
+
+    def _read_limits(self) -> None:
+        response = self.http.get("/health")
+        _raise_for_status(response)
+        self._limits = dict(response.json().get("limits", {}))
 
     def _stream(
         self,

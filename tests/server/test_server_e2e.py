@@ -47,7 +47,9 @@ def http(served: Served) -> Iterator[httpx.Client]:
 
 
 def test_health(http: httpx.Client) -> None:
-    assert http.get("/health").json() == {"status": "ok", "model": "smollm2-135m-instruct"}
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == "smollm2-135m-instruct"
+    assert health["limits"] == {"max_prompt_tokens": 64, "max_new_tokens": 16}
 
 
 def test_cmif_answer_equals_local_inference_on_sanitized_tokens(
@@ -78,7 +80,7 @@ def test_sealed_weights_need_no_second_provisioning(
         CmifClient(http, second, served.loaded.tokenizer).provision()
         ids = torch.tensor([[1, 2, 3]])
         assert torch.equal(second.embed(ids), served.loaded.model.embed(ids))
-    assert len(served.requests()) == before
+    assert not [r for r in served.requests()[before:] if r[1].startswith("/v1/cmif/")]  # /health only
 
 
 def test_spent_budget_refuses_before_sending(served: Served, http: httpx.Client, enclave: Enclave) -> None:
@@ -175,9 +177,25 @@ def test_bad_provisioning_requests(http: httpx.Client, body: bytes) -> None:
     assert 400 <= response.status_code < 500 and "error" in response.json()
 
 
-def test_bad_generate_error_reaches_client(served: Served, http: httpx.Client, enclave: Enclave) -> None:
+@pytest.mark.parametrize(("prompt", "max_tokens"), [(list(range(1, 70)), 2), ([], 2), (PROMPT, 1000)])
+def test_bad_requests_are_refused_before_charging(
+    served: Served, http: httpx.Client, enclave: Enclave, prompt: object, max_tokens: int
+) -> None:
+    """Issue 12: the client charged epsilon, then the server refused the request (--max-tokens 1000)."""
+    accountant = PrivacyAccountant(100.0)
+    client = CmifClient(http, enclave, served.loaded.tokenizer, accountant=accountant)
+    client.provision()
+    enclave.enable_sanitizer(served.loaded.tokenizer, epsilon=1.0, rng=1)
+    before = len(served.requests())
+    with pytest.raises(ValueError):
+        client.generate(prompt, max_tokens=max_tokens)  # type: ignore[arg-type]
+    assert accountant.spent("default") == 0.0 and len(served.requests()) == before
+
+
+def test_server_refusal_reaches_the_client(served: Served, http: httpx.Client, enclave: Enclave) -> None:
     client = CmifClient(http, enclave, served.loaded.tokenizer)
     client.provision()
+    client._limits = {"max_prompt_tokens": 1000, "max_new_tokens": 16}  # a client that trusts too much
     with pytest.raises(ServerError) as info:
         client.generate(list(range(1, 70)), max_tokens=2, sanitize=False)
     assert info.value.status == 422

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Protocol
 
 from veil.errors import VeilError
 
@@ -24,32 +25,48 @@ class BudgetExceededError(VeilError):
         self.principal, self.budget, self.spent, self.asked = principal, budget, spent, asked
 
 
+class Accountant(Protocol):
+    """What a client charges before it sends a prompt: in memory (`PrivacyAccountant`) or on disk,
+    shared by processes (`veil.privacy.ledger.FileLedger`)."""
+
+    def charge(self, principal: str, epsilon: float) -> None: ...
+
+
+def check_charge(principal: str, *, budget: float, spent: float, epsilon: float) -> float:
+    """The new spending if `principal` may spend `epsilon` more, else `BudgetExceededError` (pure).
+
+    Raises:
+        ValueError: epsilon is negative or NaN.
+        BudgetExceededError: the charge would exceed the budget, or is infinite (a mechanism with no DP
+            bound, e.g. TOP_K candidates without opt-in).
+    """
+    if not (isinstance(epsilon, (int, float)) and not math.isnan(epsilon) and epsilon >= 0):
+        raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")
+    # A relative tolerance so that charging exactly the remaining budget is never refused.
+    if spent + epsilon > budget * (1 + 1e-12) + 1e-12:
+        raise BudgetExceededError(principal, budget=budget, spent=spent, asked=float(epsilon))
+    return spent + float(epsilon)
+
+
+def check_budget(budget: float) -> float:
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0):
+        raise ValueError(f"budget must be a non-negative finite number, got {budget!r}")
+    return float(budget)
+
+
 class PrivacyAccountant:
     """Thread-safe ledger of the epsilon each principal has spent against one common budget."""
 
     def __init__(self, budget: float) -> None:
-        if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0):
-            raise ValueError(f"budget must be a non-negative finite number, got {budget!r}")
-        self.budget = float(budget)
+        self.budget = check_budget(budget)
         self._spent: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def charge(self, principal: str, epsilon: float) -> None:
-        """Add `epsilon` to `principal`'s spending.
-
-        Raises:
-            ValueError: epsilon is negative or NaN.
-            BudgetExceededError: the charge would exceed the budget, or is infinite (a mechanism with
-                no DP bound, e.g. TOP_K candidates without opt-in); state unchanged.
-        """
-        if not (isinstance(epsilon, (int, float)) and not math.isnan(epsilon) and epsilon >= 0):
-            raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")
+        """Add `epsilon` to `principal`'s spending; raises as `check_charge` (state unchanged)."""
         with self._lock:
             spent = self._spent.get(principal, 0.0)
-            # A relative tolerance so that charging exactly the remaining budget is never refused.
-            if spent + epsilon > self.budget * (1 + 1e-12) + 1e-12:
-                raise BudgetExceededError(principal, budget=self.budget, spent=spent, asked=float(epsilon))
-            self._spent[principal] = spent + float(epsilon)
+            self._spent[principal] = check_charge(principal, budget=self.budget, spent=spent, epsilon=epsilon)
 
     def spent(self, principal: str) -> float:
         with self._lock:

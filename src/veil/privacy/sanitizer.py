@@ -32,9 +32,13 @@ from veil.privacy.vocabulary import Vocabulary
 
 @dataclass(frozen=True)
 class SanitizedPrompt:
+    """A prompt after the mechanism, with what it replaced (for the user's eyes only: never sent)."""
+
     token_ids: tuple[int, ...]
     replaced_positions: tuple[int, ...]  # positions (in token_ids) run through the mechanism
     epsilon_spent: float
+    originals: tuple[tuple[int, ...], ...] = ()  # per replaced position, the input token ids of its unit
+    epsilon_per_unit: float = 0.0
 
 
 class Unit(enum.Enum):
@@ -210,7 +214,10 @@ class Sanitizer:
                 out_ids.append(replacement[p][0])
             elif p not in covered:
                 out_ids.append(token)
-        return SanitizedPrompt(tuple(out_ids), tuple(replaced), self.privacy_map(len(units)))
+        originals = tuple(tuple(int(ids[p]) for p in positions) for positions in units)
+        return SanitizedPrompt(
+            tuple(out_ids), tuple(replaced), self.privacy_map(len(units)), originals, self.privacy_map(1)
+        )
 
 
 @dataclass(frozen=True)

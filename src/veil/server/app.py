@@ -63,8 +63,9 @@ def create_app(service: InferenceService, verifier: Verifier, *, enable_partitio
         return JSONResponse({"error": f"invalid request: {exc.errors()[:3]}"}, status_code=422)
 
     @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok", "model": service.model_id}
+    def health() -> dict[str, object]:
+        allowed = {"max_prompt_tokens": limits.max_prompt_tokens, "max_new_tokens": limits.max_new_tokens}
+        return {"status": "ok", "model": service.model_id, "limits": allowed}
 
     @app.get("/v1/models")
     def models() -> dict[str, object]:
