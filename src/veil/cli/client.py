@@ -121,15 +121,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(sanitized: SanitizedPrompt, tokenizer: Any) -> None:
-    """Show the user, locally (stderr, never sent), what was replaced, by what, at what cost."""
+    """Show the user, locally (stderr, never sent), what was replaced, by what, at what cost. Adjacent
+    replaced tokens are shown together, so a word split into byte-level tokens reads as the word."""
     if not sanitized.replaced_positions:
         print("veil: nothing was replaced; epsilon spent 0", file=sys.stderr)
         return
     print("veil: replaced (shown here only; the server saw the right-hand side):", file=sys.stderr)
-    for position, original in zip(sanitized.replaced_positions, sanitized.originals):
-        before = tokenizer.decode(list(original)).strip()
-        after = tokenizer.decode([sanitized.token_ids[position]]).strip()
-        print(f"  {before!r:>24} -> {after!r:<24} epsilon {sanitized.epsilon_per_unit:g}", file=sys.stderr)
+    runs: list[list[int]] = []
+    for index, position in enumerate(sanitized.replaced_positions):
+        if runs and position == sanitized.replaced_positions[runs[-1][-1]] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    for run in runs:
+        before = tokenizer.decode([t for i in run for t in sanitized.originals[i]]).strip()
+        after = tokenizer.decode([sanitized.token_ids[sanitized.replaced_positions[i]] for i in run]).strip()
+        cost = sanitized.epsilon_per_unit * len(run)
+        print(f"  {before!r} -> {after!r}  (epsilon {cost:g})", file=sys.stderr)
     print(
         f"veil: epsilon spent {sanitized.epsilon_spent:g} on {len(sanitized.replaced_positions)} units",
         file=sys.stderr,
