@@ -1,8 +1,8 @@
 """Platform report formats: parse a report, check its signature, return the claims it makes.
 
 Three formats, named by configfs-tsm's `provider` attribute (or veil's own for simulation):
-- `veil-simulated`: veil's simulated platform (see `enclave_sim`), signed with Ed25519. A signer is the
-  raw 32-byte Ed25519 public key.
+- `veil-simulated`: veil's simulated platform (see `veil.enclave.simulated`), signed with Ed25519. A
+  signer is the raw 32-byte Ed25519 public key.
 - `sev_guest`: an AMD SEV-SNP ATTESTATION_REPORT (1184 bytes), ECDSA P-384 / SHA-384 over its first
   0x2A0 bytes. A signer is the VCEK's public key as DER SubjectPublicKeyInfo. The chain from the VCEK to
   AMD's root (ARK -> ASK -> VCEK, fetched from AMD's key server) is NOT checked here: the policy pins

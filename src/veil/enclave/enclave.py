@@ -1,16 +1,18 @@
 """The client-side enclave: holds a key pair, attests, receives the embedding weights, embeds tokens.
 
 Security contract:
-- The X25519 private key is generated inside the enclave and never leaves it; evidence binds its
-  public key and a verifier's nonce to the platform's measurement (`attestation.report_data`).
-- Wrapped weights are opened only inside `install`; the plaintext embedding table lives only in the
-  enclave's private state. The public API offers `embed(token_ids)`, never the weights. At rest the
-  weights are sealed (AES-256-GCM) under the platform's sealing key in `$VEIL_CACHE/cmif/`.
+- The private key (X25519, or the hybrid ML-KEM-768 + X25519) is generated inside the enclave and never
+  leaves it; evidence binds its public key and a verifier's nonce to the platform's measurement
+  (`veil.attest.evidence.report_data`).
+- Wrapped weights are opened (RFC 9180 HPKE, `veil.attest.wrap`) only inside `install`; the plaintext
+  embedding table lives only in the enclave's private state. The public API offers `embed(token_ids)`,
+  never the weights. At rest the weights are sealed (AES-256-GCM) under the platform's sealing key in
+  `$VEIL_CACHE/cmif/`, with a monotonic version (`veil.enclave.sealed`).
 - The sanitizer (Report-Noisy-Max over candidate sets derived from the embeddings) also runs inside:
   `enable_sanitizer` builds it from the enclave's weights, `sanitize` returns only its output.
 - `close` (or leaving the `with` block) zeroes and drops the weights.
 - In Python this boundary is a convention of the API. What enforces it is the platform: a TDX/SEV-SNP
-  confidential VM (configfs-tsm backend) or nothing at all (SIMULATION MODE, see `enclave_sim`).
+  confidential VM (configfs-tsm backend) or nothing at all (SIMULATION MODE, see `veil.enclave.simulated`).
 """
 
 from __future__ import annotations
