@@ -15,6 +15,7 @@ import torch
 
 from conftest import Served
 from veil import wire
+from veil.attest.evidence import Kem
 from veil.client import CmifClient
 from veil.enclave.enclave import Backend, Enclave, open_enclave
 
@@ -107,3 +108,15 @@ def test_health_answers_while_weights_are_wrapped(
     answered = time.perf_counter()
     thread.join()
     assert answered < done[0], "health waited for the wrap to finish"
+
+
+def test_hybrid_post_quantum_kem_provisions_over_http(served: Served, http: httpx.Client) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opened = open_enclave(
+            served.config, backend=Backend.SIMULATED, cache_dir=served.cache, kem=Kem.MLKEM768_X25519
+        )
+    with opened as enclave:
+        CmifClient(http, enclave, served.loaded.tokenizer).provision(use_sealed=False)
+        ids = torch.tensor([[5, 6, 7]])
+        assert torch.equal(enclave.embed(ids), served.loaded.model.embed(ids))

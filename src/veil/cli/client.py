@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from veil.attest.evidence import Kem
 from veil.client import CmifClient, ServerError
 from veil.enclave.enclave import Backend, EnclaveConfig, default_cache_dir, open_enclave
 from veil.enclave.simulated import SimulationModeWarning
@@ -53,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--backend", choices=[b.value for b in Backend], default=Backend.AUTO.value)
     parser.add_argument(
+        "--kem",
+        choices=[k.value for k in Kem],
+        default=Kem.X25519.value,
+        help="the enclave key's KEM for provisioning (mlkem768-x25519: hybrid post-quantum)",
+    )
+    parser.add_argument(
         "--model", default=None, help="local checkpoint dir for the tokenizer (default: bundled)"
     )
     parser.set_defaults(handler=run)
@@ -86,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         config = EnclaveConfig(str(model_id), model_config.vocab_size, model_config.hidden_size)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SimulationModeWarning)
-            enclave = open_enclave(config, backend=Backend(args.backend), cache_dir=cache)
+            enclave = open_enclave(config, backend=Backend(args.backend), cache_dir=cache, kem=Kem(args.kem))
         if caught:
             print(
                 "veil: SIMULATION MODE enclave: no hardware isolation, no real attestation", file=sys.stderr
