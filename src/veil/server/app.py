@@ -134,7 +134,7 @@ def create_app(service: InferenceService, verifier: Verifier, *, enable_partitio
                 raise ApiError(403, "the head is the embedding table: compute it in the enclave")
             x = _tensor(await read_body(request, limits.max_body_bytes), "x", limits)
             try:
-                out = service.linear(layer, op, x)
+                out = await run_in_threadpool(service.linear, layer, op, x)
             except ValueError as exc:
                 raise ApiError(400, str(exc)) from None
             return Response(wire.encode({"y": out}), media_type=wire.MEDIA_TYPE)
