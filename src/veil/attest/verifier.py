@@ -27,6 +27,7 @@ from veil.attest.evidence import (
     report_data,
 )
 from veil.attest.nonces import NonceStore
+from veil.attest.wrap import load_public_key
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,10 @@ class Verifier:
     def verify(self, evidence: Evidence) -> VerifiedEnclave:
         """Return the verified enclave, or raise `VerificationError` (see the module's contract)."""
         self.nonces.check(evidence.nonce)
-        if len(evidence.public_key) != evidence.kem.public_key_size:
-            raise VerificationError("public key of the wrong size")
+        try:
+            load_public_key(evidence.kem, evidence.public_key)  # the wrap must not fail on it later
+        except ValueError:
+            raise VerificationError("malformed public key") from None
         if evidence.provider == reports.SIMULATED and not self.policy.allow_simulated:
             raise VerificationError("simulated evidence not allowed by policy")
         try:
