@@ -9,9 +9,10 @@ import torch
 from fake_tsm import FakeTsm
 
 from veil.attest import reports
+from veil.attest.envelope import WrapHeader
 from veil.attest.evidence import VerificationError
 from veil.attest.verifier import Policy, Verifier
-from veil.attest.wrap import WrapHeader, wrap
+from veil.attest.wrap import wrap
 from veil.enclave.enclave import Enclave, EnclaveConfig, open_enclave
 from veil.enclave.tsm import TsmError, TsmPlatform
 

@@ -13,8 +13,10 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from veil import wire
+from veil.attest.envelope import WrapHeader
 from veil.attest.evidence import Kem, VerificationError
-from veil.attest.wrap import RecipientKey, WrapHeader, wrap
+from veil.attest.wrap import wrap
+from veil.enclave.keys import RecipientKey
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "rfc9180-base-x25519-sha256.json").read_text())
 _AEADS = {1: hpke.AEAD.AES_128_GCM, 2: hpke.AEAD.AES_256_GCM}

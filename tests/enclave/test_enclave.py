@@ -10,11 +10,11 @@ import torch
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from veil.attest import reports
-from veil.attest.evidence import Evidence, VerificationError
+from veil.attest.envelope import WrapHeader
+from veil.attest.evidence import SIMULATED, Evidence, VerificationError, simulated_signed_bytes
 from veil.attest.nonces import NonceStore
 from veil.attest.verifier import Policy, Verifier
-from veil.attest.wrap import WrapHeader, wrap
+from veil.attest.wrap import wrap
 from veil.enclave.enclave import Backend, Enclave, EnclaveConfig, open_enclave
 from veil.enclave.simulated import SimulatedPlatform, SimulationModeWarning, platform_signer
 from veil.enclave.tsm import TsmError
@@ -120,7 +120,7 @@ def _forged_signature(evidence: Evidence) -> Evidence:
 def _other_platform(evidence: Evidence) -> Evidence:
     key = ed25519.Ed25519PrivateKey.generate()
     signer = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    body = reports.simulated_signed_bytes(evidence.report[8:56], evidence.report[56:120], signer)
+    body = simulated_signed_bytes(evidence.report[8:56], evidence.report[56:120], signer)
     return Evidence(evidence.provider, evidence.public_key, evidence.nonce, body + key.sign(body))
 
 
@@ -177,7 +177,7 @@ def test_auto_falls_back_to_simulation(tmp_path: Path, cache: Path) -> None:
     with pytest.warns(SimulationModeWarning):
         enclave = open_enclave(CONFIG, cache_dir=cache, tsm_root=tmp_path / "absent")
     with enclave:
-        assert enclave.evidence(bytes(32)).provider == reports.SIMULATED
+        assert enclave.evidence(bytes(32)).provider == SIMULATED
     with pytest.raises(TsmError):
         open_enclave(CONFIG, backend=Backend.TSM, cache_dir=cache, tsm_root=tmp_path / "absent")
 

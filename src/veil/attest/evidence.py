@@ -17,6 +17,8 @@ from typing import Any
 from veil.errors import VeilError
 
 NONCE_SIZE = 32  # bytes of a challenge nonce
+SIMULATED = "veil-simulated"  # the provider name of veil's simulated platform
+SIM_MAGIC = b"VEILSIM1"
 _X25519_BYTES = 32
 _MLKEM768_BYTES = 1184
 
@@ -57,7 +59,7 @@ def report_data(kem: Kem, public_key: bytes, nonce: bytes) -> bytes:
 class Evidence:
     """What an enclave sends to be provisioned: its public key, the nonce, and a platform report.
 
-    `provider` names the report format: `reports.SIMULATED` ("veil-simulated"), "tdx_guest" or
+    `provider` names the report format: `SIMULATED` ("veil-simulated"), "tdx_guest" or
     "sev_guest" (configfs-tsm's provider names).
     """
 
@@ -101,3 +103,10 @@ class VerifiedEnclave:
     measurement: bytes
     provider: str
     kem: Kem = Kem.X25519
+
+
+def simulated_signed_bytes(measurement: bytes, data: bytes, signer: bytes) -> bytes:
+    """The part of a simulated report that its platform key signs."""
+    if (len(measurement), len(data), len(signer)) != (48, 64, 32):
+        raise ValueError("measurement, report data and signer must be 48, 64 and 32 bytes")
+    return SIM_MAGIC + measurement + data + signer

@@ -24,12 +24,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-SIMULATED = "veil-simulated"
+from veil.attest.evidence import SIM_MAGIC, SIMULATED
+
 SNP = "sev_guest"
 TDX = "tdx_guest"
 
-SIM_MAGIC = b"VEILSIM1"
-SIM_SIZE = 8 + 48 + 64 + 32 + 64  # magic, measurement, report data, signer, signature
+SIM_SIZE = len(SIM_MAGIC) + 48 + 64 + 32 + 64  # magic, measurement, report data, signer, signature
 
 SNP_SIZE = 0x4A0
 SNP_SIGNED = 0x2A0  # bytes covered by the signature
@@ -74,13 +74,6 @@ def parse_and_check_signature(provider: str, report: bytes, trusted: frozenset[b
     if provider == TDX:
         return _tdx(report, trusted)
     raise ReportError(f"unknown provider {provider[:32]!r}")
-
-
-def simulated_signed_bytes(measurement: bytes, data: bytes, signer: bytes) -> bytes:
-    """The part of a simulated report that its platform key signs."""
-    if (len(measurement), len(data), len(signer)) != (48, 64, 32):
-        raise ValueError("measurement, report data and signer must be 48, 64 and 32 bytes")
-    return SIM_MAGIC + measurement + data + signer
 
 
 def _simulated(report: bytes, trusted: frozenset[bytes]) -> Claims:

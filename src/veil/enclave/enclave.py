@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from veil.attest.evidence import Evidence, Kem, VerificationError, report_data
-from veil.attest.wrap import RecipientKey
+from veil.enclave.keys import RecipientKey
 from veil.enclave.measurement import code_measurement
 from veil.enclave.sealed import SealedWeights
 from veil.enclave.simulated import SimulatedPlatform

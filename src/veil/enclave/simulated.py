@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from veil.attest.reports import SIM_MAGIC, SIMULATED, simulated_signed_bytes
+from veil.attest.evidence import SIM_MAGIC, SIMULATED, simulated_signed_bytes
 from veil.enclave.measurement import code_measurement
 
 PLATFORM_KEY_FILE = "simulated-platform.ed25519"

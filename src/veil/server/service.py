@@ -18,9 +18,10 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
+from veil.attest.envelope import WrapHeader
 from veil.attest.evidence import Evidence
 from veil.attest.verifier import Verifier
-from veil.attest.wrap import WrapHeader, wrap
+from veil.attest.wrap import wrap
 from veil.model.generate import GenerationRequest, stream
 from veil.model.loader import LoadedModel
 
