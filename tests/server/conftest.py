@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from veil.cmif.attestation import Policy, Verifier
-from veil.cmif.enclave import EnclaveConfig
-from veil.cmif.enclave_sim import platform_signer
+from veil.attest.verifier import Policy, Verifier
+from veil.enclave.enclave import EnclaveConfig
+from veil.enclave.simulated import platform_signer
 from veil.model.loader import LoadedModel, load_model
 from veil.server.app import create_app
 from veil.server.runner import ServerThread

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from conftest import Served
-from veil.cmif import wire
-from veil.cmif.accountant import BudgetExceededError, PrivacyAccountant
-from veil.cmif.attestation import Evidence
-from veil.cmif.client import CmifClient, ServerError
-from veil.cmif.enclave import Backend, Enclave, open_enclave
-from veil.cmif.neighbours import CandidateSet
-from veil.cmif.partition import PartitionClient, plain_generate, tee_only_generate
+from veil import wire
+from veil.attest.evidence import Evidence
+from veil.client import CmifClient, ServerError
+from veil.enclave.enclave import Backend, Enclave, open_enclave
+from veil.eval.partition import PartitionClient, plain_generate, tee_only_generate
 from veil.model.generate import GenerationRequest, generate
+from veil.privacy.accountant import BudgetExceededError, PrivacyAccountant
+from veil.privacy.neighbours import CandidateSet
 
-pytestmark = pytest.mark.filterwarnings("ignore::veil.cmif.enclave_sim.SimulationModeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::veil.enclave.simulated.SimulationModeWarning")
 PROMPT = "My name is Alice Smith and I live at 42 Baker Street. Where do I live?"
 NEW_TOKENS = 6
 
@@ -47,7 +47,9 @@ def http(served: Served) -> Iterator[httpx.Client]:
 
 
 def test_health(http: httpx.Client) -> None:
-    assert http.get("/health").json() == {"status": "ok", "model": "smollm2-135m-instruct"}
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == "smollm2-135m-instruct"
+    assert health["limits"] == {"max_prompt_tokens": 64, "max_new_tokens": 16}
 
 
 def test_cmif_answer_equals_local_inference_on_sanitized_tokens(
@@ -55,7 +57,9 @@ def test_cmif_answer_equals_local_inference_on_sanitized_tokens(
 ) -> None:
     client = CmifClient(http, enclave, served.loaded.tokenizer, accountant=PrivacyAccountant(100.0))
     client.provision(use_sealed=False)
-    enclave.enable_sanitizer(served.loaded.tokenizer, epsilon=2.0, candidates=CandidateSet.TOP_K, rng=7)
+    enclave.enable_sanitizer(
+        served.loaded.tokenizer, epsilon=2.0, candidates=CandidateSet.TOP_K, rng=7, allow_top_k=True
+    )
     streamed: list[int] = []
     answer = client.generate(PROMPT, max_tokens=NEW_TOKENS, on_token=lambda t, _: streamed.append(t))
     assert answer.sanitized.epsilon_spent > 0 and answer.sanitized.replaced_positions
@@ -76,13 +80,15 @@ def test_sealed_weights_need_no_second_provisioning(
         CmifClient(http, second, served.loaded.tokenizer).provision()
         ids = torch.tensor([[1, 2, 3]])
         assert torch.equal(second.embed(ids), served.loaded.model.embed(ids))
-    assert len(served.requests()) == before
+    assert not [r for r in served.requests()[before:] if r[1].startswith("/v1/cmif/")]  # /health only
 
 
 def test_spent_budget_refuses_before_sending(served: Served, http: httpx.Client, enclave: Enclave) -> None:
     client = CmifClient(http, enclave, served.loaded.tokenizer, accountant=PrivacyAccountant(0.5))
     client.provision()
-    enclave.enable_sanitizer(served.loaded.tokenizer, epsilon=1.0, candidates=CandidateSet.TOP_K, rng=1)
+    enclave.enable_sanitizer(
+        served.loaded.tokenizer, epsilon=1.0, candidates=CandidateSet.TOP_K, rng=1, allow_top_k=True
+    )
     before = len(served.requests())
     with pytest.raises(BudgetExceededError):
         client.generate(PROMPT, max_tokens=2)
@@ -124,7 +130,7 @@ def test_bad_evidence_gets_no_weights(
 
 
 def _tensor(served: Served, t: int, dtype: torch.dtype = torch.float32) -> bytes:
-    return wire.encode(torch.zeros(1, t, served.loaded.config.hidden_size, dtype=dtype))
+    return wire.encode({"embeddings": torch.zeros(1, t, served.loaded.config.hidden_size, dtype=dtype)})
 
 
 @pytest.mark.parametrize(
@@ -132,7 +138,7 @@ def _tensor(served: Served, t: int, dtype: torch.dtype = torch.float32) -> bytes
     [
         ("garbage", 400),
         ("truncated", 400),
-        ("wrong-dtype", 422),
+        ("wrong-dtype", 400),
         ("wrong-hidden", 422),
         ("batch-of-two", 422),
         ("too-long", 422),
@@ -150,11 +156,11 @@ def test_bad_tensors_get_4xx_and_server_stays_up(
         "garbage": b"\x00" * 100,
         "truncated": _tensor(served, 4)[:-3],
         "wrong-dtype": _tensor(served, 4, torch.float16),
-        "wrong-hidden": wire.encode(torch.zeros(1, 4, hidden - 1)),
-        "batch-of-two": wire.encode(torch.zeros(2, 4, hidden)),
+        "wrong-hidden": wire.encode({"embeddings": torch.zeros(1, 4, hidden - 1)}),
+        "batch-of-two": wire.encode({"embeddings": torch.zeros(2, 4, hidden)}),
         "too-long": _tensor(served, 65),
         "empty-prompt": _tensor(served, 0),
-        "not-finite": wire.encode(torch.full((1, 2, hidden), float("nan"))),
+        "not-finite": wire.encode({"embeddings": torch.full((1, 2, hidden), float("nan"))}),
         "oversized": _tensor(served, 200),
         "too-many-tokens": _tensor(served, 4),
     }
@@ -171,9 +177,25 @@ def test_bad_provisioning_requests(http: httpx.Client, body: bytes) -> None:
     assert 400 <= response.status_code < 500 and "error" in response.json()
 
 
-def test_bad_generate_error_reaches_client(served: Served, http: httpx.Client, enclave: Enclave) -> None:
+@pytest.mark.parametrize(("prompt", "max_tokens"), [(list(range(1, 70)), 2), ([], 2), (PROMPT, 1000)])
+def test_bad_requests_are_refused_before_charging(
+    served: Served, http: httpx.Client, enclave: Enclave, prompt: object, max_tokens: int
+) -> None:
+    """Issue 12: the client charged epsilon, then the server refused the request (--max-tokens 1000)."""
+    accountant = PrivacyAccountant(100.0)
+    client = CmifClient(http, enclave, served.loaded.tokenizer, accountant=accountant)
+    client.provision()
+    enclave.enable_sanitizer(served.loaded.tokenizer, epsilon=1.0, rng=1)
+    before = len(served.requests())
+    with pytest.raises(ValueError):
+        client.generate(prompt, max_tokens=max_tokens)  # type: ignore[arg-type]
+    assert accountant.spent("default") == 0.0 and len(served.requests()) == before
+
+
+def test_server_refusal_reaches_the_client(served: Served, http: httpx.Client, enclave: Enclave) -> None:
     client = CmifClient(http, enclave, served.loaded.tokenizer)
     client.provision()
+    client._limits = {"max_prompt_tokens": 1000, "max_new_tokens": 16}  # a client that trusts too much
     with pytest.raises(ServerError) as info:
         client.generate(list(range(1, 70)), max_tokens=2, sanitize=False)
     assert info.value.status == 422
@@ -189,15 +211,16 @@ def test_plain_completions_match_local(served: Served, http: httpx.Client) -> No
     assert http.post("/v1/completions", json={"prompt": [10**9], "max_tokens": 2}).status_code == 400
 
 
-def test_baselines_compute_the_same_answer(served: Served, http: httpx.Client) -> None:
+def test_baselines_compute_the_same_answer(served: Served, http: httpx.Client, enclave: Enclave) -> None:
     ids = served.loaded.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     expected = _local(served, ids, 4)
     assert tee_only_generate(served.loaded, ids, max_tokens=4).token_ids == expected
-    result = PartitionClient(http, served.loaded).generate(ids, max_tokens=4)
+    CmifClient(http, enclave, served.loaded.tokenizer).provision(use_sealed=False)
+    result = PartitionClient(http, served.loaded, enclave.session_token).generate(ids, max_tokens=4)
     assert result.token_ids == expected
     layers = served.loaded.config.num_layers
-    assert result.meter.round_trips == (4 * layers + 1) * len(expected)  # 4 per layer and the head, per step
-    assert (
-        http.post(f"/v1/partition/{layers}/wqkv", content=wire.encode(torch.zeros(1, 1, 4))).status_code
-        == 400
-    )
+    assert served.loaded.config.tie_word_embeddings  # the head runs in the enclave
+    assert result.meter.round_trips == 4 * layers * len(expected)  # 4 per layer, per step
+    attested = {"authorization": f"Bearer {enclave.session_token.hex()}"}
+    x = wire.encode({"x": torch.zeros(1, 1, 4)})
+    assert http.post(f"/v1/partition/{layers}/wqkv", content=x, headers=attested).status_code == 400

@@ -20,15 +20,16 @@ from typing import Any
 
 import httpx
 
+from veil.attest.verifier import Policy, Verifier
 from veil.bench.report import emit_json, print_table, progress
 from veil.bench.split_projection import H100, LLAMA2_7B, SGX_CLIENT, WAN, ModelShape, project
-from veil.cmif.attestation import Policy, Verifier
-from veil.cmif.client import CmifClient
-from veil.cmif.enclave import Backend, EnclaveConfig, open_enclave
-from veil.cmif.enclave_sim import platform_signer
-from veil.cmif.neighbours import CandidateSet
-from veil.cmif.partition import PartitionClient, Result, plain_generate, tee_only_generate
+from veil.client import CmifClient
+from veil.enclave.enclave import Backend, EnclaveConfig, open_enclave
+from veil.enclave.simulated import platform_signer
+from veil.errors import UsageError
+from veil.eval.partition import PartitionClient, Result, plain_generate, tee_only_generate
 from veil.model.loader import LoadedModel, load_model
+from veil.privacy.neighbours import CandidateSet
 from veil.server.app import create_app
 from veil.server.runner import ServerThread
 from veil.server.service import InferenceService, Limits
@@ -55,11 +56,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="interleaved rounds of plain, CMIF and TEE-only; the median is kept (default 3)",
     )
     parser.add_argument(
-        "--candidates", choices=[c.value for c in CandidateSet], default=CandidateSet.TOP_K.value
+        "--candidates", choices=[c.value for c in CandidateSet], default=CandidateSet.GROUPS.value
+    )
+    parser.add_argument(
+        "--allow-top-k",
+        action="store_true",
+        help="accept --candidates top-k, which gives no DP bound between two tokens (charged as unbounded)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.candidates == CandidateSet.TOP_K.value and not args.allow_top_k:
+        raise UsageError("--candidates top-k gives no DP bound between tokens; add --allow-top-k to accept")
     loaded = load_model(progress=False)
     ids = (loaded.tokenizer(TEXT * 20, add_special_tokens=False)["input_ids"])[: args.prompt_tokens]
     measured = _measure_all(loaded, ids, args)
@@ -108,8 +116,12 @@ def _measure_all(loaded: LoadedModel, ids: list[int], args: argparse.Namespace) 
         ):
             client = CmifClient(http, enclave, loaded.tokenizer)
             client.provision(use_sealed=False)
+            session = enclave.session_token
             enclave.enable_sanitizer(
-                loaded.tokenizer, epsilon=args.epsilon, candidates=CandidateSet(args.candidates)
+                loaded.tokenizer,
+                epsilon=args.epsilon,
+                candidates=CandidateSet(args.candidates),
+                allow_top_k=args.allow_top_k,
             )
             n = args.new_tokens
             plain_generate(http, ids[:8], max_tokens=2)  # warm up the server path
@@ -117,7 +129,7 @@ def _measure_all(loaded: LoadedModel, ids: list[int], args: argparse.Namespace) 
                 "plain": lambda: plain_generate(http, ids, max_tokens=n),
                 "cmif": lambda: _cmif(client, ids, n),
                 "tee_only": lambda: tee_only_generate(loaded, ids, max_tokens=n),
-                "partition": lambda: PartitionClient(http, loaded).generate(ids, max_tokens=n),
+                "partition": lambda: PartitionClient(http, loaded, session).generate(ids, max_tokens=n),
             }
             samples: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
             for round_index in range(max(1, args.repeats)):

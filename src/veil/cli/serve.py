@@ -8,10 +8,10 @@ import warnings
 
 import uvicorn
 
-from veil.cmif.attestation import Policy, Verifier
-from veil.cmif.enclave import EnclaveConfig, default_cache_dir
-from veil.cmif.enclave_reports import fingerprint
-from veil.cmif.enclave_sim import platform_signer
+from veil.attest.reports import fingerprint
+from veil.attest.verifier import Policy, Verifier
+from veil.enclave.enclave import EnclaveConfig, default_cache_dir
+from veil.enclave.simulated import platform_signer
 from veil.errors import UsageError
 from veil.model.loader import load_model
 from veil.server.app import create_app
@@ -36,6 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="HEX",
         help="a report signer to trust: Ed25519 raw key or DER SPKI, hex (repeatable)",
+    )
+    parser.add_argument(
+        "--accept-rtmrs",
+        action="append",
+        default=[],
+        metavar="HEX",
+        help="TDX: accepted RTMR0..3 concatenated (192 bytes hex, repeatable); without it no TD gets weights",
     )
     parser.add_argument(
         "--allow-simulated",
@@ -67,8 +74,11 @@ def _policy(args: argparse.Namespace, config: EnclaveConfig) -> Policy:
     try:
         measurements = {bytes.fromhex(m) for m in args.accept_measurement}
         signers = {bytes.fromhex(s) for s in args.trust_signer}
+        rtmrs = {bytes.fromhex(r) for r in args.accept_rtmrs}
     except ValueError as exc:
-        raise UsageError(f"measurements and signers are hex strings: {exc}") from None
+        raise UsageError(f"measurements, signers and RTMRs are hex strings: {exc}") from None
+    if any(len(r) != 192 for r in rtmrs):
+        raise UsageError("--accept-rtmrs takes RTMR0..3 concatenated: 192 bytes (384 hex digits)")
     if args.allow_simulated:
         warnings.warn("SIMULATION MODE accepted: simulated enclaves get the weights", stacklevel=1)
         print(
@@ -81,4 +91,9 @@ def _policy(args: argparse.Namespace, config: EnclaveConfig) -> Policy:
         print("veil: no accepted measurement or trusted signer: provisioning is disabled", file=sys.stderr)
     for signer in sorted(signers):
         print(f"veil: trusting signer {fingerprint(signer)}", file=sys.stderr)
-    return Policy(frozenset(measurements), frozenset(signers), allow_simulated=args.allow_simulated)
+    return Policy(
+        frozenset(measurements),
+        frozenset(signers),
+        allow_simulated=args.allow_simulated,
+        accepted_rtmrs=frozenset(rtmrs),
+    )

@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from veil.cmif.baselines import corpus_counts
-from veil.cmif.neighbours import stderr_progress
-from veil.cmif.vocabulary import Vocabulary
 from veil.eval import data
 from veil.eval.attack import KnnInverter
+from veil.eval.baselines import corpus_counts
 from veil.eval.mechanisms import MECHANISMS, Context, MechanismSpec, PromptSanitizer, originals
 from veil.eval.utility import MiniLMFeatures, ZeroShot, probe_accuracy
+from veil.privacy.neighbours import stderr_progress
+from veil.privacy.vocabulary import Vocabulary
 
 
 @dataclass(frozen=True)

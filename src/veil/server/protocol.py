@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from veil.server.service import Limits
 
@@ -24,6 +24,17 @@ class CompletionRequest(BaseModel):
     model: str | None = None
     prompt: str | list[int]
     max_tokens: int = Field(16, ge=1)
+
+    @classmethod
+    def parse(cls, raw: bytes, limits: Limits) -> CompletionRequest:
+        """Parse a body already bounded by `limits.json_body_bytes`; 422 names what is wrong."""
+        try:
+            body = cls.model_validate_json(raw)
+        except ValidationError as exc:
+            raise ApiError(422, f"invalid request: {exc.errors(include_url=False)[:3]}") from None
+        if body.max_tokens > limits.max_new_tokens:
+            raise ApiError(400, f"max_tokens must be <= {limits.max_new_tokens}")
+        return body
 
     def prompt_ids(self, tokenizer: Any, limits: Limits) -> list[int]:
         """Token ids of the prompt (tokenized here if text), checked against `limits`."""

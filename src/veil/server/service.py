@@ -18,8 +18,10 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
-from veil.cmif.attestation import Evidence, Verifier
-from veil.cmif.provisioning import WrapHeader, wrap_weights
+from veil.attest.envelope import WrapHeader
+from veil.attest.evidence import Evidence
+from veil.attest.verifier import Verifier
+from veil.attest.wrap import wrap
 from veil.model.generate import GenerationRequest, stream
 from veil.model.loader import LoadedModel
 
@@ -36,6 +38,12 @@ class Limits:
     max_prompt_tokens: int = 1024  # T of a prompt, ids or embeddings
     max_new_tokens: int = 256  # tokens generated per request
     max_body_bytes: int = 8 << 20  # any request body
+    max_dim: int = 1 << 16  # any one dimension of a tensor in a request body
+
+    @property
+    def json_body_bytes(self) -> int:
+        """A JSON body's limit: room for the longest prompt as text or as ids, never megabytes."""
+        return max(64 << 10, 32 * self.max_prompt_tokens)
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ class InferenceService:
         self.limits = limits
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-model")
         self.compute_s = 0.0  # time spent inside model calls, for the benchmark's accounting
+        # embeddings a client sends are rows of this table: nothing larger is a real prompt
+        self.embedding_bound = float(loaded.model.embed_tokens.weight.detach().abs().max()) * 1.01
 
     def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
@@ -107,14 +117,15 @@ class InferenceService:
             if token_id in self.loaded.config.eos_token_ids:
                 return
 
-    def provision(self, verifier: Verifier, evidence: Evidence) -> bytes:
-        """Verify `evidence` (raises `VerificationError`) and wrap the embedding table for its key."""
+    def provision(self, verifier: Verifier, evidence: Evidence, session: bytes = b"") -> bytes:
+        """Verify `evidence` (raises `VerificationError`) and wrap the embedding table (and a session
+        token) for its key. Takes about a second for a 100 MB table: call it off the event loop."""
         verified = verifier.verify(evidence)
         weights = self.loaded.model.embed_tokens.weight.detach()
         header = WrapHeader(
-            self.model_id, tuple(weights.shape), verifier.policy.digest(), verified.measurement
+            self.model_id, tuple(weights.shape), verifier.policy.digest(), verified.measurement, verified.kem
         )
-        return wrap_weights(weights, verified.public_key, header).to_bytes()
+        return wrap(weights, verified.public_key, header, session=session)
 
     def linear(self, layer: int, op: str, x: torch.Tensor) -> torch.Tensor:
         """One linear map of one decoder layer: the server half of the per-layer partition baseline."""
