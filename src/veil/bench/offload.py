@@ -150,7 +150,7 @@ def _measure(
         rates[label] = point.tokens / elapsed
     host_bytes = layer_numel * torch.empty((), dtype=dtype.torch).element_size()
     seal_per_layer = host_bytes / (core.seal * 1e9)
-    bound_per_layer = sealed_layer_bound_s(compute_per_layer, host_bytes, core, os.cpu_count() or 1)
+    bound_per_layer = sealed_layer_bound_s(compute_per_layer, host_bytes, core)
     bound = point.tokens / (max(plain_outside_layers_s, 0.0) + plain_layers * bound_per_layer)
     gap = rates["plain"] - rates["cc"]
     return {
@@ -175,17 +175,18 @@ def _measure(
     }
 
 
-def sealed_layer_bound_s(compute_s: float, layer_bytes: int, core: CoreRates, cores: int) -> float:
-    """The shortest time any sealed transport could take per streamed layer on `cores` cores.
+def sealed_layer_bound_s(compute_s: float, layer_bytes: int, core: CoreRates) -> float:
+    """The shortest time any sealed transport could take per streamed layer on this machine.
 
     A layer's compute (one thread), and its weights' seal, open and three copies
     (`CoreRates.sealed_transfer_core_seconds`) must all run somewhere: per layer that is at least the
-    total core-seconds spread over every core, at least the compute itself, and at least what the one
+    total core-seconds spread over the cores the machine delivers in parallel (`CoreRates.parallel`,
+    measured: at most the core count), at least the compute itself, and at least what the one
     copy-engine thread must do in order (open and two copies).
     """
     transfer = core.sealed_transfer_core_seconds(layer_bytes)
     copy_engine_chain = layer_bytes * (1 / core.open + 2 / core.copy) / 1e9
-    return max(compute_s, copy_engine_chain, (compute_s + transfer) / cores)
+    return max(compute_s, copy_engine_chain, (compute_s + transfer) / core.parallel)
 
 
 def _prompt_ids(loaded: LoadedModel, num_tokens: int) -> list[int]:

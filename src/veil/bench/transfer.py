@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,11 +80,15 @@ class CoreRates:
         seal: `AESGCM.encrypt_into`.
         open: `AESGCM.decrypt_into` (tag checked).
         copy: the byte copy the channel uses (numpy, GIL released).
+        parallel: how many single cores' worth of sealing the machine delivers when every core seals
+            at once (aggregate over single-thread rate; at most the core count). Shared or throttled
+            cores, and memory bandwidth, keep it below the count.
     """
 
     seal: float
     open: float
     copy: float
+    parallel: float = 1.0
 
     def sealed_transfer_core_seconds(self, nbytes: int) -> float:
         """Core-seconds of work one sealed transfer of `nbytes` needs at minimum on this machine.
@@ -96,11 +101,30 @@ class CoreRates:
 
 def core_rates(repeats: int = 3) -> CoreRates:
     """Measure `CoreRates` on this machine now (about a second)."""
+    seal = _median_gbps(_RAW_BYTES, _raw_aesgcm(), repeats)
     return CoreRates(
-        seal=_median_gbps(_RAW_BYTES, _raw_aesgcm(), repeats),
+        seal=seal,
         open=_median_gbps(_RAW_BYTES, _raw_open(), repeats),
         copy=_median_gbps(_RAW_BYTES, _byte_copy(), repeats),
+        parallel=_parallel_scaling(seal, os.cpu_count() or 1),
     )
+
+
+def _parallel_scaling(single_gbps: float, threads: int) -> float:
+    """Aggregate sealing rate of `threads` threads at once, in units of one thread's rate."""
+    if threads < 2:
+        return 1.0
+    work = [_raw_aesgcm() for _ in range(threads)]
+    for seal_all in work:
+        seal_all()  # warm up
+    pool = [threading.Thread(target=seal_all) for seal_all in work]
+    start = time.perf_counter()
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    aggregate = _gbps(threads * _RAW_BYTES, time.perf_counter() - start)
+    return round(min(float(threads), aggregate / single_gbps), 2)
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
