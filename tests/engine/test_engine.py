@@ -105,6 +105,8 @@ def test_a_prompt_that_can_never_fit_is_rejected(tiny: Llama) -> None:
     with LLMEngine(tiny, EngineConfig(num_device_blocks=4, block_size=4)) as engine:
         with pytest.raises(ValueError, match=r"20 KV slots .* the device has 4 blocks \(16 slots\)"):
             engine.add_request([1] * 15, SamplingParams(max_tokens=6))
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 101\)"):
+            engine.add_request([1, 101])
         assert not engine.has_unfinished()
 
 

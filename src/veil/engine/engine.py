@@ -167,9 +167,12 @@ class LLMEngine:
         """Queue a request; returns its id.
 
         Raises:
-            ValueError: if the prompt is empty, or can never fit in the device's KV blocks with its
-                max_tokens.
+            ValueError: if the prompt is empty, holds a token id outside [0, vocab_size), or can never
+                fit in the device's KV blocks with its max_tokens.
         """
+        vocab_size = self.model.config.vocab_size
+        if any(not 0 <= token < vocab_size for token in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
         params = params or SamplingParams()
         stops = self.eos_token_ids if params.stop_token_ids is None else frozenset(params.stop_token_ids)
         seq = Sequence(next(self._ids), list(prompt_token_ids), params, stop_token_ids=stops)
