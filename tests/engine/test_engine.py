@@ -134,6 +134,7 @@ def test_the_engine_must_be_started(tiny: Llama) -> None:
     engine.add_request([1, 2], SamplingParams(max_tokens=2))
     with pytest.raises(RuntimeError, match="not started"):
         engine.step()
+    assert engine.scheduler.waiting and engine.block_manager.device.num_free == 4  # nothing scheduled
 
 
 def test_device_memory_sets_the_block_count(tiny: Llama) -> None:

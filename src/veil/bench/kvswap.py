@@ -5,7 +5,9 @@ the device's KV blocks cut to fractions (`--levels`) of what the set needs at it
 preempts by swapping; every swap is one transport transfer per block. Per level: tokens/s of each
 transport (generated tokens over the run, start-up excluded), preemptions, bytes swapped each way, the
 pipellm predictor's hit rate over swap-ins, `gap_closure` = (pipellm - cc) / (plain - cc),
-`pipellm_vs_cc` = pipellm / cc, `outputs_identical` across transports, and the two per-step figures
+`pipellm_vs_cc` = pipellm / cc, `outputs_identical` across transports, the same run preempting by
+recompute instead (`recompute`: nothing crosses, the preempted tokens are prefilled again;
+`swap_vs_recompute_cc` > 1 says swapping wins under cc), and the two per-step figures
 that say whether sealing can hide at all on this machine: compute per step (plain) against sealing and
 opening that step's swapped bytes at the single-core AES-GCM rate measured in the same run.
 """
@@ -29,6 +31,7 @@ from veil.cc.transport import TransportKind
 from veil.engine.block_manager import BlockManager
 from veil.engine.engine import EngineConfig, LLMEngine
 from veil.engine.offload import compute_threads_beside_device
+from veil.engine.scheduler import PreemptionMode
 from veil.errors import UsageError
 from veil.model.loader import LoadedModel, load_model
 
@@ -37,6 +40,7 @@ HELP = "KV-cache swapping tokens/s under plain, cc and pipellm at two memory-pre
 
 KINDS = (TransportKind.PLAIN, TransportKind.CC, TransportKind.PIPELLM)
 BLOCK_SIZE = 16
+RECOMPUTE = "recompute"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +77,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result)
     else:
-        keys = ("device_blocks", "plain", "cc", "pipellm", "gap_closure", "pipellm_vs_cc", "preemptions")
+        keys = (
+            "device_blocks",
+            "plain",
+            "cc",
+            "pipellm",
+            RECOMPUTE,
+            "gap_closure",
+            "pipellm_vs_cc",
+            "preemptions",
+        )
         print_table(["level", *keys], [[lv["fraction"], *(lv[k] for k in keys)] for lv in levels])
         print(f"\nwrote {out_dir / 'result.json'} and {out_dir / 'kvswap.png'}")
     return 0
@@ -91,6 +104,15 @@ def _level(
         )
         details[kind.value], out = _measure(loaded, requests, config)
         outputs.append(out)
+    progress(f"bench kvswap: {fraction} of peak ({blocks} blocks), recompute")
+    recompute = EngineConfig(
+        transport=TransportKind.CC,
+        block_size=BLOCK_SIZE,
+        num_device_blocks=blocks,
+        preemption_mode=PreemptionMode.RECOMPUTE,
+    )
+    details[RECOMPUTE], out = _measure(loaded, requests, recompute)
+    outputs.append(out)
     plain, cc, pipellm = (details[k.value]["tokens_per_s"] for k in KINDS)
     base = details[TransportKind.PLAIN.value]
     swapped_per_step = (base["bytes_swapped_out"] + base["bytes_swapped_in"]) / base["steps"]
@@ -103,6 +125,8 @@ def _level(
         "pipellm": pipellm,
         "gap_closure": (pipellm - cc) / (plain - cc) if plain > cc else None,
         "pipellm_vs_cc": pipellm / cc,
+        "recompute": details[RECOMPUTE]["tokens_per_s"],  # preempting by recompute: no KV crosses
+        "swap_vs_recompute_cc": cc / details[RECOMPUTE]["tokens_per_s"],  # > 1: swapping wins under cc
         "outputs_identical": all(out == outputs[0] for out in outputs),
         "preemptions": base["preemptions"],
         "bytes_swapped_out": base["bytes_swapped_out"],
@@ -162,10 +186,10 @@ def _plot(levels: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.25
-    for i, kind in enumerate(KINDS):
-        xs = [j + (i - 1) * width for j in range(len(levels))]
-        ax.bar(xs, [lv[kind.value] for lv in levels], width, label=kind.value)
+    width = 0.2
+    for i, label in enumerate([*(kind.value for kind in KINDS), RECOMPUTE]):
+        xs = [j + (i - 1.5) * width for j in range(len(levels))]
+        ax.bar(xs, [lv[label] for lv in levels], width, label=label)
     ax.set_xticks(
         range(len(levels)),
         [f"{lv['fraction']:.0%} of peak KV\n({lv['device_blocks']} blocks)" for lv in levels],

@@ -190,8 +190,9 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, sample, and report each request that got a token."""
+        runner = self.runner  # raises before anything is scheduled if the engine is not started
         plan = self.scheduler.schedule()
-        logits = self.runner.execute(plan)
+        logits = runner.execute(plan)
         sampled = {seq_id: int(self._samplers[seq_id](row[None])[0]) for seq_id, row in logits.items()}
         outputs = [self._output(seq) for seq in self.scheduler.postprocess(plan, sampled)]
         self._count(plan, outputs)
