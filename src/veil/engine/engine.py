@@ -189,7 +189,13 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample, and report each request that got a token."""
+        """Schedule, run the model, sample, and report each request that got a token.
+
+        Raises:
+            RuntimeError: if the engine is not started.
+            IntegrityError: if a swapped block fails to authenticate (cc, pipellm); the step's plan
+                is then half done, so close the engine.
+        """
         runner = self.runner  # raises before anything is scheduled if the engine is not started
         plan = self.scheduler.schedule()
         logits = runner.execute(plan)
