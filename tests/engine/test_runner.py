@@ -9,8 +9,8 @@ from veil.cc.device import Device
 from veil.cc.transport import TransportKind
 from veil.engine.block_manager import BlockManager, BlockMove
 from veil.engine.request import Sequence
-from veil.engine.runner import ModelRunner, kv_block_bytes
-from veil.engine.scheduler import Scheduler, SchedulerConfig
+from veil.engine.runner import ModelRunner, kv_block_bytes, padding_bounded_groups
+from veil.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from veil.engine.weights import ResidentWeights
 from veil.model.llama import Llama
 from veil.model.sampling import SamplingParams
@@ -101,3 +101,14 @@ def test_the_kv_cache_lives_in_the_device_arena(tiny: Llama) -> None:
             ).close()
             with pytest.raises(Exception, match="cannot allocate"):
                 ModelRunner(tiny.config, w, transport, num_device_blocks=4, num_host_blocks=0, block_size=4)
+
+
+def test_prefill_batches_bound_their_padding() -> None:
+    def chunk(n: int) -> ScheduledChunk:
+        return ScheduledChunk(seq_id=n, token_ids=(1,) * n, start=0, block_table=(0,), sample=True)
+
+    groups = padding_bounded_groups([chunk(n) for n in (10, 100, 95, 9, 50, 98)])
+    assert [[len(c.token_ids) for c in g] for g in groups] == [[100, 98, 95], [50], [10, 9]]
+    for group in groups:
+        real = sum(len(c.token_ids) for c in group)
+        assert len(group[0].token_ids) * len(group) <= 1.1 * real

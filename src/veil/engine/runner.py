@@ -28,11 +28,32 @@ from veil.model.paged import PagedBatch, PagedKVCache, paged_context, paged_stor
 from veil.model.rope import Rotary
 
 KV_DTYPE = torch.float32
+PREFILL_MAX_PADDING = 0.1  # a prefill batch computes at most 10% more token positions than it needs
 
 
 def kv_block_bytes(config: ModelConfig, block_size: int) -> int:
     """Bytes of one KV block: keys and values of `block_size` tokens in every layer."""
     return math.prod(paged_storage_shape(config, 1, block_size)) * KV_DTYPE.itemsize
+
+
+def padding_bounded_groups(
+    chunks: list[ScheduledChunk], max_padding: float = PREFILL_MAX_PADDING
+) -> list[list[ScheduledChunk]]:
+    """Split prefill chunks into batches, by length, each padded by at most `max_padding` of its tokens.
+
+    A batch computes every row at its longest row's length: one long prompt beside short ones would
+    multiply the work. Batching prefills buys little on a CPU, so padding is the cost to bound.
+    """
+    groups: list[list[ScheduledChunk]] = []
+    for chunk in sorted(chunks, key=lambda c: len(c.token_ids), reverse=True):
+        group = groups[-1] if groups else None
+        if group and len(group[0].token_ids) * (len(group) + 1) <= (1 + max_padding) * (
+            sum(len(c.token_ids) for c in group) + len(chunk.token_ids)
+        ):
+            group.append(chunk)
+        else:
+            groups.append([chunk])
+    return groups
 
 
 class ModelRunner:
@@ -108,7 +129,7 @@ class ModelRunner:
         decodes = [c for c in out.chunks if len(c.token_ids) == 1]
         logits: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
-            for group in (prefills, decodes):
+            for group in [*padding_bounded_groups(prefills), decodes]:
                 if group:
                     logits.update(self._forward(group))
         return logits
