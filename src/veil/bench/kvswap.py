@@ -4,7 +4,8 @@ One request set (`veil.bench.workload`, every request arriving at once) goes thr
 the device's KV blocks cut to fractions (`--levels`) of what the set needs at its peak, so the scheduler
 preempts by swapping; every swap is one transport transfer per block. Per level: tokens/s of each
 transport (generated tokens over the run, start-up excluded), preemptions, bytes swapped each way, the
-pipellm predictor's hit rate over swap-ins, `gap_closure` = (pipellm - cc) / (plain - cc),
+pipellm predictor's hit rate over swap-ins, `gap_closure` = (pipellm - cc) / (plain - cc) (None
+unless plain beats cc by more than 5%),
 `pipellm_vs_cc` = pipellm / cc, `outputs_identical` across transports, the same run preempting by
 recompute instead (`recompute`: nothing crosses, the preempted tokens are prefilled again;
 `swap_vs_recompute_cc` > 1 says swapping wins under cc), and the two per-step figures
@@ -41,6 +42,7 @@ HELP = "KV-cache swapping tokens/s under plain, cc and pipellm at two memory-pre
 KINDS = (TransportKind.PLAIN, TransportKind.CC, TransportKind.PIPELLM)
 BLOCK_SIZE = 16
 RECOMPUTE = "recompute"
+MIN_GAP = 0.05  # gap_closure is reported only when plain beats cc by more than this (else it is noise)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,7 +125,7 @@ def _level(
         "plain": plain,
         "cc": cc,
         "pipellm": pipellm,
-        "gap_closure": (pipellm - cc) / (plain - cc) if plain > cc else None,
+        "gap_closure": (pipellm - cc) / (plain - cc) if plain > (1 + MIN_GAP) * cc else None,
         "pipellm_vs_cc": pipellm / cc,
         "recompute": details[RECOMPUTE]["tokens_per_s"],  # preempting by recompute: no KV crosses
         "swap_vs_recompute_cc": cc / details[RECOMPUTE]["tokens_per_s"],  # > 1: swapping wins under cc
