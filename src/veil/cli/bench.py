@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
+from veil.bench import kvswap as kvswap_bench
 from veil.bench import model as model_bench
 from veil.bench import offload as offload_bench
+from veil.bench import serve as serve_bench
 from veil.bench import sim as sim_bench
 from veil.bench import split as split_bench
 from veil.bench import stream as stream_bench
@@ -23,6 +25,8 @@ BENCHMARKS: tuple[ModuleType, ...] = (
     split_bench,
     stream_bench,
     sim_bench,
+    serve_bench,
+    kvswap_bench,
 )
 
 

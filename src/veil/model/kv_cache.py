@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from veil.model.config import ModelConfig
+
+
+class LayerKV(Protocol):
+    """What `decoder_layer` needs of a cache: store a step's keys/values, return all it may attend to."""
+
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class KVCache:

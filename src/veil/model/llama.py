@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from veil.model.config import ModelConfig
-from veil.model.kv_cache import KVCache
+from veil.model.kv_cache import KVCache, LayerKV
 from veil.model.rope import Rotary, apply_rotary
 
 
@@ -80,7 +80,7 @@ class StepContext:
     sin: torch.Tensor  # (B, 1, T, head_dim)
     attn_mask: torch.Tensor | None  # (B, 1, T, S) bool, True where a query may attend; None: see is_causal
     is_causal: bool  # no cache history and no padding: plain causal attention
-    cache: KVCache | None
+    cache: LayerKV | None  # a contiguous `KVCache`, or a paged one (veil.model.paged)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -11,12 +11,19 @@ from veil.errors import UsageError
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token. `temperature == 0` is greedy (argmax); the rest then do nothing."""
+    """How to pick each next token, and (for the serving engine) when to stop.
+
+    `temperature == 0` is greedy (argmax); top_k, top_p and seed then do nothing. `max_tokens` and
+    `stop_token_ids` are read by `veil.engine`; the batch loop of `veil.model.generate` takes its limits
+    from its `GenerationRequest` instead.
+    """
 
     temperature: float = 0.0  # softmax temperature; 0 means greedy
     top_k: int = 0  # keep only the k most likely tokens; 0 keeps all
     top_p: float = 1.0  # keep the smallest set whose probability reaches p; 1.0 keeps all
     seed: int | None = None  # seed of the sampling generator; None draws one from the OS
+    max_tokens: int = 16  # tokens to generate at most (engine)
+    stop_token_ids: tuple[int, ...] | None = None  # stop after any of these (kept); None: the model's EOS
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -25,6 +32,8 @@ class SamplingParams:
             raise UsageError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise UsageError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,233 @@
+"""The serving engine: requests in, one token per running request per step out.
+
+`LLMEngine` owns an emulated `Device`, the transport to it, the weights resident in its arena, the
+scheduler and the model runner. A step is: schedule, run (swaps, then the forward pass), sample,
+post-process. Every KV swap crosses the device boundary through the transport, so `plain`, `cc` and
+`pipellm` all apply.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from veil.cc.device import Device
+from veil.cc.transport import TransportKind
+from veil.engine.block_manager import BlockManager
+from veil.engine.request import FinishReason, Sequence
+from veil.engine.runner import ModelRunner, kv_block_bytes
+from veil.engine.scheduler import PreemptionMode, Scheduler, SchedulerConfig, SchedulerOutput
+from veil.engine.weights import ResidentWeights
+from veil.model.llama import Llama
+from veil.model.sampling import Sampler, SamplingParams
+from veil.transports import make_transport
+
+DEFAULT_DEVICE_BLOCKS = 256
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs. The arena holds the weights plus `num_device_blocks` KV blocks; give the
+    block count, or the arena size (the blocks are then what it leaves), or both."""
+
+    transport: TransportKind = TransportKind.PLAIN  # how KV swaps and the weight upload cross
+    block_size: int = 16  # tokens per KV block
+    num_device_blocks: int | None = None  # KV blocks on the device; None: see the class docstring
+    num_host_blocks: int = 64  # KV blocks of host swap space
+    device_memory_bytes: int | None = None  # arena capacity; None: just weights + KV blocks
+    max_num_batched_tokens: int = 2048  # tokens computed per step, prefill and decode together
+    max_num_seqs: int = 64  # requests running at once
+    preemption_mode: PreemptionMode = PreemptionMode.SWAP
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.preemption_mode)
+
+    def geometry(self, model: Llama) -> tuple[int, int]:
+        """(arena bytes, device KV blocks) for `model`.
+
+        Raises:
+            ValueError: if the arena cannot hold the weights and at least one block (or the blocks asked).
+        """
+        weights = ResidentWeights.device_bytes(model)
+        block = kv_block_bytes(model.config, self.block_size)
+        if self.device_memory_bytes is None:
+            blocks = DEFAULT_DEVICE_BLOCKS if self.num_device_blocks is None else self.num_device_blocks
+            return weights + blocks * block, blocks
+        fit = (self.device_memory_bytes - weights) // block
+        blocks = fit if self.num_device_blocks is None else self.num_device_blocks
+        if blocks < 1 or blocks > fit:
+            raise ValueError(
+                f"device memory of {self.device_memory_bytes} bytes holds {max(fit, 0)} KV blocks of "
+                f"{block} bytes after {weights} bytes of weights; need {max(blocks, 1)}"
+            )
+        return self.device_memory_bytes, blocks
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: int
+    new_token_ids: list[int]  # tokens generated in this step
+    finished: bool
+    finish_reason: FinishReason | None  # set when finished
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started."""
+
+    steps: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    blocks_swapped_out: int = 0
+    blocks_swapped_in: int = 0
+    bytes_swapped_out: int = 0
+    bytes_swapped_in: int = 0
+    finished_by: dict[str, int] = field(default_factory=dict)
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache on an emulated confidential device.
+
+    Use as a context manager: entering starts the device and the transport and uploads the weights;
+    leaving waits for transfers in flight and stops them.
+
+    Args:
+        model: the model whose weights to serve (copied to the device on entry).
+        config: engine settings.
+        eos_token_ids: stop tokens of requests whose `stop_token_ids` is None (default: the model's).
+    """
+
+    def __init__(
+        self,
+        model: Llama,
+        config: EngineConfig | None = None,
+        *,
+        eos_token_ids: tuple[int, ...] | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self.capacity_bytes, num_device_blocks = self.config.geometry(model)
+        self.eos_token_ids = frozenset(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.block_manager = BlockManager(
+            num_device_blocks=num_device_blocks,
+            num_host_blocks=self.config.num_host_blocks,
+            block_size=self.config.block_size,
+        )
+        self.scheduler = Scheduler(self.config.scheduler_config(), self.block_manager)
+        self.stats = EngineStats()
+        self._runner: ModelRunner | None = None
+        self._stack = ExitStack()
+        self._samplers: dict[int, Sampler] = {}
+        self._hinted: set[int] = set()
+        self._ids = itertools.count()
+
+    # lifecycle -------------------------------------------------------------------------------------
+    def __enter__(self) -> LLMEngine:
+        if self._runner is not None:
+            raise RuntimeError("the engine is already started")
+        with ExitStack() as stack:
+            device = stack.enter_context(Device(capacity_bytes=self.capacity_bytes, name="veil-engine"))
+            transport = stack.enter_context(make_transport(self.config.transport, device))
+            weights = stack.enter_context(ResidentWeights(self.model, transport))
+            self._runner = stack.enter_context(
+                ModelRunner(
+                    self.model.config,
+                    weights,
+                    transport,
+                    num_device_blocks=self.block_manager.device.num_blocks,
+                    num_host_blocks=self.block_manager.host.num_blocks,
+                    block_size=self.block_manager.block_size,
+                )
+            )
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the runner, free the weights, stop the transport and the device (idempotent)."""
+        self._runner = None
+        self._stack.close()
+
+    @property
+    def runner(self) -> ModelRunner:
+        if self._runner is None:
+            raise RuntimeError("the engine is not started; use it as a context manager")
+        return self._runner
+
+    # requests --------------------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> int:
+        """Queue a request; returns its id.
+
+        Raises:
+            ValueError: if the prompt is empty, holds a token id outside [0, vocab_size), or can never
+                fit in the device's KV blocks with its max_tokens.
+        """
+        vocab_size = self.model.config.vocab_size
+        if any(not 0 <= token < vocab_size for token in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+        params = params or SamplingParams()
+        stops = self.eos_token_ids if params.stop_token_ids is None else frozenset(params.stop_token_ids)
+        seq = Sequence(next(self._ids), list(prompt_token_ids), params, stop_token_ids=stops)
+        self.scheduler.add(seq)
+        self._samplers[seq.seq_id] = Sampler(params)
+        return seq.seq_id
+
+    def abort(self, request_id: int) -> bool:
+        """Stop a request and free its KV blocks; False if it was not in flight."""
+        self._samplers.pop(request_id, None)
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample, and report each request that got a token.
+
+        Raises:
+            RuntimeError: if the engine is not started.
+            IntegrityError: if a swapped block fails to authenticate (cc, pipellm); the step's plan
+                is then half done, so close the engine.
+        """
+        runner = self.runner  # raises before anything is scheduled if the engine is not started
+        plan = self.scheduler.schedule()
+        logits = runner.execute(plan)
+        sampled = {seq_id: int(self._samplers[seq_id](row[None])[0]) for seq_id, row in logits.items()}
+        outputs = [self._output(seq) for seq in self.scheduler.postprocess(plan, sampled)]
+        self._count(plan, outputs)
+        self._hint_next_swap_in()
+        return outputs
+
+    # helpers ---------------------------------------------------------------------------------------
+    def _output(self, seq: Sequence) -> RequestOutput:
+        if seq.finished:
+            self._samplers.pop(seq.seq_id, None)
+        return RequestOutput(seq.seq_id, seq.output_token_ids[-1:], seq.finished, seq.finish_reason)
+
+    def _hint_next_swap_in(self) -> None:
+        """Name the host blocks of the request that will swap in first (PipeLLM seals them ahead)."""
+        swapped = self.scheduler.swapped
+        if swapped and swapped[0].seq_id not in self._hinted:
+            self._hinted.add(swapped[0].seq_id)
+            self.runner.hint_swap_in(self.block_manager.host_table(swapped[0].seq_id))
+        self._hinted.intersection_update(seq.seq_id for seq in swapped)
+
+    def _count(self, plan: SchedulerOutput, outputs: list[RequestOutput]) -> None:
+        s, block_bytes = self.stats, self.runner.block_bytes
+        s.steps += 1
+        s.generated_tokens += len(outputs)
+        s.preemptions += len(plan.preempted)
+        s.blocks_swapped_out += len(plan.swap_out)
+        s.blocks_swapped_in += len(plan.swap_in)
+        s.bytes_swapped_out += len(plan.swap_out) * block_bytes
+        s.bytes_swapped_in += len(plan.swap_in) * block_bytes
+        for out in outputs:
+            if out.finish_reason is not None:
+                s.finished_by[out.finish_reason.value] = s.finished_by.get(out.finish_reason.value, 0) + 1

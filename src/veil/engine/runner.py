@@ -1,0 +1,170 @@
+"""The model runner: the only piece of the engine that touches the model and moves KV bytes.
+
+It owns the paged KV cache, one device buffer laid out block-major (see `veil.model.paged`), and the
+host swap space, one `HostBuffer` per host block (each its own source for PipeLLM's predictors). A
+step is: swap-outs (one `transport.d2h` per block), swap-ins (one `transport.h2d` per block), a fence
+so the copy engine is done with those blocks, then one batched forward for the prefill chunks and one
+for the decodes, and the head only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from types import TracebackType
+
+import torch
+import torch.nn.functional as F
+
+from veil.cc.host import HostBuffer
+from veil.cc.stream import Event
+from veil.cc.transport import Transport
+from veil.engine.block_manager import BlockMove
+from veil.engine.scheduler import ScheduledChunk, SchedulerOutput
+from veil.engine.weights import WeightSource
+from veil.model.config import ModelConfig
+from veil.model.llama import decoder_layer, lm_head
+from veil.model.paged import PagedBatch, PagedKVCache, paged_context, paged_storage_shape
+from veil.model.rope import Rotary
+
+KV_DTYPE = torch.float32
+PREFILL_MAX_PADDING = 0.1  # a prefill batch computes at most 10% more token positions than it needs
+
+
+def kv_block_bytes(config: ModelConfig, block_size: int) -> int:
+    """Bytes of one KV block: keys and values of `block_size` tokens in every layer."""
+    return math.prod(paged_storage_shape(config, 1, block_size)) * KV_DTYPE.itemsize
+
+
+def padding_bounded_groups(
+    chunks: list[ScheduledChunk], max_padding: float = PREFILL_MAX_PADDING
+) -> list[list[ScheduledChunk]]:
+    """Split prefill chunks into batches, by length, each padded by at most `max_padding` of its tokens.
+
+    A batch computes every row at its longest row's length: one long prompt beside short ones would
+    multiply the work. Batching prefills buys little on a CPU, so padding is the cost to bound.
+    """
+    groups: list[list[ScheduledChunk]] = []
+    for chunk in sorted(chunks, key=lambda c: len(c.token_ids), reverse=True):
+        group = groups[-1] if groups else None
+        if group and len(group[0].token_ids) * (len(group) + 1) <= (1 + max_padding) * (
+            sum(len(c.token_ids) for c in group) + len(chunk.token_ids)
+        ):
+            group.append(chunk)
+        else:
+            groups.append([chunk])
+    return groups
+
+
+class ModelRunner:
+    """Runs scheduled steps over a paged KV cache in the device arena.
+
+    Args:
+        config: the model's shape.
+        weights: device weights, one layer at a time.
+        transport: moves swapped blocks; its device holds the KV cache.
+        num_device_blocks, num_host_blocks, block_size: the block manager's geometry.
+
+    Raises:
+        DeviceOutOfMemory: if the arena cannot hold `num_device_blocks` blocks.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: WeightSource,
+        transport: Transport,
+        *,
+        num_device_blocks: int,
+        num_host_blocks: int,
+        block_size: int,
+    ) -> None:
+        self.config = config
+        self.weights = weights
+        self.transport = transport
+        self.block_size = block_size
+        self.block_bytes = kv_block_bytes(config, block_size)
+        self.kv = transport.device.empty(paged_storage_shape(config, num_device_blocks, block_size), KV_DTYPE)
+        self.kv.tensor.zero_()  # masked keys are still multiplied by zero: they must not be NaN
+        block_shape = paged_storage_shape(config, 1, block_size)[1:]  # (layers, 2, bs, KV, hd)
+        self.host = [HostBuffer.empty(block_shape, KV_DTYPE) for _ in range(num_host_blocks)]
+        self._swapping_out: dict[int, Event] = {}  # host block -> its d2h
+        self.rotary = Rotary(config)
+
+    # swapping --------------------------------------------------------------------------------------
+    def swap(self, swap_out: Sequence[BlockMove], swap_in: Sequence[BlockMove]) -> None:
+        """Carry out the plans; on return the device blocks involved are free to compute on."""
+        for move in swap_out:
+            self._swapping_out[move.dst] = self.transport.d2h(
+                self.kv, self.host[move.dst], src_offset=move.src * self.block_bytes, nbytes=self.block_bytes
+            )
+        arrivals = []
+        for move in swap_in:
+            departed = self._swapping_out.pop(move.src, None)
+            if departed is not None:
+                departed.wait()  # the block must be in host memory before it goes back
+            arrivals.append(
+                self.transport.h2d(
+                    self.host[move.src],
+                    self.kv,
+                    dst_offset=move.dst * self.block_bytes,
+                    nbytes=self.block_bytes,
+                )
+            )
+        if swap_out:  # the copy engine runs in order: once it idles, every swapped-out block was read
+            self.transport.device.copy_engine.submit(lambda: None).wait()
+        for event in arrivals:
+            event.wait()
+
+    def hint_swap_in(self, host_blocks: Sequence[int]) -> None:
+        """Tell the transport these host blocks are the next to come back."""
+        for block in host_blocks:
+            self.transport.hint(self.host[block], nbytes=self.block_bytes)
+
+    # compute ---------------------------------------------------------------------------------------
+    def execute(self, out: SchedulerOutput) -> dict[int, torch.Tensor]:
+        """Run one scheduled step; returns last-position logits (vocab,) of every sampling sequence."""
+        self.swap(out.swap_out, out.swap_in)
+        prefills = [c for c in out.chunks if len(c.token_ids) > 1]
+        decodes = [c for c in out.chunks if len(c.token_ids) == 1]
+        logits: dict[int, torch.Tensor] = {}
+        with torch.inference_mode():
+            for group in [*padding_bounded_groups(prefills), decodes]:
+                if group:
+                    logits.update(self._forward(group))
+        return logits
+
+    def _forward(self, chunks: list[ScheduledChunk]) -> dict[int, torch.Tensor]:
+        lengths = [len(c.token_ids) for c in chunks]
+        batch = PagedBatch.build(
+            [c.start for c in chunks], lengths, [c.block_table for c in chunks], self.block_size
+        )
+        ids = torch.zeros(batch.positions.shape, dtype=torch.long)  # (B, T), padding with token 0
+        for row, chunk in enumerate(chunks):
+            ids[row, : lengths[row]] = torch.tensor(chunk.token_ids)
+        hidden = F.embedding(ids, self.weights.embedding)  # (B, T, hidden)
+        ctx = paged_context(self.rotary, batch, PagedKVCache(self.kv.tensor, batch))
+        for layer in range(self.config.num_layers):
+            hidden = decoder_layer(hidden, self.weights.layer(layer), ctx, layer, self.config)
+        rows = [row for row, chunk in enumerate(chunks) if chunk.sample]
+        if not rows:
+            return {}
+        last = hidden[rows, [lengths[row] - 1 for row in rows]]  # (R, hidden)
+        logits = lm_head(last, self.weights.norm, self.weights.head, self.config.rms_norm_eps)  # (R, vocab)
+        return {chunks[row].seq_id: logits[i] for i, row in enumerate(rows)}
+
+    # lifecycle -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Wait for swap-outs in flight and free the KV cache (idempotent)."""
+        for event in self._swapping_out.values():
+            event.wait()
+        self._swapping_out.clear()
+        self.kv.free()
+
+    def __enter__(self) -> ModelRunner:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
