@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from veil.cc.transport import TransportKind
 from veil.engine.engine import EngineConfig, LLMEngine
 from veil.engine.llm import LLM
 from veil.engine.request import FinishReason
@@ -14,6 +13,7 @@ from veil.engine.weights import ResidentWeights
 from veil.model.generate import GenerationRequest, generate
 from veil.model.llama import Llama
 from veil.model.sampling import SamplingParams
+from veil.transport.base import TransportKind
 
 TEXTS = [
     "The capital of France is",

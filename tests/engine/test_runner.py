@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from veil.cc.device import Device
-from veil.cc.transport import TransportKind
 from veil.engine.block_manager import BlockManager, BlockMove
 from veil.engine.request import Sequence
 from veil.engine.runner import ModelRunner, kv_block_bytes, padding_bounded_groups
@@ -14,7 +13,8 @@ from veil.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from veil.engine.weights import ResidentWeights
 from veil.model.llama import Llama
 from veil.model.sampling import SamplingParams
-from veil.transports import make_transport
+from veil.transport import make_transport
+from veil.transport.base import TransportKind
 
 from .support import random_llama, tiny_config
 

@@ -28,13 +28,13 @@ from veil.bench.report import emit_json, print_table, progress
 from veil.bench.serve import drive
 from veil.bench.transfer import raw_aesgcm_gbps
 from veil.bench.workload import ServeRequest, WorkloadSpec, describe, make_workload
-from veil.cc.transport import TransportKind
 from veil.engine.block_manager import BlockManager
 from veil.engine.engine import EngineConfig, LLMEngine
 from veil.engine.offload import compute_threads_beside_device
 from veil.engine.scheduler import PreemptionMode
 from veil.errors import UsageError
 from veil.model.loader import LoadedModel, load_model
+from veil.transport.base import TransportKind
 
 NAME = "kvswap"
 HELP = "KV-cache swapping tokens/s under plain, cc and pipellm at two memory-pressure levels"
@@ -173,9 +173,8 @@ def _measure(
 
 
 def _hits(engine: LLMEngine) -> tuple[int, int] | None:
-    """(hits, requests) of the pipellm speculator so far; None for transports that do not speculate.
-    (Until every transport reports `stats`, this reads the pipellm transport's.)"""
-    stats = getattr(engine.runner.transport, "stats", None)
+    """(hits, requests) of the pipellm speculator so far; None for transports that do not speculate."""
+    stats = engine.runner.transport.stats().pipellm
     if stats is None:
         return None
     return stats.speculator.hits, stats.speculator.requests

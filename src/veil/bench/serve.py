@@ -25,13 +25,13 @@ import torch
 
 from veil.bench.report import emit_json, print_table, progress
 from veil.bench.workload import ServeRequest, WorkloadSpec, describe, make_workload
-from veil.cc.transport import TransportKind
 from veil.engine.engine import EngineConfig, LLMEngine
 from veil.engine.offload import compute_threads_beside_device
 from veil.errors import UsageError
 from veil.model.generate import GenerationRequest, generate
 from veil.model.loader import LoadedModel, load_model
 from veil.model.sampling import SamplingParams
+from veil.transport.base import TransportKind
 
 NAME = "serve"
 HELP = "tokens/s and latency: the engine vs one request at a time vs transformers' static batches"

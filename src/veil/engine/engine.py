@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from veil.cc.device import Device
-from veil.cc.transport import TransportKind
 from veil.engine.block_manager import BlockManager
 from veil.engine.request import FinishReason, Sequence
 from veil.engine.runner import ModelRunner, kv_block_bytes
@@ -22,7 +21,8 @@ from veil.engine.scheduler import PreemptionMode, Scheduler, SchedulerConfig, Sc
 from veil.engine.weights import ResidentWeights
 from veil.model.llama import Llama
 from veil.model.sampling import Sampler, SamplingParams
-from veil.transports import make_transport
+from veil.transport import make_transport
+from veil.transport.base import TransportKind
 
 DEFAULT_DEVICE_BLOCKS = 256
 

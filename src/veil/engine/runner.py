@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from veil.cc.host import HostBuffer
 from veil.cc.stream import Event
-from veil.cc.transport import Transport
 from veil.engine.block_manager import BlockMove
 from veil.engine.scheduler import ScheduledChunk, SchedulerOutput
 from veil.engine.weights import WeightSource
@@ -26,6 +25,7 @@ from veil.model.config import ModelConfig
 from veil.model.llama import decoder_layer, lm_head
 from veil.model.paged import PagedBatch, PagedKVCache, paged_context, paged_storage_shape
 from veil.model.rope import Rotary
+from veil.transport.base import Transport
 
 KV_DTYPE = torch.float32
 PREFILL_MAX_PADDING = 0.1  # a prefill batch computes at most 10% more token positions than it needs

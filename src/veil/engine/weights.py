@@ -12,8 +12,8 @@ from typing import Protocol
 import torch
 
 from veil.cc.device import DeviceBuffer
-from veil.cc.transport import Transport
 from veil.model.llama import LayerWeights, Llama
+from veil.transport.base import Transport
 
 
 class WeightSource(Protocol):
