@@ -50,9 +50,9 @@ class CompositePredictor(Predictor):
         return tuple(self._streaks)
 
     def observe(self, key: TransferKey) -> None:
+        streaks = self._streaks
         for i, child in enumerate(self._children):
-            guess = child.predict(1)
-            self._streaks[i] = self._streaks[i] + 1 if guess and guess[0] == key else 0
+            streaks[i] = streaks[i] + 1 if child.peek() == key else 0
             child.observe(key)
 
     def predict(self, n: int) -> list[TransferKey]:

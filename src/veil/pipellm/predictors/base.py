@@ -37,6 +37,11 @@ class Predictor(ABC):
     def hint(self, keys: Sequence[TransferKey]) -> None:  # noqa: B027 - optional, default ignores
         """Explicit upcoming transfers, in order. The default ignores them."""
 
+    def peek(self) -> TransferKey | None:
+        """The next key expected (`predict(1)`'s only key), or None; predictors may make it cheaper."""
+        guess = self.predict(1)
+        return guess[0] if guess else None
+
 
 class HintPredictor(Predictor):
     """Predicts exactly what the engine hinted, in order, and forgets hints once they are consumed.
@@ -69,3 +74,6 @@ class HintPredictor(Predictor):
 
     def predict(self, n: int) -> list[TransferKey]:
         return list(itertools.islice(self._hints, max(n, 0)))
+
+    def peek(self) -> TransferKey | None:
+        return self._hints[0] if self._hints else None

@@ -82,6 +82,10 @@ class CyclicPredictor(Predictor):
         repeats, rest = divmod(n, p)
         return period * repeats + period[:rest]
 
+    def peek(self) -> TransferKey | None:
+        p = self.period
+        return None if p is None else self._at(self._t - p)
+
     def hint(self, keys: Sequence[TransferKey]) -> None:
         """Hints are not used: the cyclic pattern is learned from the stream alone."""
 

@@ -52,6 +52,9 @@ class SwapPredictor(Predictor):
                 out.append(key)
         return out
 
+    def peek(self) -> TransferKey | None:
+        return self._groups[-1][0] if self._groups else None
+
     def hint(self, keys: Sequence[TransferKey]) -> None:
         """Hints are not used: swap-ins are predicted from swap-outs."""
 
