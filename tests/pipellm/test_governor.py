@@ -93,3 +93,13 @@ def test_bad_config_is_refused(kwargs: dict[str, float]) -> None:
 def test_negative_reports_are_refused() -> None:
     with pytest.raises(ValueError):
         Governor().record(-1, 0.0)
+
+
+def test_speculation_must_win_by_the_margin_from_the_start() -> None:
+    """Do no harm: a speculation edge within the noise of adjacent windows is not taken."""
+    governor = Governor(GovernorConfig(window_bytes=WINDOW, margin=0.10))
+    used = _drive(governor, {Mode.SPECULATE: 0.95, Mode.SEAL_IN_CALLER: 1.0}, windows=40)
+    assert used[4:].count(Mode.SEAL_IN_CALLER) >= len(used[4:]) - 2 * governor.stats.probes
+    clear = Governor(GovernorConfig(window_bytes=WINDOW, margin=0.10))
+    used = _drive(clear, {Mode.SPECULATE: 0.8, Mode.SEAL_IN_CALLER: 1.0}, windows=40)
+    assert used[-1] is Mode.SPECULATE

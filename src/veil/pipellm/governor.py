@@ -8,8 +8,8 @@ and the model, so it is measured, not assumed.
 The governor is an A/B test run online. The mechanism reports, for each stretch of host-to-device
 traffic, the bytes moved and the wall time they took *including everything the caller did in
 between* (compute, waiting): end-to-end seconds per byte, the only figure that captures contention.
-The governor measures both modes over windows of `window_bytes`, keeps the better one, and probes
-the other again after a hold. The probe is compared with the incumbent's latest window (not a figure
+The governor measures both modes over windows of `window_bytes`, keeps sealing in the caller unless
+speculation is faster by a margin, and probes the other mode again after a hold. The probe is compared with the incumbent's latest window (not a figure
 from long ago: the workload drifts, e.g. from prefill to decode). Each probe the incumbent wins
 multiplies the hold, by more the clearer the win (2x within 25%, 4x within 50%, 8x beyond), so a
 stationary workload pays for fewer and fewer probes while a changed one is still noticed. After
@@ -38,14 +38,17 @@ class GovernorConfig:
 
     Attributes:
         window_bytes: host-to-device bytes per measured window.
-        margin: the probed mode must be this much faster (relative) to take over.
+        margin: a challenger must be this much faster (relative) to take over; speculation must
+            beat sealing in the caller by it in the first comparison too. Adjacent windows differ by
+            several percent on a shared machine: a small margin lets noise flip the modes, and each
+            flip costs a settle window.
         first_hold: windows the winner keeps before the first re-probe; grows on every repeat win.
         max_hold: cap on that hold.
         enabled: False pins SPECULATE (the governor then never switches; for experiments).
     """
 
     window_bytes: int = 32 << 20
-    margin: float = 0.03
+    margin: float = 0.10
     first_hold: int = 8
     max_hold: int = 256
     enabled: bool = True
@@ -155,7 +158,9 @@ class Governor:
             self._hold = min(growth * self._hold, self.config.max_hold)  # the incumbent won again
             self._switch(other, _Phase.HOLD)
             return
-        best = min(self._cost, key=self._cost.__getitem__)
+        # The first comparison: speculation must win by the margin (do no harm), as any challenger.
+        speculate, seal = self._cost[Mode.SPECULATE], self._cost[Mode.SEAL_IN_CALLER]
+        best = Mode.SPECULATE if speculate < seal * (1 - self.config.margin) else Mode.SEAL_IN_CALLER
         if best is not self._mode:
             self._switch(best, _Phase.HOLD)
         else:
