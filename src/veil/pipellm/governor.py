@@ -9,8 +9,9 @@ The governor is an A/B test run online. The mechanism reports, for each stretch 
 traffic, the bytes moved and the wall time they took *including everything the caller did in
 between* (compute, waiting): end-to-end seconds per byte, the only figure that captures contention.
 The governor measures both modes over windows of `window_bytes`, keeps sealing in the caller unless
-speculation is faster by a margin, and probes the other mode again after a hold. The probe is compared with the incumbent's latest window (not a figure
-from long ago: the workload drifts, e.g. from prefill to decode). Each probe the incumbent wins
+speculation is faster by a margin, and probes the other mode again after a hold. The probe is
+compared with the incumbent's latest window (not a figure from long ago: the workload drifts, e.g.
+from prefill to decode). Each probe the incumbent wins
 multiplies the hold, by more the clearer the win (2x within 25%, 4x within 50%, 8x beyond), so a
 stationary workload pays for fewer and fewer probes while a changed one is still noticed. After
 every switch, half a window is discarded while the new mode settles (a pipeline refilling or
