@@ -172,9 +172,11 @@ def _per_chunk_costs(rounds: int = 10) -> dict[str, float]:
 
     `seal` and `copy` are the raw primitives. The transports' figures are the caller's time inside
     `h2d` per chunk, with idle gaps between transfers so that workers and the copy engine keep up:
-    `cc` seals and copies each chunk; `pipellm_commit` (speculation pinned on, every chunk pre-sealed)
-    decides, copies the pre-sealed message into a slot and emits; `pipellm_quiet` (speculation held
-    off) decides on the O(1) path, seals and copies. What exceeds the primitives is bookkeeping.
+    `cc` seals and copies each chunk; `pipellm_commit` (speculation pinned on, every chunk pre-sealed
+    and, where a slot was spare, already copied into it by the worker) decides and emits;
+    `pipellm_quiet` (speculation off) decides the transfer in one call and sends it as `cc` does.
+    What exceeds the primitives is bookkeeping and waiting (for the ring, for the GIL). Each figure is
+    the best of three interleaved runs' medians.
     """
     sources = [HostBuffer(torch.randint(0, 256, (4 * MIB,), dtype=torch.uint8)) for _ in range(4)]
     figures = {"seal": _seal_us_per_chunk(), "copy": _copy_us_per_chunk()}
@@ -183,21 +185,24 @@ def _per_chunk_costs(rounds: int = 10) -> dict[str, float]:
         "pipellm_commit": (TransportKind.PIPELLM, PipeLLMOptions(governor=GovernorConfig(enabled=False))),
         "pipellm_quiet": (TransportKind.PIPELLM, PipeLLMOptions(speculate=False)),
     }
-    for name, (kind, options) in cases.items():
-        with (
-            Device(capacity_bytes=8 * MIB) as device,
-            make_transport(kind, device, pipellm=options) as transport,
-        ):
-            target, times = device.alloc(4 * MIB), []
-            for round_ in range(rounds):
-                for source in sources:
-                    time.sleep(0.01)  # let the workers seal ahead and the copy engine drain
-                    start = time.perf_counter()
-                    event = transport.h2d(source, target)
-                    if round_ >= 3:  # the cycle is learned and pre-sealed by then
-                        times.append(time.perf_counter() - start)
-                    event.wait()
-        figures[name] = statistics.median(times) / 4 * 1e6
+    medians: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(3):  # interleaved, so drift on a shared machine hits every case alike
+        for name, (kind, options) in cases.items():
+            with (
+                Device(capacity_bytes=8 * MIB) as device,
+                make_transport(kind, device, pipellm=options) as transport,
+            ):
+                target, times = device.alloc(4 * MIB), []
+                for round_ in range(rounds):
+                    for source in sources:
+                        time.sleep(0.01)  # let the workers seal ahead and the copy engine drain
+                        start = time.perf_counter()
+                        event = transport.h2d(source, target)
+                        if round_ >= 3:  # the cycle is learned and pre-sealed by then
+                            times.append(time.perf_counter() - start)
+                        event.wait()
+            medians[name].append(statistics.median(times) / 4 * 1e6)
+    figures.update({name: min(values) for name, values in medians.items()})
     return {name: round(value, 1) for name, value in figures.items()}
 
 

@@ -40,8 +40,10 @@ from veil.pipellm.decisions import (
     Commit,
     Decision,
     PadThenCommit,
+    Relinquish,
     ReservationState,
     SealJob,
+    SealNow,
     SpeculatorStats,
     Wait,
 )
@@ -209,7 +211,9 @@ class Sealer:
                 return False
             version = source.version
             for key in keys:
-                spec.request(key, version)
+                decision = spec.request(key, version)
+                # nothing is bound while no job is handed out, so every decision seals at the next IV
+                assert not decision.nop_ivs and isinstance(decision, SealNow | Relinquish), decision
             return True
 
     def decide(self, key: TransferKey, source: HostBuffer) -> Decision:

@@ -93,12 +93,15 @@ class Speculator:
 
     @property
     def quiet(self) -> bool:
-        """True when nothing is reserved and nothing will be: every request is a plain `SealNow`.
+        """True when nothing is reserved: every request is decided at the next IV with no NOPs.
 
-        Speculation is off (synchronous, or held by the mechanism) and the pipeline is empty. The
-        mechanism may then decide a whole transfer's chunks at once (`request` stays O(1) per chunk).
+        Speculation is off (synchronous, held by the mechanism, or paused for low confidence) and
+        the pipeline is empty. The mechanism may then decide a whole transfer's chunks at once
+        (`request` stays O(1) per chunk). A paused speculator still scores the predictor's guesses
+        and may resume; until the mechanism hands out jobs again, nothing is bound, so its requests
+        remain seals at the next IV.
         """
-        return (self._synchronous or self._held) and not self._paused and self._pipe.empty
+        return (self._synchronous or self._held or self._paused) and self._pipe.empty
 
     @property
     def paused(self) -> bool:
@@ -256,12 +259,15 @@ class Speculator:
         s.requests += 1
         s.sync_seals += 1
         s.bytes_sealed_now += key.length
+        decision = SealNow(range(iv, iv), iv, key, version, size_class)
         if size_class is SizeClass.BULK:
             self._learn_slack(key)
+            if self._paused:
+                self._track_confidence(decision)  # scores the guess before the predictor sees the key
             self._predictor.observe(key)
         else:
             self._sync_run += 1
-        return SealNow(range(iv, iv), iv, key, version, size_class)
+        return decision
 
     def _speculative(self, key: TransferKey, version: int) -> Decision | Wait:
         slot = self._pipe.find_live(key)

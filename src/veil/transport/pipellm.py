@@ -206,16 +206,12 @@ class PipeLLMTransport(SealedTransport):
             options = self.pipellm
             margin = len(keys) + (options.depth + 1) * (1 + options.max_pad)
             self._prepare(sender, len(keys), used=self._sealer.reach(), margin=margin)
+            target = dst.memory()[span.dst]
+            if self._sealer.decide_quiet(keys, src):  # speculation off: exactly what `cc` does
+                return self._send_as_cc(src.memory()[span.src], target)
             schedule = DeviceSchedule(self.link.device_rx)
             event = self.device.copy_engine.submit(schedule.run)
-            target = dst.memory()[span.dst]
             try:
-                if self._sealer.decide_quiet(keys, src):  # speculation off: exactly what `cc` does
-                    for key in keys:
-                        start = key.offset - span.src_offset
-                        schedule.data(target[start : start + key.length])
-                    sender.send_chunked(src.memory()[span.src])
-                    return event
                 for key in keys:
                     decision = self._sealer.decide(key, src)
                     for _ in decision.nop_ivs:
@@ -229,6 +225,17 @@ class PipeLLMTransport(SealedTransport):
             finally:
                 schedule.finish()
             return event
+
+    def _send_as_cc(self, source: memoryview, target: memoryview) -> Event:
+        """A quiet transfer: the copy engine opens chunk by chunk while the caller seals, as `cc`."""
+        receiver = self.link.device_rx
+        event = self.device.copy_engine.submit(lambda: receiver.receive_chunked(target))
+        try:
+            self.link.host_tx.send_chunked(source)
+        except BaseException:
+            self.link.h2d_ring.close()  # the device must not wait for messages that will not come
+            raise
+        return event
 
     def _hint(self, src: HostBuffer, span: Span) -> None:
         with self._lock:
