@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute per 1 MiB chunk in microseconds (default: the measured sealing time of a chunk)",
     )
     parser.add_argument("--compute", choices=("busy", "sleep"), default="busy", help="see the module doc")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved rounds; each transport's best counts (default 3)"
+    )
     parser.add_argument("--mispredict", type=float, default=0.3, help="deviation probability (default 0.3)")
     defaults = PipeLLMOptions()
     parser.add_argument(
@@ -74,8 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Measure and print; returns the exit status."""
-    if min(args.sources, args.source_mib, args.rounds, args.workers) < 1 or not 0 <= args.mispredict <= 1:
-        raise UsageError("--sources, --source-mib, --rounds, --workers must be >= 1; --mispredict in [0, 1]")
+    if min(args.sources, args.source_mib, args.rounds, args.workers, args.repeats) < 1:
+        raise UsageError("--sources, --source-mib, --rounds, --workers, --repeats must be >= 1")
+    if not 0 <= args.mispredict <= 1:
+        raise UsageError("--mispredict must be in [0, 1]")
     torch.set_num_threads(1)  # compute takes one core, like one device stream
     seal_us = _seal_us_per_chunk()
     compute_us = seal_us if args.compute_us is None else args.compute_us
@@ -88,13 +93,13 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"seal_us_per_chunk": round(seal_us, 1), "compute_us_per_chunk": compute_us}
     results["compute"] = args.compute
     progress("bench stream: cyclic")
-    cyc = {kind.value: _measure(kind, spec, cyclic, pipellm) for kind in TransportKind}
+    cyc = _best_of(args.repeats, spec, cyclic, pipellm)
     results.update({k: v["gbps"] for k, v in cyc.items()})
     results["gap_closure"] = _closure(cyc)
     results["pipellm_vs_cc"] = round(cyc["pipellm"]["gbps"] / cyc["cc"]["gbps"], 3)
     results["stats"] = cyc["pipellm"]["stats"]
     progress("bench stream: mispredicted")
-    mis = {kind.value: _measure(kind, spec, deviating, pipellm) for kind in TransportKind}
+    mis = _best_of(args.repeats, spec, deviating, pipellm)
     results["mispredict"] = {
         "fraction": args.mispredict,
         **{k: v["gbps"] for k, v in mis.items()},
@@ -131,6 +136,19 @@ class _Spec:
             compute_us,
             compute,
         )
+
+
+def _best_of(
+    repeats: int, spec: _Spec, sequence: list[int], pipellm: PipeLLMOptions
+) -> dict[str, dict[str, Any]]:
+    """Every transport over `sequence`, in `repeats` interleaved rounds; each keeps its best round."""
+    best: dict[str, dict[str, Any]] = {}
+    for _ in range(repeats):
+        for kind in TransportKind:
+            figures = _measure(kind, spec, sequence, pipellm)
+            if kind.value not in best or figures["gbps"] > best[kind.value]["gbps"]:
+                best[kind.value] = figures
+    return best
 
 
 def _measure(
