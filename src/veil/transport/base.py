@@ -21,7 +21,7 @@ import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -29,6 +29,10 @@ from veil.cc.device import Device, DeviceBuffer
 from veil.cc.host import HostBuffer
 from veil.cc.link import LinkConfig
 from veil.cc.stream import Event
+
+if TYPE_CHECKING:  # the richer statistics of the sealed kinds (they import this module)
+    from veil.pipellm.options import PipeLLMStats
+    from veil.transport.sealed import SealedStats
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,8 @@ class TransportStats:
     h2d_bytes: int = 0
     d2h_transfers: int = 0
     d2h_bytes: int = 0
-    sealed: Any = None
-    pipellm: Any = None
+    sealed: SealedStats | None = None
+    pipellm: PipeLLMStats | None = None
 
 
 class TransportKind(enum.Enum):
