@@ -27,11 +27,11 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from veil.bench.report import emit_json, print_table, progress
+from veil.bench.transfer import CoreRates, core_rates
 from veil.cc.device import Device
-from veil.cc.host import HostBuffer, copy_bytes
+from veil.cc.host import HostBuffer
 from veil.cc.link import MIB
 from veil.errors import UsageError
 from veil.pipellm.governor import GovernorConfig
@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.mispredict <= 1:
         raise UsageError("--mispredict must be in [0, 1]")
     torch.set_num_threads(1)  # compute takes one core, like one device stream
-    seal_us = _seal_us_per_chunk()
+    rates = core_rates()
+    seal_us = _us_per_mib(rates.seal)
     compute_us = seal_us if args.compute_us is None else args.compute_us
     compute = _busy if args.compute == "busy" else _sleep
     pipellm = PipeLLMOptions(workers=args.workers, depth=args.depth)
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         "digest_gbps": {name: _digest_gbps(fn) for name, fn in _DIGESTS.items()},
     }
     progress("bench stream: per-chunk costs")
-    results["per_chunk_us"] = _per_chunk_costs()
+    results["per_chunk_us"] = _per_chunk_costs(rates)
     if args.json:
         emit_json(results)
     else:
@@ -185,7 +186,7 @@ def _stream(
             pending = following
 
 
-def _per_chunk_costs(rounds: int = 10) -> dict[str, float]:
+def _per_chunk_costs(rates: CoreRates, rounds: int = 10) -> dict[str, float]:
     """Where a 1 MiB chunk's time goes on the caller's side, in microseconds (medians).
 
     `seal` and `copy` are the raw primitives. The transports' figures are the caller's time inside
@@ -197,7 +198,7 @@ def _per_chunk_costs(rounds: int = 10) -> dict[str, float]:
     the best of three interleaved runs' medians.
     """
     sources = [HostBuffer(torch.randint(0, 256, (4 * MIB,), dtype=torch.uint8)) for _ in range(4)]
-    figures = {"seal": _seal_us_per_chunk(), "copy": _copy_us_per_chunk()}
+    figures = {"seal": _us_per_mib(rates.seal), "copy": _us_per_mib(rates.copy)}
     cases = {
         "cc": (TransportKind.CC, None),
         "pipellm_commit": (TransportKind.PIPELLM, PipeLLMOptions(governor=GovernorConfig(enabled=False))),
@@ -224,14 +225,9 @@ def _per_chunk_costs(rounds: int = 10) -> dict[str, float]:
     return {name: round(value, 1) for name, value in figures.items()}
 
 
-def _copy_us_per_chunk() -> float:
-    source = memoryview(bytearray(os.urandom(MIB)))
-    target = memoryview(bytearray(MIB))
-    copy_bytes(target, source)
-    start = time.perf_counter()
-    for _ in range(32):
-        copy_bytes(target, source)
-    return (time.perf_counter() - start) / 32 * 1e6
+def _us_per_mib(gbps: float) -> float:
+    """Microseconds one core needs for 1 MiB at `gbps` (GB/s)."""
+    return MIB / (gbps * 1e9) * 1e6
 
 
 def _deviate(cyclic: list[int], sources: int, fraction: float, rng: random.Random) -> list[int]:
@@ -251,16 +247,6 @@ def _busy(seconds: float) -> None:
 
 def _sleep(seconds: float) -> None:
     time.sleep(seconds)
-
-
-def _seal_us_per_chunk() -> float:
-    aead, nonce = AESGCM(os.urandom(32)), os.urandom(12)
-    data, out = memoryview(bytearray(os.urandom(MIB))), memoryview(bytearray(MIB + 16))
-    aead.encrypt_into(nonce, data, None, out)
-    start = time.perf_counter()
-    for _ in range(32):
-        aead.encrypt_into(nonce, data, None, out)
-    return (time.perf_counter() - start) / 32 * 1e6
 
 
 _DIGESTS: dict[str, Callable[[memoryview], object]] = {

@@ -78,7 +78,6 @@ class SealerCounters:
     check_s: float = 0.0
     check_mismatches: int = 0
     burned_ciphertexts: int = 0
-    unsubmitted_jobs: int = 0
 
 
 class Sealer:
@@ -286,7 +285,6 @@ class Sealer:
                 self._pool.submit(self._seal_run, run)
             except BaseException as exc:  # e.g. shut down meanwhile: report, never leave a job dangling
                 self._active_tasks -= 1
-                self.counters.unsubmitted_jobs += len(run)
                 for job in run:
                     self._running.discard(job.job_id)
                     if self._spec.wanted(job.job_id):
