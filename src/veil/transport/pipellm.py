@@ -208,7 +208,7 @@ class PipeLLMTransport(SealedTransport):
             self._prepare(sender, len(keys), used=self._sealer.reach(), margin=margin)
             target = dst.memory()[span.dst]
             if self._sealer.decide_quiet(keys, src):  # speculation off: exactly what `cc` does
-                return self._send_as_cc(src.memory()[span.src], target)
+                return self._send_in_caller(src.memory()[span.src], target)
             schedule = DeviceSchedule(self.link.device_rx)
             event = self.device.copy_engine.submit(schedule.run)
             try:
@@ -225,17 +225,6 @@ class PipeLLMTransport(SealedTransport):
             finally:
                 schedule.finish()
             return event
-
-    def _send_as_cc(self, source: memoryview, target: memoryview) -> Event:
-        """A quiet transfer: the copy engine opens chunk by chunk while the caller seals, as `cc`."""
-        receiver = self.link.device_rx
-        event = self.device.copy_engine.submit(lambda: receiver.receive_chunked(target))
-        try:
-            self.link.host_tx.send_chunked(source)
-        except BaseException:
-            self.link.h2d_ring.close()  # the device must not wait for messages that will not come
-            raise
-        return event
 
     def _hint(self, src: HostBuffer, span: Span) -> None:
         with self._lock:

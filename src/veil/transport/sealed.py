@@ -99,6 +99,21 @@ class SealedTransport(Transport):
                 raise RekeyRequired("not enough IVs left in this epoch; call rekey()")
             self.rekey()
 
+    def _send_in_caller(self, source: memoryview, target: memoryview) -> Event:
+        """Seal `source` chunk by chunk in this thread while the copy engine opens each into `target`.
+
+        Call with the transfer lock held, after `_prepare`. The copy engine's half is queued first, so
+        it opens every message as soon as it is published.
+        """
+        receiver = self.link.device_rx
+        event = self.device.copy_engine.submit(lambda: receiver.receive_chunked(target))
+        try:
+            self.link.host_tx.send_chunked(source)
+        except BaseException:
+            self.link.h2d_ring.close()  # the device must not wait for messages that will not come
+            raise
+        return event
+
     def _seal_on_device(self, src: DeviceBuffer, span: Span) -> Event:
         """Submit the copy engine's half of a device-to-host transfer (after `_prepare`)."""
         self._prepare(self.link.device_tx, message_count(span.nbytes, self.link.device_tx.max_message_bytes))
@@ -114,15 +129,7 @@ class CcTransport(SealedTransport):
         with self._lock:
             sender = self.link.host_tx
             self._prepare(sender, message_count(span.nbytes, sender.max_message_bytes))
-            source, target = src.memory()[span.src], dst.memory()[span.dst]
-            receiver = self.link.device_rx
-            event = self.device.copy_engine.submit(lambda: receiver.receive_chunked(target))
-            try:
-                sender.send_chunked(source)
-            except BaseException:
-                self.link.h2d_ring.close()  # the device must not wait for messages that will not come
-                raise
-            return event
+            return self._send_in_caller(src.memory()[span.src], dst.memory()[span.dst])
 
     def _d2h(self, src: DeviceBuffer, dst: HostBuffer, span: Span) -> Event:
         with self._lock, dst.write():
