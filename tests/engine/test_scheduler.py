@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from veil.engine.block_manager import BlockManager
+from veil.engine.costs import MeasuredCosts
 from veil.engine.request import FinishReason, Sequence, SequenceStatus
 from veil.engine.scheduler import PreemptionMode, Scheduler, SchedulerConfig, SchedulerOutput
 from veil.model.sampling import SamplingParams
@@ -23,10 +24,11 @@ def make(
     tokens: int = 64,
     seqs: int = 8,
     mode: PreemptionMode = PreemptionMode.SWAP,
+    costs: MeasuredCosts | None = None,
 ) -> Scheduler:
     bm = BlockManager(num_device_blocks=device, num_host_blocks=host, block_size=block_size)
     config = SchedulerConfig(max_num_batched_tokens=tokens, max_num_seqs=seqs, preemption_mode=mode)
-    return Scheduler(config, bm)
+    return Scheduler(config, bm, costs)
 
 
 def seq(prompt_len: int, max_tokens: int = 8, seq_id: int | None = None) -> Sequence:
@@ -124,6 +126,41 @@ def test_recompute_prefills_prompt_and_output_again() -> None:
         out = step(s)
     chunk = next(c for c in out.chunks if c.seq_id == b.seq_id)
     assert chunk.start == 0 and list(chunk.token_ids) == b.prompt_token_ids + b.output_token_ids[:-1]
+
+
+@pytest.mark.parametrize(
+    ("swap_s", "prefill_s", "swapped"),
+    [(None, None, True), (1e-3, 1e-3, True), (1e-1, 1e-4, False), (1e-4, None, True)],
+)
+def test_auto_preempts_by_whichever_measured_cost_is_lower(swap_s, prefill_s, swapped) -> None:
+    """2 blocks out and back at swap_s each, against 4+ tokens prefilled again at prefill_s each;
+    swap while either cost is unknown."""
+    costs = MeasuredCosts(swap_s_per_block=swap_s, prefill_s_per_token=prefill_s)
+    s = make(device=3, host=8, block_size=4, mode=PreemptionMode.AUTO, costs=costs)
+    a, b = seq(4, max_tokens=5), seq(4, max_tokens=5)
+    s.add(a)
+    s.add(b)
+    step(s)
+    out = step(s)
+    assert out.preempted == [b.seq_id]
+    assert (out.recomputed == []) == swapped and bool(out.swap_out) == swapped
+    assert b.status is (SequenceStatus.SWAPPED if swapped else SequenceStatus.WAITING)
+    assert (costs.swaps_chosen, costs.recomputes_chosen) == ((1, 0) if swapped else (0, 1))
+
+
+def test_measured_costs_average_what_the_steps_report() -> None:
+    costs = MeasuredCosts(alpha=0.5)
+    costs.record_swap(0, 1.0)  # nothing moved: no information
+    costs.record_forward(prefill_tokens=1, tokens=10, seconds=1.0)  # mostly decode: not a prefill figure
+    assert costs.swap_s_per_block is None and costs.prefill_s_per_token is None
+    costs.record_swap(4, 0.4)
+    costs.record_swap(2, 0.6)
+    assert costs.swap_s_per_block == pytest.approx(0.5 * 0.1 + 0.5 * 0.3)
+    costs.record_forward(prefill_tokens=8, tokens=10, seconds=0.1)
+    assert costs.prefill_s_per_token == pytest.approx(0.01)
+    assert costs.swap_cost_s(3) == pytest.approx(2 * 3 * 0.2)
+    assert costs.recompute_cost_s(50) == pytest.approx(0.5)
+    assert not costs.prefer_swap(blocks=3, tokens=50) and costs.prefer_swap(blocks=3, tokens=200)
 
 
 def test_a_request_that_never_fits_is_rejected_with_the_numbers() -> None:
@@ -228,11 +265,13 @@ actions = st.lists(
     host=st.integers(0, 16),
     tokens=st.integers(1, 24),
     mode=st.sampled_from(PreemptionMode),
+    swap_s=st.sampled_from([None, 1e-4, 1e-2]),
 )
 def test_no_block_leaks_or_is_shared_and_swaps_restore_every_token(
-    actions, device, host, tokens, mode
+    actions, device, host, tokens, mode, swap_s
 ) -> None:
-    s = make(device=device, host=host, block_size=4, tokens=tokens, seqs=6, mode=mode)
+    costs = MeasuredCosts(swap_s_per_block=swap_s, prefill_s_per_token=1e-3)  # AUTO: both choices occur
+    s = make(device=device, host=host, block_size=4, tokens=tokens, seqs=6, mode=mode, costs=costs)
     kv = FakeKV(s.block_manager)
     added: list[Sequence] = []
     for kind, a, b in actions:

@@ -8,7 +8,9 @@ pipellm predictor's hit rate over swap-ins, `gap_closure` = (pipellm - cc) / (pl
 unless plain beats cc by more than 5%),
 `pipellm_vs_cc` = pipellm / cc, `outputs_identical` across transports, the same run preempting by
 recompute instead (`recompute`: nothing crosses, the preempted tokens are prefilled again;
-`swap_vs_recompute_cc` > 1 says swapping wins under cc), and the two per-step figures
+`swap_vs_recompute_cc` > 1 says swapping wins under cc), the same cc run choosing per preemption from
+the costs the engine measured (`auto`, with the share of preemptions it recomputed), and the two
+per-step figures
 that say whether sealing can hide at all on this machine: compute per step (plain) against sealing and
 opening that step's swapped bytes at the single-core AES-GCM rate measured in the same run.
 """
@@ -30,8 +32,8 @@ from veil.bench.transfer import raw_aesgcm_gbps
 from veil.bench.workload import ServeRequest, WorkloadSpec, describe, make_workload
 from veil.engine.block_manager import BlockManager
 from veil.engine.engine import EngineConfig, LLMEngine
-from veil.engine.offload import compute_threads_beside_device
 from veil.engine.scheduler import PreemptionMode
+from veil.engine.weights import compute_threads_beside_device
 from veil.errors import UsageError
 from veil.model.loader import LoadedModel, load_model
 from veil.transport.base import TransportKind
@@ -42,6 +44,7 @@ HELP = "KV-cache swapping tokens/s under plain, cc and pipellm at two memory-pre
 KINDS = (TransportKind.PLAIN, TransportKind.CC, TransportKind.PIPELLM)
 BLOCK_SIZE = 16
 RECOMPUTE = "recompute"
+AUTO = "auto"
 MIN_GAP = 0.05  # gap_closure is reported only when plain beats cc by more than this (else it is noise)
 
 
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             "cc",
             "pipellm",
             RECOMPUTE,
+            AUTO,
             "gap_closure",
             "pipellm_vs_cc",
             "preemptions",
@@ -115,6 +119,16 @@ def _level(
     )
     details[RECOMPUTE], out = _measure(loaded, requests, recompute)
     outputs.append(out)
+    progress(f"bench kvswap: {fraction} of peak ({blocks} blocks), cc choosing from measured costs")
+    auto = EngineConfig(
+        transport=TransportKind.CC,
+        block_size=BLOCK_SIZE,
+        num_device_blocks=blocks,
+        num_host_blocks=4 * blocks,
+        preemption_mode=PreemptionMode.AUTO,
+    )
+    details[AUTO], out = _measure(loaded, requests, auto)
+    outputs.append(out)
     plain, cc, pipellm = (details[k.value]["tokens_per_s"] for k in KINDS)
     base = details[TransportKind.PLAIN.value]
     swapped_per_step = (base["bytes_swapped_out"] + base["bytes_swapped_in"]) / base["steps"]
@@ -129,6 +143,8 @@ def _level(
         "pipellm_vs_cc": pipellm / cc,
         "recompute": details[RECOMPUTE]["tokens_per_s"],  # preempting by recompute: no KV crosses
         "swap_vs_recompute_cc": cc / details[RECOMPUTE]["tokens_per_s"],  # > 1: swapping wins under cc
+        "auto": details[AUTO]["tokens_per_s"],  # cc, each preemption by whichever measured cost is lower
+        "auto_recompute_share": details[AUTO]["recompute_share"],
         "outputs_identical": all(out == outputs[0] for out in outputs),
         "preemptions": base["preemptions"],
         "bytes_swapped_out": base["bytes_swapped_out"],
@@ -163,6 +179,9 @@ def _measure(
         "steps": s.steps,
         "s_per_step": elapsed / s.steps,
         "preemptions": s.preemptions,
+        "recompute_share": s.preempted_by_recompute / s.preemptions if s.preemptions else None,
+        "swap_s_per_block": engine.costs.swap_s_per_block,
+        "prefill_s_per_token": engine.costs.prefill_s_per_token,
         "bytes_swapped_out": s.bytes_swapped_out,
         "bytes_swapped_in": s.bytes_swapped_in,
     }
@@ -187,9 +206,9 @@ def _plot(levels: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.2
-    for i, label in enumerate([*(kind.value for kind in KINDS), RECOMPUTE]):
-        xs = [j + (i - 1.5) * width for j in range(len(levels))]
+    width = 0.16
+    for i, label in enumerate([*(kind.value for kind in KINDS), RECOMPUTE, AUTO]):
+        xs = [j + (i - 2) * width for j in range(len(levels))]
         ax.bar(xs, [lv[label] for lv in levels], width, label=label)
     ax.set_xticks(
         range(len(levels)),

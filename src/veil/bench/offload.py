@@ -1,17 +1,17 @@
 """`veil bench offload`: FlexGen-style weight streaming under plain, cc and pipellm, side by side.
 
-For each point (host dtype x workload) the same prompts are generated greedily through the offloading
-engine over each transport in one process (tokens/s counts generated tokens, and for the prefill point
-the prompt tokens as well); the table reports tokens/s, the gap closure
-(pipellm - cc) / (plain - cc), whether all outputs were identical, and the per-layer figures that say
-whether this 2-core machine can hide sealing at that point at all: a layer's compute time against its
-sealing time (at the raw single-core AES-GCM speed measured in the same run).
+For each point (host dtype x workload) the same prompts are generated greedily, batched by the serving
+engine with every decoder layer streamed from host memory (`StreamedWeights`), over each transport in
+one process (tokens/s counts generated tokens, and for the prefill point the prompt tokens as well);
+the table reports tokens/s, the gap closure (pipellm - cc) / (plain - cc), whether all outputs were
+identical, and the per-layer figures that say whether this 2-core machine can hide sealing at that
+point at all: a layer's compute time against its sealing time (at the raw single-core AES-GCM speed
+measured in the same run).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -23,14 +23,13 @@ import torch
 
 from veil.bench.report import emit_json, print_table, progress
 from veil.bench.transfer import CoreRates, core_rates
-from veil.cc.device import Device
-from veil.engine.offload import OffloadedModel, compute_threads_beside_device
+from veil.engine.engine import EngineConfig, LLMEngine
 from veil.engine.offload_policy import HostDtype, OffloadPolicy
+from veil.engine.weights import compute_threads_beside_device
 from veil.errors import UsageError
-from veil.model.generate import GenerationRequest, generate
 from veil.model.llama import LayerWeights
 from veil.model.loader import LoadedModel, load_model
-from veil.transport import make_transport
+from veil.model.sampling import SamplingParams
 from veil.transport.base import TransportKind
 
 NAME = "offload"
@@ -123,15 +122,6 @@ def _measure(
     loaded: LoadedModel, dtype: HostDtype, point: Point, core: CoreRates, layer_numel: int, repeats: int
 ) -> dict[str, Any]:
     prompt = _prompt_ids(loaded, point.prompt_tokens)
-    request = GenerationRequest(max_new_tokens=point.new_tokens, prompt_ids=[prompt] * point.batch_size)
-    # Three passes of warm-up: caches warm, the predictor sees a few cycles, and pipellm's governor
-    # makes its first choice between speculating and sealing in the caller (a server would have
-    # made it long before), so the timed run measures the steady state of every transport.
-    warmup = GenerationRequest(max_new_tokens=3, prompt_ids=[prompt[:4]] * point.batch_size)
-    policy = OffloadPolicy(host_dtype=dtype, batch_size=point.batch_size)
-    capacity = OffloadedModel.device_bytes_needed(
-        loaded.config, policy, point.batch_size, point.prompt_tokens + point.new_tokens
-    )
     rates: dict[str, float] = {}
     outputs: dict[str, list[list[int]]] = {}
     stats: dict[str, Any] = {}
@@ -141,23 +131,37 @@ def _measure(
     identical = True
     for _ in range(repeats):  # interleaved rounds; each transport's best round counts
         for label, mode, hints in runs:
-            run_policy = dataclasses.replace(policy, hint_transport=hints)
-            with Device(capacity_bytes=capacity) as device, make_transport(mode, device) as transport:
-                with OffloadedModel(loaded.model, transport, run_policy) as runner:
-                    generate(runner, warmup)  # caches warm; the predictor and governor settle
-                    before = asdict(runner.stats)
-                    start = time.perf_counter()
-                    out = generate(runner, request)
-                    elapsed = time.perf_counter() - start
-                    layers = runner.stats.layers_streamed - before["layers_streamed"]
-                    stats[label] = {"engine": asdict(runner.stats), "transport": asdict(transport.stats())}
+            config = EngineConfig(
+                transport=mode,
+                num_device_blocks=point.batch_size * -(-(point.prompt_tokens + point.new_tokens) // 16),
+                num_host_blocks=0,
+                max_num_seqs=point.batch_size,
+                max_num_batched_tokens=max(2048, point.batch_size * point.prompt_tokens),
+                offload=OffloadPolicy(host_dtype=dtype, batch_size=point.batch_size, hint_transport=hints),
+            )
+            with LLMEngine(loaded.model, config) as engine:
+                # Three steps of warm-up: caches warm, the predictor sees a few cycles, and pipellm's
+                # governor makes its first choice between speculating and sealing in the caller (a
+                # server would have made it long before), so the timed run measures the steady state.
+                _generate(engine, [prompt[:4]] * point.batch_size, 3)
+                streamed, runner = engine.runner.weights.stats, engine.runner.stats
+                before = (asdict(streamed), runner.layer_compute_s)
+                start = time.perf_counter()
+                out = _generate(engine, [prompt] * point.batch_size, point.new_tokens)
+                elapsed = time.perf_counter() - start
+                layers = streamed.layers_streamed - before[0]["layers_streamed"]
+                compute_s = runner.layer_compute_s - before[1]
+                wait_s = streamed.wait_s - before[0]["wait_s"]
+                stats[label] = {
+                    "streaming": asdict(streamed),
+                    "layer_compute_s": runner.layer_compute_s,
+                    "transport": asdict(engine.runner.transport.stats()),
+                }
             identical = identical and outputs.setdefault(label, out) == out
             if point.tokens / elapsed <= rates.get(label, 0.0):
                 continue
             rates[label] = point.tokens / elapsed
             if mode is TransportKind.PLAIN:
-                compute_s = runner.stats.compute_s - before["compute_s"]
-                wait_s = runner.stats.wait_s - before["wait_s"]
                 compute_per_layer = compute_s / max(layers, 1)
                 plain_outside_layers_s, plain_layers = elapsed - compute_s - wait_s, layers
     host_bytes = layer_numel * torch.empty((), dtype=dtype.torch).element_size()
@@ -185,6 +189,17 @@ def _measure(
         "hideable": compute_per_layer >= seal_per_layer,
         "stats": stats,
     }
+
+
+def _generate(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy outputs of `prompts` batched together (no stop tokens: every row runs `new_tokens`)."""
+    params = SamplingParams(max_tokens=new_tokens, stop_token_ids=())
+    ids = [engine.add_request(p, params) for p in prompts]
+    out: dict[int, list[int]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for step in engine.step():
+            out[step.request_id] += step.new_token_ids
+    return [out[i] for i in ids]
 
 
 def sealed_layer_bound_s(compute_s: float, layer_bytes: int, core: CoreRates) -> float:

@@ -26,7 +26,7 @@ import torch
 from veil.bench.report import emit_json, print_table, progress
 from veil.bench.workload import ServeRequest, WorkloadSpec, describe, make_workload
 from veil.engine.engine import EngineConfig, LLMEngine
-from veil.engine.offload import compute_threads_beside_device
+from veil.engine.weights import compute_threads_beside_device
 from veil.errors import UsageError
 from veil.model.generate import GenerationRequest, generate
 from veil.model.loader import LoadedModel, load_model

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator
 
 import torch
 
-from veil.cc.device import Device
-from veil.engine.offload import OffloadedModel, compute_threads_beside_device
+from veil.engine.engine import EngineConfig, LLMEngine
 from veil.engine.offload_policy import HostDtype, OffloadPolicy
+from veil.engine.runner import kv_block_bytes
+from veil.engine.weights import compute_threads_beside_device
 from veil.errors import UsageError
-from veil.model.generate import GenerationRequest, Runner, stream
 from veil.model.loader import LoadedModel, load_model
 from veil.model.sampling import SamplingParams
-from veil.transport import make_transport
 from veil.transport.base import TransportKind
+
+BLOCK_SIZE = 16  # tokens per KV block
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--transport",
         choices=[k.value for k in TransportKind],
         default=TransportKind.PIPELLM.value,
-        help="how offloaded weights cross to the device (default pipellm)",
+        help="how weights cross to the device (default pipellm)",
     )
     offload.add_argument(
         "--host-dtype",
@@ -91,66 +90,79 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     if args.offload is not None and not 0.0 <= args.offload <= 1.0:
         raise UsageError(f"--offload must be a fraction in [0, 1], got {args.offload}")
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     loaded = load_model(args.model)
     ids = prompt_token_ids(loaded, args.prompt, chat=args.chat)
-    request = GenerationRequest(
-        max_new_tokens=args.max_tokens, prompt_ids=[ids], params=params, stop_token_ids=stop_ids(loaded)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_tokens=max(args.max_tokens, 1),
+        stop_token_ids=stop_ids(loaded),
     )
-    with _runner(args, loaded, len(ids) + args.max_tokens) as runner:
-        return _emit(args, loaded, runner, request)
+    config = engine_config(args, loaded, len(ids) + args.max_tokens)
+    if config.offload is not None:
+        torch.set_num_threads(compute_threads_beside_device())
+    with LLMEngine(loaded.model, config) as engine:
+        try:
+            engine.add_request(ids, params)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        return _emit(args, loaded, engine, ids)
 
 
-@contextlib.contextmanager
-def _runner(args: argparse.Namespace, loaded: LoadedModel, max_tokens: int) -> Iterator[Runner]:
-    """The resident model, or an offloaded one on an emulated device when --offload is given."""
-    if args.offload is None:
-        yield loaded.model
-        return
-    policy = OffloadPolicy(
-        resident_fraction=1.0 - args.offload, host_dtype=HostDtype(args.host_dtype), batch_size=1
+def engine_config(args: argparse.Namespace, loaded: LoadedModel, max_tokens: int) -> EngineConfig:
+    """One request's engine: weights resident, or `--offload` of the layers streamed over --transport;
+    the arena is `--device-memory` MiB, or just what the weights and this request's KV blocks need."""
+    policy = None
+    if args.offload is not None:
+        policy = OffloadPolicy(resident_fraction=1.0 - args.offload, host_dtype=HostDtype(args.host_dtype))
+    blocks = -(-max_tokens // BLOCK_SIZE) + 1
+    capacity = None if args.device_memory is None else int(args.device_memory * 2**20)
+    config = EngineConfig(
+        transport=TransportKind(args.transport),
+        block_size=BLOCK_SIZE,
+        num_device_blocks=None if capacity is not None else blocks,
+        device_memory_bytes=capacity,
+        num_host_blocks=0,
+        max_num_seqs=1,
+        offload=policy,
     )
-    need = OffloadedModel.device_bytes_needed(loaded.config, policy, 1, max_tokens)
-    capacity = need if args.device_memory is None else int(args.device_memory * 2**20)
-    if capacity < need:
+    try:
+        arena, _ = config.geometry(loaded.model)
+    except ValueError as exc:
+        need = config.weights_bytes(loaded.model) + blocks * kv_block_bytes(loaded.config, BLOCK_SIZE)
         raise UsageError(
-            f"--device-memory {args.device_memory} MiB is too small for --offload {args.offload}: "
-            f"this run needs {need / 2**20:.1f} MiB (raise --offload or the memory)"
+            f"--device-memory {args.device_memory} MiB is too small: this run needs {need / 2**20:.1f} MiB "
+            f"(raise --offload or the memory) [{exc}]"
+        ) from None
+    if args.offload is not None:
+        print(
+            f"veil: offloading {args.offload:.0%} of the layers over {args.transport}; "
+            f"device arena {arena / 2**20:.1f} MiB (model weights {_weight_mib(loaded):.1f} MiB)",
+            file=sys.stderr,
         )
-    print(
-        f"veil: offloading {args.offload:.0%} of the layers over {args.transport}; "
-        f"device arena {capacity / 2**20:.1f} MiB (model weights {_weight_mib(loaded):.1f} MiB)",
-        file=sys.stderr,
-    )
-    torch.set_num_threads(compute_threads_beside_device())
-    with (
-        Device(capacity_bytes=capacity) as device,
-        make_transport(TransportKind(args.transport), device) as tr,
-    ):
-        with OffloadedModel(loaded.model, tr, policy) as offloaded:
-            yield offloaded
+    return config
 
 
 def _weight_mib(loaded: LoadedModel) -> float:
     return sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**20
 
 
-def _emit(args: argparse.Namespace, loaded: LoadedModel, runner: Runner, request: GenerationRequest) -> int:
-    ids = list(request.prompt_ids[0]) if request.prompt_ids else []
-    stops = set(request.stop_token_ids)
+def _emit(args: argparse.Namespace, loaded: LoadedModel, engine: LLMEngine, ids: list[int]) -> int:
+    stops = set(stop_ids(loaded))
     generated: list[int] = []
     shown = ""
     start = time.perf_counter()
-    for step in stream(runner, request):
-        token = int(step[0])
-        if token in stops:
-            break
-        generated.append(token)
+    while args.max_tokens and engine.has_unfinished():
+        for out in engine.step():
+            generated += [t for t in out.new_token_ids if t not in stops]
         if not args.json:
             text = loaded.tokenizer.decode(generated, skip_special_tokens=True)
-            sys.stdout.write(text[len(shown) :])
-            sys.stdout.flush()
-            shown = text
+            if not text.endswith("\ufffd"):  # hold a character split across tokens
+                sys.stdout.write(text[len(shown) :])
+                sys.stdout.flush()
+                shown = text
     elapsed = time.perf_counter() - start
     text = loaded.tokenizer.decode(generated, skip_special_tokens=True)
     if args.json:

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import warnings
 
+import torch
 import uvicorn
 
 from veil.attest.reports import fingerprint
 from veil.attest.verifier import Policy, Verifier
 from veil.enclave.enclave import EnclaveConfig, default_cache_dir
 from veil.enclave.simulated import platform_signer
+from veil.engine.engine import DEFAULT_DEVICE_BLOCKS, EngineConfig
+from veil.engine.offload_policy import OffloadPolicy
+from veil.engine.weights import compute_threads_beside_device
 from veil.errors import UsageError
 from veil.model.loader import load_model
 from veil.server.app import create_app
 from veil.server.service import InferenceService, Limits
+from veil.transport.base import TransportKind
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,21 +59,98 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--partition", action="store_true", help="enable the per-layer partition baseline")
     parser.add_argument("--max-prompt-tokens", type=int, default=1024)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    engine = parser.add_argument_group("the serving engine (emulated confidential device)")
+    engine.add_argument(
+        "--transport",
+        choices=[k.value for k in TransportKind],
+        default=TransportKind.PIPELLM.value,
+        help="how weights and swapped KV blocks cross to the device (default pipellm)",
+    )
+    engine.add_argument(
+        "--device-memory",
+        type=float,
+        default=None,
+        metavar="MIB",
+        help="device arena in MiB: the weights, then KV blocks in what is left (default: fit --kv-blocks)",
+    )
+    engine.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"KV blocks of 16 tokens on the device (default {DEFAULT_DEVICE_BLOCKS}, at least one "
+        "request of --max-prompt-tokens + --max-new-tokens; with --device-memory: all that fits)",
+    )
+    engine.add_argument(
+        "--swap-blocks", type=int, default=256, metavar="N", help="KV blocks of host swap space (default 256)"
+    )
+    engine.add_argument(
+        "--offload",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="stream this fraction of the decoder layers from host memory through --transport",
+    )
+    engine.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once (default 64)")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    loaded = load_model(args.model)
-    model_id = loaded.path.name
-    config = EnclaveConfig(model_id, loaded.config.vocab_size, loaded.config.hidden_size)
-    policy = _policy(args, config)
-    widest = max(loaded.config.hidden_size, loaded.config.intermediate_size if args.partition else 0)
-    limits = Limits(args.max_prompt_tokens, args.max_new_tokens, args.max_prompt_tokens * widest * 4 + 4096)
-    with InferenceService(loaded, model_id, limits) as service:
-        app = create_app(service, Verifier(policy), enable_partition=args.partition)
-        print(f"veil: serving {model_id} on http://{args.host}:{args.port}", file=sys.stderr)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    if args.offload is not None and not 0.0 <= args.offload <= 1.0:
+        raise UsageError(f"--offload must be a fraction in [0, 1], got {args.offload}")
+    if min(args.max_prompt_tokens, args.max_new_tokens, args.max_num_seqs) < 1:
+        raise UsageError("--max-prompt-tokens, --max-new-tokens and --max-num-seqs must be >= 1")
+    sock = _bind(args.host, args.port)  # a busy port fails now, not after the model loaded
+    port = sock.getsockname()[1]
+    with sock:
+        loaded = load_model(args.model)
+        model_id = loaded.path.name
+        config = EnclaveConfig(model_id, loaded.config.vocab_size, loaded.config.hidden_size)
+        policy = _policy(args, config)
+        widest = max(loaded.config.hidden_size, loaded.config.intermediate_size if args.partition else 0)
+        limits = Limits(
+            args.max_prompt_tokens, args.max_new_tokens, args.max_prompt_tokens * widest * 4 + 4096
+        )
+        engine = _engine_config(args)
+        try:
+            arena, blocks = engine.geometry(loaded.model)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if engine.offload is not None:
+            torch.set_num_threads(compute_threads_beside_device())
+        with InferenceService(loaded, model_id, limits, engine) as service:
+            app = create_app(service, Verifier(policy), enable_partition=args.partition)
+            print(
+                f"veil: serving {model_id} on http://{args.host}:{port} over {args.transport}; device arena "
+                f"{arena / 2**20:.1f} MiB with {blocks} KV blocks ({blocks * engine.block_size} tokens)",
+                file=sys.stderr,
+                flush=True,
+            )
+            server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+            server.run(sockets=[sock])
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        sock = socket.create_server((host, port), reuse_port=False)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    blocks = args.kv_blocks
+    if blocks is None and args.device_memory is None:
+        blocks = max(DEFAULT_DEVICE_BLOCKS, -(-(args.max_prompt_tokens + args.max_new_tokens) // 16))
+    return EngineConfig(
+        transport=TransportKind(args.transport),
+        num_device_blocks=blocks,
+        num_host_blocks=args.swap_blocks,
+        device_memory_bytes=None if args.device_memory is None else int(args.device_memory * 2**20),
+        max_num_seqs=args.max_num_seqs,
+        offload=None if args.offload is None else OffloadPolicy(resident_fraction=1.0 - args.offload),
+    )
 
 
 def _policy(args: argparse.Namespace, config: EnclaveConfig) -> Policy:

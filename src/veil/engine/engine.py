@@ -13,14 +13,19 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
 
+import torch
+
 from veil.cc.device import Device
 from veil.engine.block_manager import BlockManager
+from veil.engine.costs import MeasuredCosts
+from veil.engine.offload_policy import OffloadPolicy
 from veil.engine.request import FinishReason, Sequence
 from veil.engine.runner import ModelRunner, kv_block_bytes
 from veil.engine.scheduler import PreemptionMode, Scheduler, SchedulerConfig, SchedulerOutput
-from veil.engine.weights import ResidentWeights
+from veil.engine.weights import ResidentWeights, StreamedWeights, WeightSource
 from veil.model.llama import Llama
 from veil.model.sampling import Sampler, SamplingParams
+from veil.pipellm.options import PipeLLMOptions
 from veil.transport import make_transport
 from veil.transport.base import TransportKind
 
@@ -40,9 +45,17 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens computed per step, prefill and decode together
     max_num_seqs: int = 64  # requests running at once
     preemption_mode: PreemptionMode = PreemptionMode.SWAP
+    offload: OffloadPolicy | None = None  # stream decoder layers from host memory; None: all resident
+    pipellm: PipeLLMOptions | None = None  # settings of the pipellm transport (None: its defaults)
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.preemption_mode)
+
+    def weights_bytes(self, model: Llama) -> int:
+        """Arena bytes the weights take at peak (resident, or resident part plus loads in flight)."""
+        if self.offload is None:
+            return ResidentWeights.device_bytes(model)
+        return StreamedWeights.device_bytes(model.config, self.offload)
 
     def geometry(self, model: Llama) -> tuple[int, int]:
         """(arena bytes, device KV blocks) for `model`.
@@ -50,7 +63,7 @@ class EngineConfig:
         Raises:
             ValueError: if the arena cannot hold the weights and at least one block (or the blocks asked).
         """
-        weights = ResidentWeights.device_bytes(model)
+        weights = self.weights_bytes(model)
         block = kv_block_bytes(model.config, self.block_size)
         if self.device_memory_bytes is None:
             blocks = DEFAULT_DEVICE_BLOCKS if self.num_device_blocks is None else self.num_device_blocks
@@ -82,6 +95,7 @@ class EngineStats:
     steps: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
+    preempted_by_recompute: int = 0  # the other preemptions swapped
     blocks_swapped_out: int = 0
     blocks_swapped_in: int = 0
     bytes_swapped_out: int = 0
@@ -117,11 +131,13 @@ class LLMEngine:
             num_host_blocks=self.config.num_host_blocks,
             block_size=self.config.block_size,
         )
-        self.scheduler = Scheduler(self.config.scheduler_config(), self.block_manager)
+        self.costs = MeasuredCosts()
+        self.scheduler = Scheduler(self.config.scheduler_config(), self.block_manager, self.costs)
         self.stats = EngineStats()
         self._runner: ModelRunner | None = None
         self._stack = ExitStack()
         self._samplers: dict[int, Sampler] = {}
+        self._embeds: dict[int, torch.Tensor] = {}  # prompts given as embeddings, (T, hidden)
         self._hinted: set[int] = set()
         self._ids = itertools.count()
 
@@ -131,8 +147,13 @@ class LLMEngine:
             raise RuntimeError("the engine is already started")
         with ExitStack() as stack:
             device = stack.enter_context(Device(capacity_bytes=self.capacity_bytes, name="veil-engine"))
-            transport = stack.enter_context(make_transport(self.config.transport, device))
-            weights = stack.enter_context(ResidentWeights(self.model, transport))
+            pipellm = self.config.pipellm if self.config.transport is TransportKind.PIPELLM else None
+            transport = stack.enter_context(make_transport(self.config.transport, device, pipellm=pipellm))
+            weights: WeightSource = stack.enter_context(
+                ResidentWeights(self.model, transport)
+                if self.config.offload is None
+                else StreamedWeights(self.model, transport, self.config.offload)
+            )
             self._runner = stack.enter_context(
                 ModelRunner(
                     self.model.config,
@@ -163,13 +184,26 @@ class LLMEngine:
         return self._runner
 
     # requests --------------------------------------------------------------------------------------
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> int:
-        """Queue a request; returns its id.
+    def add_request(
+        self,
+        prompt_token_ids: list[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        prompt_embeds: torch.Tensor | None = None,
+    ) -> int:
+        """Queue a request given as token ids, or as embeddings (split inference: the client computed
+        the embedding layer, the engine runs every later one); returns its id.
 
         Raises:
-            ValueError: if the prompt is empty, holds a token id outside [0, vocab_size), or can never
-                fit in the device's KV blocks with its max_tokens.
+            ValueError: if neither or both prompts are given, the prompt is empty, a token id lies
+                outside [0, vocab_size), the embeddings are not a finite float32 (T, hidden) tensor,
+                or the prompt with its max_tokens can never fit in the device's KV blocks.
         """
+        if (prompt_token_ids is None) == (prompt_embeds is None):
+            raise ValueError("give exactly one of prompt_token_ids and prompt_embeds")
+        if prompt_embeds is not None:
+            prompt_token_ids = [0] * self._check_embeds(prompt_embeds)  # placeholders: positions only
+        assert prompt_token_ids is not None
         vocab_size = self.model.config.vocab_size
         if any(not 0 <= token < vocab_size for token in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
@@ -178,11 +212,13 @@ class LLMEngine:
         seq = Sequence(next(self._ids), list(prompt_token_ids), params, stop_token_ids=stops)
         self.scheduler.add(seq)
         self._samplers[seq.seq_id] = Sampler(params)
+        if prompt_embeds is not None:
+            self._embeds[seq.seq_id] = prompt_embeds.detach().contiguous()
         return seq.seq_id
 
     def abort(self, request_id: int) -> bool:
         """Stop a request and free its KV blocks; False if it was not in flight."""
-        self._samplers.pop(request_id, None)
+        self._forget(request_id)
         return self.scheduler.abort(request_id) is not None
 
     def has_unfinished(self) -> bool:
@@ -198,7 +234,8 @@ class LLMEngine:
         """
         runner = self.runner  # raises before anything is scheduled if the engine is not started
         plan = self.scheduler.schedule()
-        logits = runner.execute(plan)
+        logits = runner.execute(plan, self._embeds)
+        self._measure(plan)
         sampled = {seq_id: int(self._samplers[seq_id](row[None])[0]) for seq_id, row in logits.items()}
         outputs = [self._output(seq) for seq in self.scheduler.postprocess(plan, sampled)]
         self._count(plan, outputs)
@@ -206,9 +243,24 @@ class LLMEngine:
         return outputs
 
     # helpers ---------------------------------------------------------------------------------------
+    def _check_embeds(self, embeds: torch.Tensor) -> int:
+        hidden = self.model.config.hidden_size
+        if embeds.dtype != torch.float32 or embeds.dim() != 2 or embeds.shape[1] != hidden:
+            raise ValueError(
+                f"prompt embeddings must be float32 of shape (T, {hidden}), "
+                f"got {embeds.dtype} {tuple(embeds.shape)}"
+            )
+        if not bool(torch.isfinite(embeds).all()):
+            raise ValueError("prompt embeddings must be finite")
+        return int(embeds.shape[0])
+
+    def _forget(self, request_id: int) -> None:
+        self._samplers.pop(request_id, None)
+        self._embeds.pop(request_id, None)
+
     def _output(self, seq: Sequence) -> RequestOutput:
         if seq.finished:
-            self._samplers.pop(seq.seq_id, None)
+            self._forget(seq.seq_id)
         return RequestOutput(seq.seq_id, seq.output_token_ids[-1:], seq.finished, seq.finish_reason)
 
     def _hint_next_swap_in(self) -> None:
@@ -219,11 +271,19 @@ class LLMEngine:
             self.runner.hint_swap_in(self.block_manager.host_table(swapped[0].seq_id))
         self._hinted.intersection_update(seq.seq_id for seq in swapped)
 
+    def _measure(self, plan: SchedulerOutput) -> None:
+        """Feed the step's swap and forward times to the preemption cost model."""
+        timing = self.runner.stats
+        self.costs.record_swap(len(plan.swap_out) + len(plan.swap_in), timing.last_swap_s)
+        prefill = sum(len(c.token_ids) for c in plan.chunks if len(c.token_ids) > 1)
+        self.costs.record_forward(prefill, plan.num_batched_tokens, timing.last_forward_s)
+
     def _count(self, plan: SchedulerOutput, outputs: list[RequestOutput]) -> None:
         s, block_bytes = self.stats, self.runner.block_bytes
         s.steps += 1
         s.generated_tokens += len(outputs)
         s.preemptions += len(plan.preempted)
+        s.preempted_by_recompute += len(plan.recomputed)
         s.blocks_swapped_out += len(plan.swap_out)
         s.blocks_swapped_in += len(plan.swap_in)
         s.bytes_swapped_out += len(plan.swap_out) * block_bytes

@@ -3,14 +3,18 @@
 It owns the paged KV cache, one device buffer laid out block-major (see `veil.model.paged`), and the
 host swap space, one `HostBuffer` per host block (each its own source for PipeLLM's predictors). A
 step is: swap-outs (one `transport.d2h` per block), swap-ins (one `transport.h2d` per block), a fence
-so the copy engine is done with those blocks, then one batched forward for the prefill chunks and one
-for the decodes, and the head only for the rows that sample.
+so the copy engine is done with those blocks, then the step's batches (prefills grouped by length,
+and the decodes) through the decoder stack together, layer by layer, each layer's weights taken from
+the `WeightSource` once (resident, or streamed in through the transport), and the head only for the
+rows that sample.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 
 import torch
@@ -22,7 +26,7 @@ from veil.engine.block_manager import BlockMove
 from veil.engine.scheduler import ScheduledChunk, SchedulerOutput
 from veil.engine.weights import WeightSource
 from veil.model.config import ModelConfig
-from veil.model.llama import decoder_layer, lm_head
+from veil.model.llama import StepContext, decoder_layer, lm_head
 from veil.model.paged import PagedBatch, PagedKVCache, paged_context, paged_storage_shape
 from veil.model.rope import Rotary
 from veil.transport.base import Transport
@@ -54,6 +58,23 @@ def padding_bounded_groups(
         else:
             groups.append([chunk])
     return groups
+
+
+@dataclass
+class RunnerStats:
+    layer_compute_s: float = 0.0  # time in decoder layers (not waiting for weights, not the head)
+    last_swap_s: float = 0.0  # the last step's swaps, until its blocks were in place
+    last_forward_s: float = 0.0  # the last step's forward pass (weights, layers, head)
+
+
+@dataclass
+class _Pass:
+    """One batch of a step on its way through the decoder stack."""
+
+    chunks: list[ScheduledChunk]
+    lengths: list[int]
+    hidden: torch.Tensor  # (B, T, hidden)
+    ctx: StepContext
 
 
 class ModelRunner:
@@ -90,6 +111,7 @@ class ModelRunner:
         self.host = [HostBuffer.empty(block_shape, KV_DTYPE) for _ in range(num_host_blocks)]
         self._swapping_out: dict[int, Event] = {}  # host block -> its d2h
         self.rotary = Rotary(config)
+        self.stats = RunnerStats()
 
     # swapping --------------------------------------------------------------------------------------
     def swap(self, swap_out: Sequence[BlockMove], swap_in: Sequence[BlockMove]) -> None:
@@ -122,19 +144,40 @@ class ModelRunner:
             self.transport.hint(self.host[block], nbytes=self.block_bytes)
 
     # compute ---------------------------------------------------------------------------------------
-    def execute(self, out: SchedulerOutput) -> dict[int, torch.Tensor]:
-        """Run one scheduled step; returns last-position logits (vocab,) of every sampling sequence."""
+    def execute(
+        self, out: SchedulerOutput, embeds: Mapping[int, torch.Tensor] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Run one scheduled step; returns last-position logits (vocab,) of every sampling sequence.
+
+        The step's batches (prefills grouped by length, then the decodes) go through the decoder stack
+        layer by layer together, so each layer's weights are fetched once per step (a streamed layer
+        crosses the transport once). `embeds` maps a sequence to its prompt's embeddings (T, hidden)
+        when the prompt came as embeddings; those positions skip the embedding table.
+        """
         self.swap(out.swap_out, out.swap_in)
         prefills = [c for c in out.chunks if len(c.token_ids) > 1]
         decodes = [c for c in out.chunks if len(c.token_ids) == 1]
+        groups = [group for group in [*padding_bounded_groups(prefills), decodes] if group]
         logits: dict[int, torch.Tensor] = {}
+        if not groups:
+            return logits
         with torch.inference_mode():
-            for group in [*padding_bounded_groups(prefills), decodes]:
-                if group:
-                    logits.update(self._forward(group))
+            passes = [self._begin(group, embeds) for group in groups]
+            for layer in range(self.config.num_layers):
+                weights = self.weights.layer(layer)
+                started = time.perf_counter()
+                try:
+                    for p in passes:
+                        p.hidden = decoder_layer(p.hidden, weights, p.ctx, layer, self.config)
+                finally:
+                    self.weights.release(layer)
+                self.stats.layer_compute_s += time.perf_counter() - started
+            for p in passes:
+                logits.update(self._head(p))
         return logits
 
-    def _forward(self, chunks: list[ScheduledChunk]) -> dict[int, torch.Tensor]:
+    def _begin(self, chunks: list[ScheduledChunk], embeds: Mapping[int, torch.Tensor]) -> _Pass:
+        """One batch's input hidden states and per-step context, before the first layer."""
         lengths = [len(c.token_ids) for c in chunks]
         batch = PagedBatch.build(
             [c.start for c in chunks], lengths, [c.block_table for c in chunks], self.block_size
@@ -143,15 +186,21 @@ class ModelRunner:
         for row, chunk in enumerate(chunks):
             ids[row, : lengths[row]] = torch.tensor(chunk.token_ids)
         hidden = F.embedding(ids, self.weights.embedding)  # (B, T, hidden)
+        for row, chunk in enumerate(chunks):
+            given = embeds.get(chunk.seq_id)
+            if given is not None and chunk.start < given.shape[0]:
+                n = min(lengths[row], given.shape[0] - chunk.start)
+                hidden[row, :n] = given[chunk.start : chunk.start + n]
         ctx = paged_context(self.rotary, batch, PagedKVCache(self.kv.tensor, batch))
-        for layer in range(self.config.num_layers):
-            hidden = decoder_layer(hidden, self.weights.layer(layer), ctx, layer, self.config)
-        rows = [row for row, chunk in enumerate(chunks) if chunk.sample]
+        return _Pass(chunks, lengths, hidden, ctx)
+
+    def _head(self, p: _Pass) -> dict[int, torch.Tensor]:
+        rows = [row for row, chunk in enumerate(p.chunks) if chunk.sample]
         if not rows:
             return {}
-        last = hidden[rows, [lengths[row] - 1 for row in rows]]  # (R, hidden)
+        last = p.hidden[rows, [p.lengths[row] - 1 for row in rows]]  # (R, hidden)
         logits = lm_head(last, self.weights.norm, self.weights.head, self.config.rms_norm_eps)  # (R, vocab)
-        return {chunks[row].seq_id: logits[i] for i, row in enumerate(rows)}
+        return {p.chunks[row].seq_id: logits[i] for i, row in enumerate(rows)}
 
     # lifecycle -------------------------------------------------------------------------------------
     def close(self) -> None:

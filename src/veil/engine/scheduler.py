@@ -9,7 +9,8 @@ Policy, in order, each step:
    remaining budget when prefilling: long prompts are prefilled in chunks). When the device has no
    block for a chunk, the newest running sequence is preempted (itself, if it is the newest): by
    swapping its blocks to the host (`PreemptionMode.SWAP`, when the swap space has room) or by freeing
-   them to recompute later (`RECOMPUTE`, or SWAP without host room).
+   them to recompute later (`RECOMPUTE`, or SWAP without host room); `AUTO` asks a
+   `PreemptionCosts` (veil.engine.costs) which is cheaper for this victim.
 2. If nothing was preempted, swapped sequences come back, oldest first, while the device has room.
 3. Only when no sequence is swapped out are waiting ones admitted, oldest first (a sequence preempted
    by recompute is older than any new one, so it comes back first).
@@ -22,12 +23,14 @@ import enum
 from dataclasses import dataclass, field
 
 from veil.engine.block_manager import BlockManager, BlockMove
+from veil.engine.costs import PreemptionCosts
 from veil.engine.request import FinishReason, Sequence, SequenceStatus
 
 
 class PreemptionMode(enum.Enum):
     SWAP = "swap"  # move the victim's blocks to host memory (falls back to recompute without room)
     RECOMPUTE = "recompute"  # drop the victim's blocks; prefill its prompt and output again later
+    AUTO = "auto"  # per preemption, whichever the measured costs say is cheaper (swap until known)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class SchedulerOutput:
     swap_out: list[BlockMove] = field(default_factory=list)  # device block -> host block
     swap_in: list[BlockMove] = field(default_factory=list)  # host block -> device block
     preempted: list[int] = field(default_factory=list)  # seq ids, in preemption order
+    recomputed: list[int] = field(default_factory=list)  # those of them preempted by recompute
 
     @property
     def num_batched_tokens(self) -> int:
@@ -73,9 +77,12 @@ class SchedulerOutput:
 class Scheduler:
     """Queues and budgets over a `BlockManager` (see the module docstring for the policy)."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, block_manager: BlockManager, costs: PreemptionCosts | None = None
+    ) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.costs = costs  # asked under PreemptionMode.AUTO; None: swap whenever there is room
         self.waiting: list[Sequence] = []  # sorted by seq_id (arrival)
         self.running: list[Sequence] = []
         self.swapped: list[Sequence] = []  # sorted by seq_id
@@ -208,15 +215,25 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         bm = self.block_manager
         out.preempted.append(seq.seq_id)
-        if self.config.preemption_mode is PreemptionMode.SWAP and bm.can_swap_out(seq.seq_id):
+        if self._swap(seq):
             out.swap_out.extend(bm.swap_out(seq.seq_id))
             seq.status = SequenceStatus.SWAPPED
             bisect.insort(self.swapped, seq, key=_arrival)
             return
         bm.free(seq.seq_id)
+        out.recomputed.append(seq.seq_id)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=_arrival)
+
+    def _swap(self, seq: Sequence) -> bool:
+        """Whether to preempt `seq` by swapping (else by recompute)."""
+        mode, bm = self.config.preemption_mode, self.block_manager
+        if mode is PreemptionMode.RECOMPUTE or not bm.can_swap_out(seq.seq_id):
+            return False
+        if mode is PreemptionMode.SWAP or self.costs is None:
+            return True
+        return self.costs.prefer_swap(len(bm.block_table(seq.seq_id)), seq.num_computed_tokens)
 
     def _retire(self, seq: Sequence) -> None:
         for queue in (self.waiting, self.running, self.swapped):

@@ -12,31 +12,40 @@ Endpoints:
 
 Every body is size-checked while it is read, before it is parsed.
 
-Every client error is a 4xx with `{"error": "..."}`; verification failures say only that.
+Generation runs on the service's engine: concurrent requests are batched; a prompt that can never fit
+the KV cache is a 400; a client that disconnects has its request aborted (its KV blocks freed).
+
+Every client error is a 4xx with `{"error": "..."}` (503 if the engine stopped); verification failures
+say only that.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from veil import wire
 from veil.attest.evidence import Evidence, VerificationError
 from veil.attest.verifier import Verifier
+from veil.engine.loop import EngineStopped
+from veil.model.sampling import SamplingParams
 from veil.server.protocol import ApiError, CompletionRequest, read_body
 from veil.server.service import InferenceService, Limits, Token
 from veil.server.sessions import SessionStore
 
 log = logging.getLogger("veil.server")
 _RECENT_REQUESTS = 1024
+_DISCONNECT_POLL_S = 0.25
 NDJSON = "application/x-ndjson"
 
 
@@ -49,10 +58,7 @@ def create_app(service: InferenceService, verifier: Verifier, *, enable_partitio
     app.state.requests = deque(maxlen=_RECENT_REQUESTS)
     limits = service.limits
 
-    @app.middleware("http")
-    async def record(request: Request, call_next):  # type: ignore[no-untyped-def]
-        app.state.requests.append((request.method, request.url.path))
-        return await call_next(request)
+    app.add_middleware(_RecordRequests, log=app.state.requests)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -76,18 +82,13 @@ def create_app(service: InferenceService, verifier: Verifier, *, enable_partitio
         # the size limit applies before any parsing, the token limit before generation
         body = CompletionRequest.parse(await read_body(request, limits.json_body_bytes), limits)
         ids = await run_in_threadpool(body.prompt_ids, service.loaded.tokenizer, limits)
-        tokens = await run_in_threadpool(
-            lambda: list(service.stream_tokens(prompt_ids=ids, max_new_tokens=body.max_tokens))
-        )
+        params = SamplingParams(max_tokens=body.max_tokens)
+        tokens = await _collect(request, _tokens(service, params, ids=ids))
         return {
             "object": "text_completion",
             "model": service.model_id,
             "choices": [
-                {
-                    "index": 0,
-                    "text": "".join(t.text for t in tokens),
-                    "finish_reason": _finish(service, tokens),
-                }
+                {"index": 0, "text": "".join(t.text for t in tokens), "finish_reason": _finish(tokens)}
             ],
             "usage": {"prompt_tokens": len(ids), "completion_tokens": len(tokens)},
             "veil": {
@@ -122,7 +123,9 @@ def create_app(service: InferenceService, verifier: Verifier, *, enable_partitio
         if max_tokens > limits.max_new_tokens:
             raise ApiError(400, f"max_tokens must be <= {limits.max_new_tokens}")
         embeds = _embeddings(await read_body(request, limits.max_body_bytes), service)
-        return StreamingResponse(_ndjson(service, embeds, max_tokens), media_type=NDJSON)
+        tokens = _tokens(service, SamplingParams(max_tokens=max_tokens), embeds=embeds)
+        first = await _first(tokens)  # a refusal is still an HTTP error, not a broken stream
+        return StreamingResponse(_ndjson(first, tokens), media_type=NDJSON)
 
     if sessions is not None:
 
@@ -140,6 +143,20 @@ def create_app(service: InferenceService, verifier: Verifier, *, enable_partitio
             return Response(wire.encode({"y": out}), media_type=wire.MEDIA_TYPE)
 
     return app
+
+
+class _RecordRequests:
+    """Pure ASGI middleware noting (method, path) of each request. Not `@app.middleware("http")`:
+    that wrapper buffers the receive channel, and `Request.is_disconnected` then never sees a client
+    leave, so an abandoned request would run to its end."""
+
+    def __init__(self, app: ASGIApp, log: deque[tuple[str, str]]) -> None:
+        self.app, self.log = app, log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.log.append((scope["method"], scope["path"]))
+        await self.app(scope, receive, send)
 
 
 def _tensor(raw: bytes, name: str, limits: Limits) -> torch.Tensor:
@@ -168,18 +185,66 @@ def _embeddings(raw: bytes, service: InferenceService) -> torch.Tensor:
     return x
 
 
-def _ndjson(service: InferenceService, embeds: torch.Tensor, max_tokens: int) -> Iterator[bytes]:
-    tokens: list[Token] = []
-    for token in service.stream_tokens(prompt_embeds=embeds, max_new_tokens=max_tokens):
-        tokens.append(token)
-        yield json.dumps({"token_id": token.token_id, "text": token.text}).encode() + b"\n"
-    done = {
-        "done": True,
-        "finish_reason": _finish(service, tokens),
-        "server_compute_s": sum(t.compute_s for t in tokens),
-    }
-    yield json.dumps(done).encode() + b"\n"
+async def _tokens(
+    service: InferenceService,
+    params: SamplingParams,
+    *,
+    ids: list[int] | None = None,
+    embeds: torch.Tensor | None = None,
+) -> AsyncIterator[Token]:
+    """The service's token stream, its refusals as API errors (400: never fits; 503: engine down)."""
+    try:
+        async for token in service.generate(params, prompt_ids=ids, prompt_embeds=embeds):
+            yield token
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    except EngineStopped as exc:
+        raise ApiError(503, str(exc)) from None
 
 
-def _finish(service: InferenceService, tokens: list[Token]) -> str:
-    return "stop" if tokens and tokens[-1].token_id in service.loaded.config.eos_token_ids else "length"
+async def _first(tokens: AsyncIterator[Token]) -> Token | None:
+    try:
+        return await anext(tokens)
+    except StopAsyncIteration:
+        return None
+
+
+async def _collect(request: Request, tokens: AsyncIterator[Token]) -> list[Token]:
+    """Every token of a non-streamed request; a client that disconnects first aborts it."""
+    collected: list[Token] = []
+
+    async def gather() -> None:
+        async for token in tokens:
+            collected.append(token)
+
+    task = asyncio.ensure_future(gather())
+    while not task.done():
+        await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()  # closes the stream: the engine aborts the request and frees its blocks
+            await asyncio.gather(task, return_exceptions=True)
+            raise ApiError(499, "client disconnected")
+    task.result()
+    return collected
+
+
+async def _ndjson(first: Token | None, tokens: AsyncIterator[Token]) -> AsyncIterator[bytes]:
+    """Lines of the CMIF stream; a client that disconnects closes this generator, which aborts the
+    request in the engine."""
+    done: list[Token] = []
+    if first is not None:
+        done.append(first)
+        yield _line({"token_id": first.token_id, "text": first.text})
+        async for token in tokens:
+            done.append(token)
+            yield _line({"token_id": token.token_id, "text": token.text})
+    compute_s = sum(t.compute_s for t in done)
+    yield _line({"done": True, "finish_reason": _finish(done), "server_compute_s": compute_s})
+
+
+def _line(obj: dict[str, object]) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+def _finish(tokens: list[Token]) -> str:
+    return (tokens[-1].finish_reason if tokens else None) or "length"

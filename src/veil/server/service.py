@@ -1,31 +1,35 @@
 """What the server does with the model: generation from ids or embeddings, provisioning, linear ops.
 
-The only piece of the server that touches the model. Every model call runs on one worker thread owned
-by the service: steps of concurrent requests interleave (each has its own KV cache), torch's
-thread-local modes stay on one thread, and on one CPU concurrent torch calls would only slow each other.
-Close the service (or use it as a context manager) to stop the thread.
+The only piece of the server that touches the model. Generation runs on the serving engine
+(`veil.engine`), on its own thread (`EngineLoop`): concurrent requests, from token ids or from
+split-inference embeddings, are batched continuously by one engine over a paged KV cache on the
+emulated confidential device, and its transport (`plain`, `cc`, `pipellm`) carries every weight upload
+and KV swap. The per-layer partition baseline's linear maps run on the same thread, between steps.
+Close the service (or use it as a context manager) to stop the engine.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from starlette.concurrency import run_in_threadpool
 
 from veil.attest.envelope import WrapHeader
 from veil.attest.evidence import Evidence
 from veil.attest.verifier import Verifier
 from veil.attest.wrap import wrap
-from veil.model.generate import GenerationRequest, stream
+from veil.engine.engine import EngineConfig, LLMEngine, RequestOutput
+from veil.engine.loop import EngineLoop
 from veil.model.loader import LoadedModel
+from veil.model.sampling import SamplingParams
+from veil.server.detokenize import IncrementalDetokenizer
 
-T = TypeVar("T")
 # The per-layer partition baseline's server side: a decoder layer's linear maps, and the output
 # projection ("head", addressed as layer num_layers).
 LINEAR_OPS = ("wqkv", "wo", "w_gate_up", "w_down", "head")
@@ -49,26 +53,56 @@ class Limits:
 @dataclass(frozen=True)
 class Token:
     token_id: int
-    text: str
-    compute_s: float  # model time spent producing this token on the server
+    text: str  # the text this token completes (may be empty while a multi-byte character is split)
+    compute_s: float  # this request's share of the engine steps that produced the token
+    finish_reason: str | None = None  # on the request's last token: "stop", "length"
+
+
+class _AsyncSink:
+    """Outputs of one request, from the engine's thread into an asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.queue: asyncio.Queue[tuple[RequestOutput, float] | BaseException] = asyncio.Queue()
+
+    def put(self, output: RequestOutput, compute_s: float) -> None:
+        self._deliver((output, compute_s))
+
+    def fail(self, error: BaseException) -> None:
+        self._deliver(error)
+
+    def _deliver(self, item: tuple[RequestOutput, float] | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 class InferenceService:
-    """The bundled (or a given) model behind the server's endpoints."""
+    """The bundled (or a given) model behind the server's endpoints, served by one engine.
 
-    def __init__(self, loaded: LoadedModel, model_id: str, limits: Limits = Limits()) -> None:
+    Use as a context manager: entering starts the engine (device, transport, weights upload).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        model_id: str,
+        limits: Limits = Limits(),
+        engine: EngineConfig | None = None,
+    ) -> None:
         self.loaded = loaded
         self.model_id = model_id
         self.limits = limits
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-model")
-        self.compute_s = 0.0  # time spent inside model calls, for the benchmark's accounting
+        eos = set(loaded.config.eos_token_ids)
+        if getattr(loaded.tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(loaded.tokenizer.eos_token_id))
+        self.eos_token_ids = frozenset(eos)
+        self.engine = LLMEngine(loaded.model, engine, eos_token_ids=tuple(sorted(eos)))
+        self.loop = EngineLoop(self.engine)
         # embeddings a client sends are rows of this table: nothing larger is a real prompt
         self.embedding_bound = float(loaded.model.embed_tokens.weight.detach().abs().max()) * 1.01
 
-    def close(self) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
-
     def __enter__(self) -> InferenceService:
+        self.loop.__enter__()
         return self
 
     def __exit__(
@@ -76,46 +110,49 @@ class InferenceService:
     ) -> None:
         self.close()
 
-    def _compute(self, fn: Callable[[], T]) -> tuple[T, float]:
-        """Run `fn` on the model thread, in inference mode; the result and its time."""
-
-        def timed() -> tuple[T, float]:
-            started = time.perf_counter()
-            with torch.inference_mode():
-                result = fn()
-            return result, time.perf_counter() - started
-
-        result, elapsed = self._worker.submit(timed).result()
-        self.compute_s += elapsed
-        return result, elapsed
+    def close(self) -> None:
+        self.loop.close()
 
     @property
     def hidden_size(self) -> int:
         return self.loaded.config.hidden_size
 
-    def stream_tokens(
+    async def generate(
         self,
+        params: SamplingParams,
         *,
-        max_new_tokens: int,
         prompt_ids: list[int] | None = None,
         prompt_embeds: torch.Tensor | None = None,
-    ) -> Iterator[Token]:
-        """Greedy generation from prompt ids (plain) or embeddings (CMIF), stopping at end of sequence."""
-        request = GenerationRequest(
-            max_new_tokens=max_new_tokens,
-            prompt_ids=[prompt_ids] if prompt_ids is not None else None,
-            prompt_embeds=prompt_embeds,
-            stop_token_ids=self.loaded.config.eos_token_ids,
+    ) -> AsyncIterator[Token]:
+        """Tokens of one request, from prompt ids (plain) or embeddings (1, T, hidden) (CMIF), as the
+        engine produces them. Leaving the iteration early (a client gone) aborts the request and frees
+        its KV blocks.
+
+        Raises:
+            ValueError: if the engine refuses the request (a prompt that can never fit, bad ids).
+            EngineStopped: if the engine stopped (before or during the request).
+        """
+        sink = _AsyncSink(asyncio.get_running_loop())
+        embeds = None if prompt_embeds is None else prompt_embeds[0]
+        request_id = await run_in_threadpool(
+            self.loop.submit, sink, prompt_ids, params, prompt_embeds=embeds
         )
-        steps = stream(self.loaded.model, request)
-        while True:
-            step, elapsed = self._compute(lambda: next(steps, None))
-            if step is None:
-                return
-            token_id = int(step[0])
-            yield Token(token_id, self.loaded.tokenizer.decode([token_id]), elapsed)
-            if token_id in self.loaded.config.eos_token_ids:
-                return
+        detokenizer = IncrementalDetokenizer(self.loaded.tokenizer)
+        finished = False
+        try:
+            while not finished:
+                item = await sink.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                output, compute_s = item
+                finished = output.finished
+                for token_id in output.new_token_ids:
+                    text = detokenizer.add(token_id) + (detokenizer.flush() if finished else "")
+                    reason = output.finish_reason.value if finished and output.finish_reason else None
+                    yield Token(token_id, text, compute_s, reason)
+        finally:
+            if not finished:
+                self.loop.abort(request_id)
 
     def provision(self, verifier: Verifier, evidence: Evidence, session: bytes = b"") -> bytes:
         """Verify `evidence` (raises `VerificationError`) and wrap the embedding table (and a session
@@ -128,7 +165,8 @@ class InferenceService:
         return wrap(weights, verified.public_key, header, session=session)
 
     def linear(self, layer: int, op: str, x: torch.Tensor) -> torch.Tensor:
-        """One linear map of one decoder layer: the server half of the per-layer partition baseline."""
+        """One linear map of one decoder layer: the server half of the per-layer partition baseline.
+        Runs on the engine's thread between steps (blocks until then)."""
         if op not in LINEAR_OPS:
             raise ValueError(f"op must be one of {LINEAR_OPS}, got {op!r}")
         num_layers = self.loaded.config.num_layers
@@ -142,4 +180,4 @@ class InferenceService:
             raise ValueError(f"layer must be in [0, {num_layers})")
         if x.dim() != 3 or x.shape[0] != 1 or x.shape[-1] != weight.shape[1] or x.dtype != torch.float32:
             raise ValueError(f"input must be float32 of shape (1, T, {weight.shape[1]})")
-        return self._compute(lambda: F.linear(x, weight))[0]
+        return self.loop.call(lambda: F.linear(x, weight))
