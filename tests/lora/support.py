@@ -15,6 +15,7 @@ from veil.lora.layout import FIELD_OF, target_shape
 from veil.model.checkpoint import build_model
 from veil.model.config import ModelConfig
 from veil.model.llama import Llama, decoder_layer
+from veil.pipellm.options import PipeLLMOptions
 from veil.transport import TransportKind, make_transport
 
 MiB = 1 << 20
@@ -69,9 +70,13 @@ def bank_on(
     num_slots: int = 4,
     rank: int = 8,
     targets: Sequence[str] | None = None,
+    pipellm: PipeLLMOptions | None = None,
 ) -> Iterator[DeviceAdapterBank]:
     """A bank on a fresh emulated device behind transport `kind`."""
     extra = {} if targets is None else {"targets": targets}
-    with Device(capacity_bytes=64 * MiB) as device, make_transport(kind, device) as transport:
+    with (
+        Device(capacity_bytes=64 * MiB) as device,
+        make_transport(kind, device, pipellm=pipellm) as transport,
+    ):
         with DeviceAdapterBank(transport, config, num_slots=num_slots, rank=rank, **extra) as bank:
             yield bank
