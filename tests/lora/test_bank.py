@@ -7,7 +7,9 @@ import time
 import pytest
 import torch
 
-from veil.lora import AdapterError, random_adapter
+from veil.cc.errors import IntegrityError
+from veil.cc.stream import Event
+from veil.lora import AdapterError, DeviceAdapterBank, random_adapter
 from veil.pipellm import SizeClasses
 from veil.pipellm.options import PipeLLMOptions
 from veil.transport import TransportKind
@@ -46,9 +48,9 @@ def test_loads_through_plain_cc_pipellm_give_identical_device_bytes() -> None:
 def test_one_transfer_per_load() -> None:
     with bank_on(CONFIG, num_slots=2, rank=4) as bank:
         bank.add("a0", ADAPTERS["a0"])
-        stats = bank._transport.stats()
+        stats = bank.transport.stats()
         bank.acquire("a0")
-        after = bank._transport.stats()
+        after = bank.transport.stats()
         assert after.h2d_transfers - stats.h2d_transfers == 1
         assert after.h2d_bytes - stats.h2d_bytes == bank.slot_bytes
 
@@ -93,16 +95,43 @@ def test_hints_reach_pipellm_and_its_loads_hit() -> None:
             bank.add(name, ADAPTERS[name])
         bank.acquire("a2")  # unhinted: sealed on the spot (a miss)
         bank.batch(["a2"])
-        before = bank._transport.stats().pipellm.speculator
+        before = bank.transport.stats().pipellm.speculator
         bank.hint(["a2", "a0", "a1"])  # a2 is resident: no hint for it
         deadline = time.monotonic() + 20
-        while bank._transport.stats().pipellm.speculator.bytes_sealed_ahead < 2 * bank.slot_bytes:
+        while bank.transport.stats().pipellm.speculator.bytes_sealed_ahead < 2 * bank.slot_bytes:
             assert time.monotonic() < deadline, "hinted adapters were not sealed ahead in time"
             time.sleep(0.001)
         bank.release("a2")
         for name in ("a0", "a1"):
             bank.acquire(name)
         bank.batch(["a0", "a1"])
-        speculator = bank._transport.stats().pipellm.speculator
+        speculator = bank.transport.stats().pipellm.speculator
         assert speculator.hits - before.hits == 2 and speculator.misses == before.misses
         assert speculator.bytes_committed - before.bytes_committed == 2 * bank.slot_bytes
+
+
+def test_bank_takes_what_device_bytes_says() -> None:
+    want = DeviceAdapterBank.device_bytes(CONFIG, num_slots=3, rank=4)
+    with bank_on(CONFIG, num_slots=3, rank=4) as bank:
+        assert bank.transport.device.allocated_bytes == want == 3 * bank.slot_bytes
+    assert bank.transport.device.allocated_bytes == 0  # closing the bank freed its slots
+
+
+def test_a_failed_load_leaves_the_slot_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    with bank_on(CONFIG, num_slots=1, rank=4) as bank:
+        bank.add("a0", ADAPTERS["a0"])
+        bank.add("a1", ADAPTERS["a1"])
+        with monkeypatch.context() as patch:
+            patch.setattr(bank.transport, "h2d", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bus")))
+            with pytest.raises(RuntimeError, match="bus"):
+                bank.acquire("a0")
+        assert bank.resident() == {} and bank.pins("a0") == 0
+        with monkeypatch.context() as patch:
+            patch.setattr(bank.transport, "h2d", lambda *a, **k: Event.completed(IntegrityError()))
+            assert bank.acquire("a1") == 0  # the device's half fails later: seen when the batch waits
+            with pytest.raises(IntegrityError):
+                bank.batch(["a1"])
+        assert bank.resident() == {}
+        assert bank.acquire("a0") == 0
+        bank.batch(["a0"])
+        assert torch.equal(bank.slot_tensor(0), bank.host_tensor("a0"))

@@ -37,6 +37,9 @@ SLOT_DTYPE = torch.float32
 class DeviceAdapterBank:
     """`num_slots` adapter slots of maximum rank `rank` over `targets`, in `transport`'s device arena.
 
+    One caller drives it (the engine's step loop); it is not thread-safe. Loads are asynchronous:
+    `acquire` issues one `h2d` and returns, `batch` waits for the loads its rows need.
+
     Args:
         transport: a started transport; its device holds the slots.
         config: the base model's shape.
@@ -60,12 +63,19 @@ class DeviceAdapterBank:
     ) -> None:
         self.layout = SlotLayout(config, rank=rank, targets=tuple(targets))
         self._slots = SlotTable(num_slots)
-        self._transport = transport
+        self.transport = transport
         self._host: dict[str, HostBuffer] = {}
         self._loading: dict[int, Event] = {}  # slot -> its load in flight
         self.loads = 0  # adapter loads issued (one h2d each)
         self.evictions = 0
         self._device = transport.device.empty((num_slots, self.layout.numel), SLOT_DTYPE)
+
+    @staticmethod
+    def device_bytes(
+        config: ModelConfig, *, num_slots: int, rank: int, targets: Sequence[str] = TARGETS
+    ) -> int:
+        """Arena bytes a bank of these dimensions takes (for sizing the device)."""
+        return num_slots * SlotLayout(config, rank=rank, targets=tuple(targets)).numel * SLOT_DTYPE.itemsize
 
     @property
     def slot_bytes(self) -> int:
@@ -110,7 +120,7 @@ class DeviceAdapterBank:
         try:
             if previous is not None:
                 previous.wait()  # an earlier load into this slot: its error must not go unseen
-            self._loading[slot] = self._transport.h2d(
+            self._loading[slot] = self.transport.h2d(
                 host, self._device, dst_offset=slot * self.slot_bytes, nbytes=self.slot_bytes
             )
         except BaseException:
@@ -154,7 +164,7 @@ class DeviceAdapterBank:
         """Tell the transport which adapters will be needed next (in order); resident ones are skipped."""
         for name in dict.fromkeys(names):
             if self._slots.slot_of(name) is None:
-                self._transport.hint(self._host[name], nbytes=self.slot_bytes)
+                self.transport.hint(self._host[name], nbytes=self.slot_bytes)
 
     def resident(self) -> dict[str, int]:
         """Resident adapters and their slots, least recently acquired first."""
