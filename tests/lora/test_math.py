@@ -32,8 +32,8 @@ def test_adapter_equals_merged_weights(name: str) -> None:
     adapter = ADAPTERS[name]
     with bank_on(CONFIG) as bank, torch.inference_mode():
         bank.add(name, adapter)
-        bank.acquire(name)
-        got = lora_forward(MODEL, IDS, bank.batch([name] * len(IDS)))
+        bank.load(name, 2)
+        got = lora_forward(MODEL, IDS, bank.batch([2] * len(IDS)))
         want = merged(MODEL, adapter)(IDS)
         assert (got - want).abs().max().item() <= TOL
         assert (got - MODEL(IDS)).abs().max().item() > 100 * TOL  # the adapter does change the outputs
@@ -43,21 +43,22 @@ def test_bank_with_fewer_targets_applies_them() -> None:
     adapter = ADAPTERS["q-v"]
     with bank_on(CONFIG, targets=("q_proj", "v_proj")) as bank, torch.inference_mode():
         bank.add("qv", adapter)
-        bank.acquire("qv")
-        got = lora_forward(MODEL, IDS, bank.batch(["qv"] * len(IDS)))
+        bank.load("qv", 0)
+        got = lora_forward(MODEL, IDS, bank.batch([0] * len(IDS)))
         assert (got - merged(MODEL, adapter)(IDS)).abs().max().item() <= TOL
 
 
 def test_mixed_batch_rows_equal_each_row_alone() -> None:
     rows = ["all-targets", None, "q-v", "all-targets"]
+    slot_of = {"all-targets": 3, "q-v": 1, None: None}
     with bank_on(CONFIG) as bank, torch.inference_mode():
         for name in ("all-targets", "q-v"):
             bank.add(name, ADAPTERS[name])
-            bank.acquire(name)
-        got = lora_forward(MODEL, IDS, bank.batch(rows))
+            bank.load(name, slot_of[name])
+        got = lora_forward(MODEL, IDS, bank.batch([slot_of[name] for name in rows]))
         base = MODEL(IDS)
         for i, name in enumerate(rows):
-            alone = lora_forward(MODEL, IDS[i : i + 1], bank.batch([name]))[0]
+            alone = lora_forward(MODEL, IDS[i : i + 1], bank.batch([slot_of[name]]))[0]
             assert (got[i] - alone).abs().max().item() <= TOL
             if name is None:
                 assert torch.equal(got[i], base[i])  # a base row is the base model's, bit for bit

@@ -22,8 +22,8 @@ def _veil_logits(path: Path) -> torch.Tensor:
     adapter = load_peft(path, model.config)
     with bank_on(model.config, rank=max(adapter.rank, 8)) as bank, torch.inference_mode():
         bank.add("x", adapter)
-        bank.acquire("x")
-        return lora_forward(model, IDS, bank.batch(["x"] * len(IDS)))
+        bank.load("x", 0)
+        return lora_forward(model, IDS, bank.batch([0] * len(IDS)))
 
 
 def _peft_logits(path: Path) -> torch.Tensor:

@@ -4,7 +4,7 @@
 - `peft_format`: `load_peft` / `save_peft` (PEFT's directory format).
 - `layout`: where targets sit in veil's fused weights; the flat slot layout.
 - `slots`: `SlotTable`, LRU eviction with pins (pure policy).
-- `bank`: `DeviceAdapterBank`, the slots in the device arena (mechanism).
+- `bank`: `DeviceAdapterBank`, the slots in the device arena, loaded through the transport (mechanism).
 - `projection`: `LoraBatch`, `lora_projection` for `decoder_layer`.
 """
 

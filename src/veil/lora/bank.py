@@ -1,18 +1,21 @@
-"""Adapter slots in the device arena, loaded through the transport (the mechanism beside `SlotTable`).
+"""Adapter slots in the device arena, loaded through the transport: the mechanism beside `SlotTable`.
 
 Every registered adapter is packed once into its own host tensor in the slot layout (a `HostBuffer`,
 its own source for PipeLLM's predictors), so loading it is one `transport.h2d` into its slot of one
-device buffer `(num_slots, layout.numel)`. Which slot, and which adapter to evict, is `SlotTable`'s
-decision; this class only moves bytes and hands out `LoraBatch`es.
+device buffer `(num_slots, layout.numel)`. Which slot, and which adapter to evict, is decided by the
+pure `SlotTable` (the scheduler's side, like the block manager for KV blocks); this class only moves
+bytes and hands out `LoraBatch`es, like the model runner.
 
-Lifecycle (what an engine does):
-    bank = DeviceAdapterBank(transport, config, num_slots=4, rank=16)   # with bank: ... frees it
-    bank.add("sql", load_peft(path, config))
-    slot = bank.acquire("sql")      # when a request is admitted: pins; None = every slot pinned, defer
-    bank.hint(["chat", "sql"])      # adapters the waiting requests will need (PipeLLM seals ahead)
-    batch = bank.batch(["sql", None, ...])   # per row; waits for the rows' loads
+What an engine does:
+    table = SlotTable(num_slots)                                        # scheduler: policy
+    bank = DeviceAdapterBank(transport, config, num_slots=num_slots, rank=16)   # runner: mechanism
+    bank.add("sql", load_peft(path, config))                            # host memory; nothing moves
+    placement = table.acquire("sql")          # on admitting a request: pins; None = all pinned, defer
+    if placement.load: bank.load("sql", placement.slot)                 # runner: one async h2d
+    bank.hint(["chat", "sql"])                # adapters the waiting requests need next (PipeLLM)
+    batch = bank.batch([slot_of_row_0, None, ...])    # per forward; waits for those slots' loads
     decoder_layer(..., project=lora_projection(weights, layer, batch))
-    bank.release("sql")             # when the request finishes or is preempted
+    table.release("sql")                      # when the request finishes or is preempted
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from veil.cc.stream import Event
 from veil.lora.adapter import Adapter, AdapterError
 from veil.lora.layout import TARGETS, SlotLayout
 from veil.lora.projection import LoraBatch
-from veil.lora.slots import SlotTable
 from veil.model.config import ModelConfig
 from veil.transport.base import Transport
 
@@ -38,7 +40,9 @@ class DeviceAdapterBank:
     """`num_slots` adapter slots of maximum rank `rank` over `targets`, in `transport`'s device arena.
 
     One caller drives it (the engine's step loop); it is not thread-safe. Loads are asynchronous:
-    `acquire` issues one `h2d` and returns, `batch` waits for the loads its rows need.
+    `load` issues one `h2d` and returns; `batch` waits for the loads of the slots its rows use. The
+    caller must not load into a slot that a batch still computing with uses (the `SlotTable`'s pins
+    guarantee it: a pinned adapter is never evicted).
 
     Args:
         transport: a started transport; its device holds the slots.
@@ -61,13 +65,14 @@ class DeviceAdapterBank:
         rank: int,
         targets: Sequence[str] = TARGETS,
     ) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.layout = SlotLayout(config, rank=rank, targets=tuple(targets))
-        self._slots = SlotTable(num_slots)
         self.transport = transport
         self._host: dict[str, HostBuffer] = {}
+        self._holds: list[str | None] = [None] * num_slots  # what each slot holds (or is loading)
         self._loading: dict[int, Event] = {}  # slot -> its load in flight
         self.loads = 0  # adapter loads issued (one h2d each)
-        self.evictions = 0
         self._device = transport.device.empty((num_slots, self.layout.numel), SLOT_DTYPE)
 
     @staticmethod
@@ -81,6 +86,10 @@ class DeviceAdapterBank:
     def slot_bytes(self) -> int:
         """Bytes of one slot: what one adapter load moves."""
         return self.layout.numel * SLOT_DTYPE.itemsize
+
+    @property
+    def num_slots(self) -> int:
+        return len(self._holds)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -102,76 +111,60 @@ class DeviceAdapterBank:
             raise AdapterError(f"adapter {name!r}: {error}") from None
         self._host[name] = HostBuffer(packed)
 
-    def acquire(self, name: str) -> int | None:
-        """Pin `name` in a slot, loading it (asynchronously) if it is not resident.
-
-        Returns:
-            Its slot, or None if it is not resident and every slot is pinned (defer the request).
+    def load(self, name: str, slot: int) -> None:
+        """Copy adapter `name` into `slot` (one asynchronous h2d), replacing what the slot held.
 
         Raises:
-            KeyError: if `name` is not registered. Errors of the transport's host half.
+            KeyError: if `name` is not registered. ValueError: if `slot` is out of range.
+            Errors of the transport's host half, and of an earlier load into this slot.
         """
         host = self._host[name]
-        placement = self._slots.acquire(name)
-        if placement is None or not placement.load:
-            return None if placement is None else placement.slot
-        slot = placement.slot
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range: the bank has {self.num_slots} slots")
+        self._holds[slot] = None
         previous = self._loading.pop(slot, None)
-        try:
-            if previous is not None:
-                previous.wait()  # an earlier load into this slot: its error must not go unseen
-            self._loading[slot] = self.transport.h2d(
-                host, self._device, dst_offset=slot * self.slot_bytes, nbytes=self.slot_bytes
-            )
-        except BaseException:
-            self._slots.discard(name)
-            raise
+        if previous is not None:
+            previous.wait()  # an earlier load into this slot: its error must not go unseen
+        self._loading[slot] = self.transport.h2d(
+            host, self._device, dst_offset=slot * self.slot_bytes, nbytes=self.slot_bytes
+        )
+        self._holds[slot] = name
         self.loads += 1
-        self.evictions += placement.evicted is not None
-        return slot
 
-    def release(self, name: str) -> None:
-        """Drop one pin of `name` (see `SlotTable.release`)."""
-        self._slots.release(name)
+    def batch(self, row_slots: Sequence[int | None]) -> LoraBatch:
+        """The `LoraBatch` of a batch whose row i uses the adapter in slot `row_slots[i]` (None: base).
 
-    def batch(self, row_adapters: Sequence[str | None]) -> LoraBatch:
-        """The `LoraBatch` of a batch whose row i uses adapter `row_adapters[i]` (None: base model).
-
-        Waits for the loads of those adapters. Each named adapter must be acquired (pinned).
+        Waits for the loads into those slots.
 
         Raises:
-            ValueError: if an adapter is not pinned. Errors of its load (`IntegrityError` under CC),
-            after which that adapter is no longer resident.
+            ValueError: if a slot is out of range or holds no adapter. Errors of a load (`IntegrityError`
+            under CC), after which that slot holds no adapter.
         """
-        slots = []
-        for name in row_adapters:
-            slot = None if name is None else self._slots.slot_of(name)
-            if name is not None and (slot is None or not self._slots.pins(name)):
-                raise ValueError(f"adapter {name!r} is not acquired; call acquire() first")
-            slots.append(slot)
-        for name, slot in zip(row_adapters, slots, strict=True):
-            event = None if slot is None else self._loading.pop(slot, None)
+        for slot in dict.fromkeys(s for s in row_slots if s is not None):
+            if not 0 <= slot < self.num_slots or self._holds[slot] is None:
+                raise ValueError(f"slot {slot} holds no adapter; load one first")
+            event = self._loading.pop(slot, None)
             if event is not None:
                 try:
                     event.wait()
                 except BaseException:
-                    assert name is not None
-                    self._slots.discard(name)
+                    self._holds[slot] = None
                     raise
-        return LoraBatch.of(self.layout, self._device.tensor, slots)
+        return LoraBatch.of(self.layout, self._device.tensor, row_slots)
 
     def hint(self, names: Sequence[str]) -> None:
-        """Tell the transport which adapters will be needed next (in order); resident ones are skipped."""
+        """Tell the transport which adapters will be loaded next (in order); resident ones are skipped.
+
+        Raises:
+            KeyError: if a name is not registered.
+        """
         for name in dict.fromkeys(names):
-            if self._slots.slot_of(name) is None:
+            if name not in self._holds:
                 self.transport.hint(self._host[name], nbytes=self.slot_bytes)
 
-    def resident(self) -> dict[str, int]:
-        """Resident adapters and their slots, least recently acquired first."""
-        return self._slots.resident()
-
-    def pins(self, name: str) -> int:
-        return self._slots.pins(name)
+    def holds(self, slot: int) -> str | None:
+        """The adapter in `slot` (loaded or loading), or None."""
+        return self._holds[slot]
 
     def slot_tensor(self, slot: int) -> torch.Tensor:
         """The flat device tensor of `slot` (for inspection and tests)."""

@@ -154,14 +154,13 @@ def compare(
     ):
         for i in range(slots):
             bank.add(f"a{i}", random_adapter(config, rank=rank, alpha=2 * rank, seed=i))
-            bank.acquire(f"a{i}")
+            bank.load(f"a{i}", i)
         return [_measure(model, bank, case, repeats) for case in cases]
 
 
 def _measure(model: Llama, bank: DeviceAdapterBank, case: Case, repeats: int) -> Figures:
     lora_rows = case.rows - case.base_rows
-    names = [f"a{i % case.adapters}" for i in range(lora_rows)] + [None] * case.base_rows
-    batch = bank.batch(names)
+    batch = bank.batch([i % case.adapters for i in range(lora_rows)] + [None] * case.base_rows)
     hidden = torch.randn(
         case.rows, case.tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(1)
     )
