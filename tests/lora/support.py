@@ -14,6 +14,7 @@ from veil.lora import Adapter, DeviceAdapterBank, LoraBatch, lora_projection
 from veil.lora.layout import FIELD_OF, target_shape
 from veil.model.checkpoint import build_model
 from veil.model.config import ModelConfig
+from veil.model.kv_cache import KVCache
 from veil.model.llama import Llama, decoder_layer
 from veil.pipellm.options import PipeLLMOptions
 from veil.transport import TransportKind, make_transport
@@ -51,15 +52,33 @@ def merged(model: Llama, adapter: Adapter) -> Llama:
     return out
 
 
-def lora_forward(model: Llama, ids: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+def lora_forward(
+    model: Llama, ids: torch.Tensor, batch: LoraBatch, cache: KVCache | None = None
+) -> torch.Tensor:
     """Logits (B, T, vocab) of `model` with row i using the adapter of `batch.row_slots[i]`."""
-    ctx = model.context(*ids.shape, None)
+    ctx = model.context(*ids.shape, cache)
     hidden = model.embed(ids)
     for index, layer in enumerate(model.layers):
         weights = layer.weights()
         project = lora_projection(weights, index, batch)
         hidden = decoder_layer(hidden, weights, ctx, index, model.config, project=project)
+    if cache is not None:
+        cache.advance(ids.shape[1])
     return model.head(hidden)
+
+
+def greedy(
+    model: Llama, prompts: torch.Tensor, steps: int, batch: LoraBatch | None = None
+) -> list[list[int]]:
+    """`steps` greedy tokens per row with a KV cache: prefill, then one-token decode steps."""
+    cache = model.new_cache(prompts.shape[0], prompts.shape[1] + steps)
+    logits = model(prompts, cache) if batch is None else lora_forward(model, prompts, batch, cache)
+    out = []
+    for _ in range(steps):
+        token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        out.append(token)
+        logits = model(token, cache) if batch is None else lora_forward(model, token, batch, cache)
+    return torch.cat(out, dim=1).tolist()
 
 
 @contextmanager

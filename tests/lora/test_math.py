@@ -7,7 +7,7 @@ import torch
 
 from veil.lora import TARGETS, Adapter, random_adapter
 
-from .support import bank_on, lora_forward, merged, tiny_pair
+from .support import bank_on, greedy, lora_forward, merged, tiny_pair
 
 TOL = 1e-4  # float32 logits of magnitude ~1: LoRA applied unmerged vs merged differ only in rounding
 
@@ -73,3 +73,20 @@ def test_all_base_rows_equal_the_base_model_exactly() -> None:
 
 def test_targets_cover_every_linear_map() -> None:
     assert set(TARGETS) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_mixed_greedy_decoding_with_a_kv_cache_equals_each_merged_model_alone() -> None:
+    """Prefill then one-token decode steps (the engine's shapes): each row's tokens are those of its
+    adapter's merged model run alone; the base row's are the base model's."""
+    rows = ["all-targets", None, "mlp-layer-1"]
+    slot_of = {"all-targets": 0, "mlp-layer-1": 1, None: None}
+    prompts = IDS[:3, :6]
+    with bank_on(CONFIG) as bank, torch.inference_mode():
+        for name in ("all-targets", "mlp-layer-1"):
+            bank.add(name, ADAPTERS[name])
+            bank.load(name, slot_of[name])
+        got = greedy(MODEL, prompts, 12, bank.batch([slot_of[name] for name in rows]))
+        for i, name in enumerate(rows):
+            model = MODEL if name is None else merged(MODEL, ADAPTERS[name])
+            assert got[i] == greedy(model, prompts[i : i + 1], 12)[0]
+        assert got[0] != greedy(MODEL, prompts[:1], 12)[0]  # the adapter changes the greedy tokens
