@@ -68,6 +68,8 @@ BAD: dict[str, tuple[Callable[[Path], None], str]] = {
     "dora": (_config(use_dora=True), "use_dora=True is not supported"),
     "bias": (_config(bias="all"), "bias='all' is not supported"),
     "rank pattern": (_config(rank_pattern={"q_proj": 2}), "rank_pattern"),
+    "activated lora": (_config(alora_invocation_tokens=[5, 6]), "alora_invocation_tokens"),
+    "excluded modules": (_config(exclude_modules=["q_proj"]), "exclude_modules"),
     "rank zero": (_config(r=0), "rank r must be a positive integer"),
     "unknown target": (
         _config(target_modules=["q_proj", "lm_head"]),
@@ -98,6 +100,14 @@ def test_bad_directories_are_refused_clearly(tmp_path: Path, case: str) -> None:
     mutate(tmp_path)
     with pytest.raises(AdapterError, match=message):
         load_peft(tmp_path, CONFIG)
+
+
+def test_training_only_and_null_fields_are_accepted(tmp_path: Path) -> None:
+    _valid(tmp_path)
+    _config(
+        init_lora_weights="gaussian", lora_dropout=0.1, rank_pattern=None, loftq_config={}, use_dora=None
+    )(tmp_path)
+    assert load_peft(tmp_path, CONFIG).rank == 4
 
 
 def test_regex_and_all_linear_targets(tmp_path: Path) -> None:

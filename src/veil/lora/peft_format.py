@@ -24,7 +24,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
-# Fields whose non-default value changes the math in a way veil does not implement.
+# Fields whose set value changes what inference computes in a way veil does not implement (or
+# might: a variant veil does not know is refused rather than applied as plain LoRA). Fields that
+# only shape training (init, dropout, eva/corda/loftq configs) are ignored.
 _UNSUPPORTED = {
     "use_dora": False,
     "fan_in_fan_out": False,
@@ -33,6 +35,17 @@ _UNSUPPORTED = {
     "rank_pattern": {},
     "alpha_pattern": {},
     "modules_to_save": None,
+    "exclude_modules": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "kasa_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
 }
 
 
@@ -106,7 +119,7 @@ def _check_config(raw: dict[str, Any], root: Path) -> None:
         raise AdapterError(f"{root}: peft_type {raw.get('peft_type')!r} is not supported; only LORA")
     for field, default in _UNSUPPORTED.items():
         value = raw.get(field, default)
-        if value != default and not (default is None and not value):
+        if value != default and value:  # absent, null and empty all mean the default
             raise AdapterError(f"{root}: {field}={value!r} is not supported (must be {default!r})")
 
 
