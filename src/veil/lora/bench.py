@@ -74,6 +74,7 @@ class Figures:
 DEFAULT_CASES = (
     Case(rows=16, tokens=1, adapters=1),
     Case(rows=16, tokens=1, adapters=4),
+    Case(rows=16, tokens=1, adapters=8),
     Case(rows=16, tokens=1, adapters=16),
     Case(rows=16, tokens=1, adapters=4, base_rows=8),
     Case(rows=4, tokens=64, adapters=1),
@@ -186,9 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--rank", type=int, default=16, help="adapter rank (every target, every layer)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    figures = compare(repeats=args.repeats)
+    figures = compare(rank=args.rank, repeats=args.repeats)
     if args.json:
         print(json.dumps([asdict(f) | {"gathered_over_grouped": f.gathered_over_grouped} for f in figures]))
         return
