@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from veil.lora import TARGETS, Adapter, random_adapter
+from veil.lora import TARGETS, Adapter, LoraBatch, random_adapter
 
 from .support import bank_on, greedy, lora_forward, merged, tiny_pair
 
@@ -90,3 +90,13 @@ def test_mixed_greedy_decoding_with_a_kv_cache_equals_each_merged_model_alone() 
             model = MODEL if name is None else merged(MODEL, ADAPTERS[name])
             assert got[i] == greedy(model, prompts[i : i + 1], 12)[0]
         assert got[0] != greedy(MODEL, prompts[:1], 12)[0]  # the adapter changes the greedy tokens
+
+
+def test_rows_must_match_the_batch() -> None:
+    with bank_on(CONFIG) as bank, torch.inference_mode():
+        bank.add("a", ADAPTERS["q-v"])
+        bank.load("a", 0)
+        with pytest.raises(ValueError, match="input has 4 rows, the LoRA batch 2"):
+            lora_forward(MODEL, IDS, bank.batch([0, None]))
+        with pytest.raises(ValueError, match=r"slots \[7\] outside a table of 4 slots"):
+            LoraBatch.of(bank.layout, bank.slot_tensor(0).view(1, -1).expand(4, -1), [7])

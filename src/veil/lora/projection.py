@@ -62,9 +62,14 @@ def lora_projection(weights: LayerWeights, layer: int, batch: LoraBatch) -> Proj
 
     Inputs are (B, T, in_features) with B = len(batch.row_slots); outputs are the fused projection's
     (B, T, out_features), exactly the base model's for rows whose slot is None.
+
+    Raises (from the projection):
+        ValueError: if the input's row count is not the batch's.
     """
 
     def project(h: torch.Tensor, name: str) -> torch.Tensor:
+        if h.shape[0] != len(batch.row_slots):
+            raise ValueError(f"input has {h.shape[0]} rows, the LoRA batch {len(batch.row_slots)}")
         out = F.linear(h, getattr(weights, name))  # (B, T, out)
         group = batch.layout.group(layer, name)
         if group is not None:
