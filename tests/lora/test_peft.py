@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from veil.lora import load_peft, random_adapter, save_peft
+from veil.lora import Adapter, load_peft, random_adapter, save_peft
 
 from .support import bank_on, lora_forward, tiny_pair
 
@@ -39,7 +39,7 @@ def test_veil_saved_adapter_matches_peft(tmp_path: Path, use_rslora: bool) -> No
         model.config, rank=4, alpha=12, targets=("q_proj", "v_proj", "down_proj"), seed=7
     )
     if use_rslora:
-        adapter = type(adapter)(rank=4, alpha=12, weights=adapter.weights, use_rslora=True)
+        adapter = Adapter(rank=4, alpha=12, weights=adapter.weights, use_rslora=True)
     save_peft(adapter, tmp_path)
     veil, ref = _veil_logits(tmp_path), _peft_logits(tmp_path)
     assert (veil - ref).abs().max().item() <= TOL

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from veil.lora import AdapterError, load_peft, random_adapter, save_peft
+from veil.lora import Adapter, AdapterError, load_peft, random_adapter, save_peft
 from veil.lora.peft_format import CONFIG_FILE, WEIGHTS_FILE
 
 from .support import tiny_pair
@@ -64,6 +64,8 @@ BAD: dict[str, tuple[Callable[[Path], None], str]] = {
         "not a PEFT adapter directory: no adapter_config.json",
     ),
     "no weights": (lambda p: (p / WEIGHTS_FILE).unlink(), "no adapter_model.safetensors"),
+    "corrupt config": (lambda p: (p / CONFIG_FILE).write_text("{r: 4"), "unreadable adapter files"),
+    "corrupt weights": (lambda p: (p / WEIGHTS_FILE).write_bytes(b"nonsense"), "unreadable adapter files"),
     "not lora": (_config(peft_type="IA3"), "peft_type 'IA3' is not supported"),
     "dora": (_config(use_dora=True), "use_dora=True is not supported"),
     "bias": (_config(bias="all"), "bias='all' is not supported"),
@@ -117,3 +119,11 @@ def test_regex_and_all_linear_targets(tmp_path: Path) -> None:
     save_peft(random_adapter(CONFIG, rank=2, alpha=2, seed=3), tmp_path)
     _config(target_modules="all-linear", layers_to_transform=None)(tmp_path)
     assert len(load_peft(tmp_path, CONFIG).targets) == 7
+
+
+def test_save_refuses_what_peft_cannot_express(tmp_path: Path) -> None:
+    weights = dict(random_adapter(CONFIG, rank=2, alpha=2, targets=("q_proj", "v_proj"), seed=0).weights)
+    del weights[(1, "v_proj")]
+    ragged = Adapter(rank=2, alpha=2, weights=weights)
+    with pytest.raises(ValueError, match="same targets on every adapted layer"):
+        save_peft(ragged, tmp_path)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from veil.lora.adapter import Adapter, AdapterError
@@ -66,14 +67,20 @@ def load_peft(path: str | Path, config: ModelConfig) -> Adapter:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (root / name).is_file():
             raise AdapterError(f"{root} is not a PEFT adapter directory: no {name}")
-    raw = json.loads((root / CONFIG_FILE).read_text())
+    try:
+        raw = json.loads((root / CONFIG_FILE).read_text())
+        tensors = load_file(root / WEIGHTS_FILE)
+    except (ValueError, OSError, SafetensorError) as error:  # JSONDecodeError is a ValueError
+        raise AdapterError(f"{root}: unreadable adapter files: {error}") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{root}: {CONFIG_FILE} must hold a JSON object")
     _check_config(raw, root)
     rank = raw.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise AdapterError(f"{root}: rank r must be a positive integer, got {rank!r}")
     layers = _layers(raw.get("layers_to_transform"), config, root)
     expected = _modules(raw.get("target_modules"), layers, root)
-    weights = _weights(load_file(root / WEIGHTS_FILE), expected, root)
+    weights = _weights(tensors, expected, root)
     adapter = Adapter(
         rank=rank,
         alpha=float(raw.get("lora_alpha", 8)),
@@ -88,7 +95,14 @@ def load_peft(path: str | Path, config: ModelConfig) -> Adapter:
 
 
 def save_peft(adapter: Adapter, path: str | Path, *, base_model: str | None = None) -> None:
-    """Write `adapter` as a PEFT LoRA directory (created if needed) that `peft` itself can load."""
+    """Write `adapter` as a PEFT LoRA directory (created if needed) that `peft` itself can load.
+
+    Raises:
+        ValueError: if the adapter does not adapt the same targets on each of its layers (PEFT's
+            `target_modules` x `layers_to_transform` cannot say otherwise).
+    """
+    if set(adapter.weights) != {(layer, t) for layer in adapter.layers for t in adapter.targets}:
+        raise ValueError("PEFT's format needs the same targets on every adapted layer")
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     config = {
