@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from veil.engine.engine import EngineConfig, LLMEngine
 from veil.engine.llm import LLM
@@ -56,6 +57,7 @@ CASES = {
     "cc-swap": (TransportKind.CC, SWAPPING, PreemptionMode.SWAP),
     "pipellm-swap": (TransportKind.PIPELLM, SWAPPING, PreemptionMode.SWAP),
     "plain-recompute": (TransportKind.PLAIN, SWAPPING, PreemptionMode.RECOMPUTE),
+    "cc-auto": (TransportKind.CC, SWAPPING, PreemptionMode.AUTO),
 }
 
 
@@ -69,8 +71,11 @@ def test_greedy_outputs_equal_running_each_request_alone(bundled, prompts, alone
     stats = engine.stats
     if geometry:
         assert stats.preemptions >= 2
-    swapped = mode is PreemptionMode.SWAP and bool(geometry)
-    assert (stats.bytes_swapped_out > 0) == swapped
+    assert (stats.bytes_swapped_out > 0) == (stats.preemptions > stats.preempted_by_recompute)
+    if mode is PreemptionMode.SWAP:
+        assert stats.preempted_by_recompute == 0
+    if mode is PreemptionMode.RECOMPUTE:
+        assert stats.preempted_by_recompute == stats.preemptions
     assert stats.bytes_swapped_in == stats.bytes_swapped_out
     assert engine.block_manager.device.num_free == engine.block_manager.device.num_blocks
 
@@ -143,3 +148,40 @@ def test_device_memory_sets_the_block_count(tiny: Llama) -> None:
     assert engine.block_manager.device.num_blocks == 5
     with pytest.raises(ValueError, match="holds 0 KV blocks"):
         LLMEngine(tiny, EngineConfig(device_memory_bytes=weights))
+
+
+def test_prompts_given_as_embeddings_generate_what_their_token_ids_do(tiny: Llama) -> None:
+    """Split inference: the client sends embeddings; under swapping and recompute alike, each request's
+    output equals the same prompt sent as token ids."""
+    prompts = [[5, 6, 7, 8, 9], [3] * 9, [11, 12]]
+    params = [SamplingParams(max_tokens=10)] * 3
+    for mode in (PreemptionMode.SWAP, PreemptionMode.RECOMPUTE):
+        config = EngineConfig(num_device_blocks=6, block_size=4, num_host_blocks=8, preemption_mode=mode)
+        by_ids, _ = run_engine(tiny, prompts, params, config, ())
+        with LLMEngine(tiny, config, eos_token_ids=()) as engine:
+            embeds = [tiny.embed_tokens.weight[p].detach() for p in prompts]
+            ids = [engine.add_request(None, params[0], prompt_embeds=e) for e in embeds]
+            out: dict[int, list[int]] = {i: [] for i in ids}
+            while engine.has_unfinished():
+                for o in engine.step():
+                    out[o.request_id] += o.new_token_ids
+            assert engine.stats.preemptions > 0 and not engine._embeds  # forgotten once finished
+        assert [out[i] for i in ids] == by_ids
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one of"),
+        ({"prompt_token_ids": [1], "prompt_embeds": torch.zeros(1, 64)}, "exactly one of"),
+        ({"prompt_embeds": torch.zeros(2, 63)}, r"shape \(T, 64\)"),
+        ({"prompt_embeds": torch.zeros(2, 64, dtype=torch.float64)}, "float32"),
+        ({"prompt_embeds": torch.full((2, 64), float("inf"))}, "finite"),
+        ({"prompt_embeds": torch.zeros(0, 64)}, "at least one token"),
+    ],
+)
+def test_bad_embedding_prompts_are_refused(tiny: Llama, kwargs, message) -> None:
+    engine = LLMEngine(tiny, EngineConfig(num_device_blocks=4))
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(**kwargs)
+    assert not engine.has_unfinished()
