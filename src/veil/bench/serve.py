@@ -128,7 +128,7 @@ def drive(engine: LLMEngine, requests: list[ServeRequest]) -> tuple[list[list[in
         while admitted < len(requests) and requests[admitted].arrival_s <= now:
             r = requests[admitted]
             params = SamplingParams(max_tokens=r.output_tokens, stop_token_ids=())
-            index_of[engine.add_request(r.prompt_token_ids, params)] = admitted
+            index_of[engine.add_request(r.prompt_token_ids, params, adapter=r.adapter)] = admitted
             admitted += 1
         if not engine.has_unfinished():
             time.sleep(max(0.0, requests[admitted].arrival_s - now))

@@ -41,6 +41,7 @@ class ServeRequest:
     arrival_s: float  # seconds after the start of the run
     prompt_token_ids: list[int]
     output_tokens: int  # tokens to generate, exactly
+    adapter: str | None = None  # the LoRA adapter it runs with (None: the base model)
 
 
 def make_workload(tokenizer: Any, spec: WorkloadSpec) -> list[ServeRequest]:

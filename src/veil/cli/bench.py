@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
+from veil.bench import adapters as lora_bench
 from veil.bench import kvswap as kvswap_bench
 from veil.bench import model as model_bench
 from veil.bench import offload as offload_bench
@@ -27,6 +28,7 @@ BENCHMARKS: tuple[ModuleType, ...] = (
     sim_bench,
     serve_bench,
     kvswap_bench,
+    lora_bench,
 )
 
 

@@ -23,6 +23,10 @@ from veil.engine.request import FinishReason, Sequence
 from veil.engine.runner import ModelRunner, kv_block_bytes
 from veil.engine.scheduler import PreemptionMode, Scheduler, SchedulerConfig, SchedulerOutput
 from veil.engine.weights import ResidentWeights, StreamedWeights, WeightSource
+from veil.lora.adapter import Adapter
+from veil.lora.bank import DeviceAdapterBank
+from veil.lora.layout import TARGETS
+from veil.lora.slots import SlotTable
 from veil.model.llama import Llama
 from veil.model.sampling import Sampler, SamplingParams
 from veil.pipellm.options import PipeLLMOptions
@@ -30,6 +34,18 @@ from veil.transport import make_transport
 from veil.transport.base import TransportKind
 
 DEFAULT_DEVICE_BLOCKS = 256
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Device slots for LoRA adapters (see veil.lora): how many, of what largest rank, over which
+    target projections, and whether the engine names the adapters its waiting requests need to the
+    transport (PipeLLM then seals them ahead)."""
+
+    num_slots: int = 4
+    max_rank: int = 16
+    targets: tuple[str, ...] = TARGETS
+    hint_transport: bool = True
 
 
 @dataclass(frozen=True)
@@ -47,15 +63,25 @@ class EngineConfig:
     preemption_mode: PreemptionMode = PreemptionMode.SWAP
     offload: OffloadPolicy | None = None  # stream decoder layers from host memory; None: all resident
     pipellm: PipeLLMOptions | None = None  # settings of the pipellm transport (None: its defaults)
+    lora: LoraConfig | None = None  # adapter slots; None: the engine serves the base model only
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.preemption_mode)
 
     def weights_bytes(self, model: Llama) -> int:
-        """Arena bytes the weights take at peak (resident, or resident part plus loads in flight)."""
-        if self.offload is None:
-            return ResidentWeights.device_bytes(model)
-        return StreamedWeights.device_bytes(model.config, self.offload)
+        """Arena bytes the weights take at peak (resident, or resident part plus loads in flight), and
+        the adapter slots."""
+        weights = (
+            ResidentWeights.device_bytes(model)
+            if self.offload is None
+            else StreamedWeights.device_bytes(model.config, self.offload)
+        )
+        if self.lora is not None:
+            lora = self.lora
+            weights += DeviceAdapterBank.device_bytes(
+                model.config, num_slots=lora.num_slots, rank=lora.max_rank, targets=lora.targets
+            )
+        return weights
 
     def geometry(self, model: Llama) -> tuple[int, int]:
         """(arena bytes, device KV blocks) for `model`.
@@ -96,6 +122,7 @@ class EngineStats:
     generated_tokens: int = 0
     preemptions: int = 0
     preempted_by_recompute: int = 0  # the other preemptions swapped
+    adapter_loads: int = 0  # LoRA adapters copied into a device slot
     blocks_swapped_out: int = 0
     blocks_swapped_in: int = 0
     bytes_swapped_out: int = 0
@@ -132,7 +159,10 @@ class LLMEngine:
             block_size=self.config.block_size,
         )
         self.costs = MeasuredCosts()
-        self.scheduler = Scheduler(self.config.scheduler_config(), self.block_manager, self.costs)
+        lora = self.config.lora
+        self.slots = None if lora is None else SlotTable(lora.num_slots)
+        self.scheduler = Scheduler(self.config.scheduler_config(), self.block_manager, self.costs, self.slots)
+        self._adapters_hinted: set[str] = set()
         self.stats = EngineStats()
         self._runner: ModelRunner | None = None
         self._stack = ExitStack()
@@ -154,6 +184,18 @@ class LLMEngine:
                 if self.config.offload is None
                 else StreamedWeights(self.model, transport, self.config.offload)
             )
+            lora = self.config.lora
+            bank = None
+            if lora is not None:
+                bank = stack.enter_context(
+                    DeviceAdapterBank(
+                        transport,
+                        self.model.config,
+                        num_slots=lora.num_slots,
+                        rank=lora.max_rank,
+                        targets=lora.targets,
+                    )
+                )
             self._runner = stack.enter_context(
                 ModelRunner(
                     self.model.config,
@@ -162,6 +204,7 @@ class LLMEngine:
                     num_device_blocks=self.block_manager.device.num_blocks,
                     num_host_blocks=self.block_manager.host.num_blocks,
                     block_size=self.block_manager.block_size,
+                    adapters=bank,
                 )
             )
             self._stack = stack.pop_all()
@@ -183,6 +226,25 @@ class LLMEngine:
             raise RuntimeError("the engine is not started; use it as a context manager")
         return self._runner
 
+    # adapters --------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
+        """Register a LoRA adapter (kept in host memory; loaded into a slot when a request needs it).
+
+        Raises:
+            RuntimeError: if the engine is not started. ValueError: if the engine has no adapter slots
+            or `name` is taken. AdapterError: if the adapter does not fit the model or the slots.
+        """
+        bank = self.runner.adapters
+        if bank is None:
+            raise ValueError("the engine has no adapter slots: give EngineConfig(lora=LoraConfig(...))")
+        bank.add(name, adapter)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """Names of the registered adapters."""
+        bank = self._runner.adapters if self._runner is not None else None
+        return () if bank is None else bank.names
+
     # requests --------------------------------------------------------------------------------------
     def add_request(
         self,
@@ -190,6 +252,7 @@ class LLMEngine:
         params: SamplingParams | None = None,
         *,
         prompt_embeds: torch.Tensor | None = None,
+        adapter: str | None = None,
     ) -> int:
         """Queue a request given as token ids, or as embeddings (split inference: the client computed
         the embedding layer, the engine runs every later one); returns its id.
@@ -197,8 +260,11 @@ class LLMEngine:
         Raises:
             ValueError: if neither or both prompts are given, the prompt is empty, a token id lies
                 outside [0, vocab_size), the embeddings are not a finite float32 (T, hidden) tensor,
-                or the prompt with its max_tokens can never fit in the device's KV blocks.
+                the prompt with its max_tokens can never fit in the device's KV blocks, or `adapter`
+                is not a registered adapter.
         """
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"unknown adapter {adapter!r}; registered: {list(self.adapters)}")
         if (prompt_token_ids is None) == (prompt_embeds is None):
             raise ValueError("give exactly one of prompt_token_ids and prompt_embeds")
         if prompt_embeds is not None:
@@ -209,7 +275,7 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
         params = params or SamplingParams()
         stops = self.eos_token_ids if params.stop_token_ids is None else frozenset(params.stop_token_ids)
-        seq = Sequence(next(self._ids), list(prompt_token_ids), params, stop_token_ids=stops)
+        seq = Sequence(next(self._ids), list(prompt_token_ids), params, stop_token_ids=stops, adapter=adapter)
         self.scheduler.add(seq)
         self._samplers[seq.seq_id] = Sampler(params)
         if prompt_embeds is not None:
@@ -240,6 +306,7 @@ class LLMEngine:
         outputs = [self._output(seq) for seq in self.scheduler.postprocess(plan, sampled)]
         self._count(plan, outputs)
         self._hint_next_swap_in()
+        self._hint_adapters(plan)
         return outputs
 
     # helpers ---------------------------------------------------------------------------------------
@@ -271,6 +338,19 @@ class LLMEngine:
             self.runner.hint_swap_in(self.block_manager.host_table(swapped[0].seq_id))
         self._hinted.intersection_update(seq.seq_id for seq in swapped)
 
+    def _hint_adapters(self, plan: SchedulerOutput) -> None:
+        """Name to the transport, once each, the adapters the queued requests need that are not in a
+        slot, in queue order (PipeLLM seals them ahead: the queue is its predictor for adapters)."""
+        lora, bank, slots = self.config.lora, self.runner.adapters, self.slots
+        if lora is None or bank is None or slots is None or not lora.hint_transport:
+            return
+        self._adapters_hinted.difference_update(name for name, _ in plan.adapter_loads)
+        queued = [seq.adapter for seq in [*self.scheduler.swapped, *self.scheduler.waiting] if seq.adapter]
+        hinted = self._adapters_hinted
+        upcoming = [n for n in dict.fromkeys(queued) if slots.slot_of(n) is None and n not in hinted]
+        bank.hint(upcoming)
+        self._adapters_hinted.update(upcoming)
+
     def _measure(self, plan: SchedulerOutput) -> None:
         """Feed the step's swap and forward times to the preemption cost model."""
         timing = self.runner.stats
@@ -284,6 +364,7 @@ class LLMEngine:
         s.generated_tokens += len(outputs)
         s.preemptions += len(plan.preempted)
         s.preempted_by_recompute += len(plan.recomputed)
+        s.adapter_loads += len(plan.adapter_loads)
         s.blocks_swapped_out += len(plan.swap_out)
         s.blocks_swapped_in += len(plan.swap_in)
         s.bytes_swapped_out += len(plan.swap_out) * block_bytes

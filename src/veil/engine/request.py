@@ -38,6 +38,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     finish_reason: FinishReason | None = None
+    adapter: str | None = None  # the LoRA adapter this request runs with (None: the base model)
 
     @property
     def num_tokens(self) -> int:

@@ -25,6 +25,8 @@ from veil.cc.stream import Event
 from veil.engine.block_manager import BlockMove
 from veil.engine.scheduler import ScheduledChunk, SchedulerOutput
 from veil.engine.weights import WeightSource
+from veil.lora.bank import DeviceAdapterBank
+from veil.lora.projection import LoraBatch, lora_projection
 from veil.model.config import ModelConfig
 from veil.model.llama import StepContext, decoder_layer, lm_head
 from veil.model.paged import PagedBatch, PagedKVCache, paged_context, paged_storage_shape
@@ -75,6 +77,7 @@ class _Pass:
     lengths: list[int]
     hidden: torch.Tensor  # (B, T, hidden)
     ctx: StepContext
+    lora: LoraBatch | None  # the rows' adapters, when any row has one
 
 
 class ModelRunner:
@@ -85,6 +88,8 @@ class ModelRunner:
         weights: device weights, one layer at a time.
         transport: moves swapped blocks; its device holds the KV cache.
         num_device_blocks, num_host_blocks, block_size: the block manager's geometry.
+        adapters: the LoRA adapter bank, if the engine serves adapters (the plan's `adapter_loads` are
+            issued after the swaps, and each batch waits for the slots its rows use).
 
     Raises:
         DeviceOutOfMemory: if the arena cannot hold `num_device_blocks` blocks.
@@ -99,8 +104,10 @@ class ModelRunner:
         num_device_blocks: int,
         num_host_blocks: int,
         block_size: int,
+        adapters: DeviceAdapterBank | None = None,
     ) -> None:
         self.config = config
+        self.adapters = adapters  # LoRA adapter slots in the arena, loaded through the transport
         self.weights = weights
         self.transport = transport
         self.block_size = block_size
@@ -154,7 +161,18 @@ class ModelRunner:
         crosses the transport once). `embeds` maps a sequence to its prompt's embeddings (T, hidden)
         when the prompt came as embeddings; those positions skip the embedding table.
         """
+        started = time.perf_counter()
         self.swap(out.swap_out, out.swap_in)
+        swapped = time.perf_counter()
+        self.stats.last_swap_s = swapped - started
+        if self.adapters is not None:
+            for name, slot in out.adapter_loads:  # asynchronous: a batch waits for the slots it uses
+                self.adapters.load(name, slot)
+        logits = self._forward(out, embeds or {})
+        self.stats.last_forward_s = time.perf_counter() - swapped
+        return logits
+
+    def _forward(self, out: SchedulerOutput, embeds: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         prefills = [c for c in out.chunks if len(c.token_ids) > 1]
         decodes = [c for c in out.chunks if len(c.token_ids) == 1]
         groups = [group for group in [*padding_bounded_groups(prefills), decodes] if group]
@@ -168,7 +186,8 @@ class ModelRunner:
                 started = time.perf_counter()
                 try:
                     for p in passes:
-                        p.hidden = decoder_layer(p.hidden, weights, p.ctx, layer, self.config)
+                        project = None if p.lora is None else lora_projection(weights, layer, p.lora)
+                        p.hidden = decoder_layer(p.hidden, weights, p.ctx, layer, self.config, project)
                 finally:
                     self.weights.release(layer)
                 self.stats.layer_compute_s += time.perf_counter() - started
@@ -192,7 +211,12 @@ class ModelRunner:
                 n = min(lengths[row], given.shape[0] - chunk.start)
                 hidden[row, :n] = given[chunk.start : chunk.start + n]
         ctx = paged_context(self.rotary, batch, PagedKVCache(self.kv.tensor, batch))
-        return _Pass(chunks, lengths, hidden, ctx)
+        slots = [c.adapter_slot for c in chunks]
+        lora = None
+        if any(slot is not None for slot in slots):
+            assert self.adapters is not None, "a chunk names an adapter slot but the runner has no bank"
+            lora = self.adapters.batch(slots)  # waits for the loads into those slots
+        return _Pass(chunks, lengths, hidden, ctx, lora)
 
     def _head(self, p: _Pass) -> dict[int, torch.Tensor]:
         rows = [row for row, chunk in enumerate(p.chunks) if chunk.sample]

@@ -14,6 +14,12 @@ Policy, in order, each step:
 2. If nothing was preempted, swapped sequences come back, oldest first, while the device has room.
 3. Only when no sequence is swapped out are waiting ones admitted, oldest first (a sequence preempted
    by recompute is older than any new one, so it comes back first).
+
+With LoRA adapters (a `SlotTable` given), a running sequence pins its adapter in a device slot. A
+sequence is admitted (or swapped back in) only once its adapter has a slot: a waiting one whose
+adapter cannot get one (every slot pinned) is deferred and the next waiting one is considered, so
+the batch is not stalled; the plan lists the adapters to load (`adapter_loads`). Preempted and
+finished sequences release their pins.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass, field
 from veil.engine.block_manager import BlockManager, BlockMove
 from veil.engine.costs import PreemptionCosts
 from veil.engine.request import FinishReason, Sequence, SequenceStatus
+from veil.lora.slots import SlotTable
 
 
 class PreemptionMode(enum.Enum):
@@ -57,6 +64,7 @@ class ScheduledChunk:
     start: int  # position of token_ids[0]; the cache holds positions [0, start)
     block_table: tuple[int, ...]  # device blocks covering positions [0, start + len)
     sample: bool  # the chunk ends the sequence's known tokens: sample the next one
+    adapter_slot: int | None = None  # device slot of the sequence's LoRA adapter (None: base model)
 
 
 @dataclass
@@ -68,6 +76,8 @@ class SchedulerOutput:
     swap_in: list[BlockMove] = field(default_factory=list)  # host block -> device block
     preempted: list[int] = field(default_factory=list)  # seq ids, in preemption order
     recomputed: list[int] = field(default_factory=list)  # those of them preempted by recompute
+    adapter_loads: list[tuple[str, int]] = field(default_factory=list)  # (adapter, slot) to load first
+    deferred: list[int] = field(default_factory=list)  # waiting seq ids passed over: no adapter slot
 
     @property
     def num_batched_tokens(self) -> int:
@@ -78,10 +88,16 @@ class Scheduler:
     """Queues and budgets over a `BlockManager` (see the module docstring for the policy)."""
 
     def __init__(
-        self, config: SchedulerConfig, block_manager: BlockManager, costs: PreemptionCosts | None = None
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        costs: PreemptionCosts | None = None,
+        slots: SlotTable | None = None,
     ) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.slots = slots  # LoRA adapter slots; None: requests with an adapter are refused
+        self._pinned: set[int] = set()  # seq ids holding a pin on their adapter
         self.costs = costs  # asked under PreemptionMode.AUTO; None: swap whenever there is room
         self.waiting: list[Sequence] = []  # sorted by seq_id (arrival)
         self.running: list[Sequence] = []
@@ -97,6 +113,8 @@ class Scheduler:
         """
         if not seq.prompt_token_ids:
             raise ValueError("the prompt must have at least one token")
+        if seq.adapter is not None and self.slots is None:
+            raise ValueError(f"request asks for adapter {seq.adapter!r} but the engine serves no adapters")
         bm = self.block_manager
         needed = bm.blocks_for(seq.max_num_tokens)
         if needed > bm.device.num_blocks:
@@ -176,19 +194,26 @@ class Scheduler:
             num_tokens = min(seq.num_uncomputed_tokens, self._budget(out))
             if not bm.can_swap_in(seq.seq_id, seq.num_computed_tokens + num_tokens):
                 return
+            if not self._pin(seq, out):
+                return  # its adapter has no slot yet: the oldest swapped sequence goes first
             self.swapped.pop(0)
             out.swap_in.extend(bm.swap_in(seq.seq_id))
             self._run(seq, num_tokens, out)
 
     def _schedule_waiting(self, out: SchedulerOutput) -> None:
-        while self.waiting and len(self.running) < self.config.max_num_seqs and self._budget(out):
-            seq = self.waiting[0]
+        index = 0
+        while index < len(self.waiting) and self._has_room(out):
+            seq = self.waiting[index]
             # Admit only when the whole known sequence (and its next token) fits, so a prefill does not
             # preempt someone as soon as its next chunk arrives.
             whole = min(seq.num_tokens + 1, seq.max_num_tokens)
             if not self.block_manager.can_allocate(seq.seq_id, whole):
                 return
-            self.waiting.pop(0)
+            if not self._pin(seq, out):
+                out.deferred.append(seq.seq_id)  # every adapter slot is pinned: let the next one try
+                index += 1
+                continue
+            self.waiting.pop(index)
             self._run(seq, min(seq.num_uncomputed_tokens, self._budget(out)), out)
 
     # helpers ---------------------------------------------------------------------------------------
@@ -206,8 +231,12 @@ class Scheduler:
             start=start,
             block_table=tuple(self.block_manager.block_table(seq.seq_id)),
             sample=start + num_tokens == seq.num_tokens,
+            adapter_slot=self._slot(seq),
         )
         out.chunks.append(chunk)
+
+    def _has_room(self, out: SchedulerOutput) -> bool:
+        return len(self.running) < self.config.max_num_seqs and self._budget(out) > 0
 
     def _budget(self, out: SchedulerOutput) -> int:
         return self.config.max_num_batched_tokens - out.num_batched_tokens
@@ -215,6 +244,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         bm = self.block_manager
         out.preempted.append(seq.seq_id)
+        self._unpin(seq)
         if self._swap(seq):
             out.swap_out.extend(bm.swap_out(seq.seq_id))
             seq.status = SequenceStatus.SWAPPED
@@ -225,6 +255,31 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=_arrival)
+
+    def _pin(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        """Pin `seq`'s adapter in a slot (planning its load if it is not resident); False: no slot."""
+        if seq.adapter is None or seq.seq_id in self._pinned:
+            return True
+        assert self.slots is not None  # add() refuses adapters without slots
+        placement = self.slots.acquire(seq.adapter)
+        if placement is None:
+            return False
+        self._pinned.add(seq.seq_id)
+        if placement.load:
+            out.adapter_loads.append((seq.adapter, placement.slot))
+        return True
+
+    def _unpin(self, seq: Sequence) -> None:
+        if seq.seq_id in self._pinned:
+            self._pinned.discard(seq.seq_id)
+            assert self.slots is not None and seq.adapter is not None
+            self.slots.release(seq.adapter)
+
+    def _slot(self, seq: Sequence) -> int | None:
+        if seq.adapter is None:
+            return None
+        assert self.slots is not None
+        return self.slots.slot_of(seq.adapter)
 
     def _swap(self, seq: Sequence) -> bool:
         """Whether to preempt `seq` by swapping (else by recompute)."""
@@ -240,6 +295,7 @@ class Scheduler:
             if seq in queue:
                 queue.remove(seq)
         self.block_manager.free(seq.seq_id)
+        self._unpin(seq)
         del self._seqs[seq.seq_id]
 
 
