@@ -13,11 +13,12 @@ from collections.abc import Sequence
 
 from veil.cli import bench, generate
 from veil.cli import client as client_command
+from veil.cli import demo as demo_command
 from veil.cli import eval as eval_command
 from veil.cli import serve as serve_command
 from veil.errors import UsageError
 
-COMMANDS = (generate, bench, serve_command, client_command, eval_command)
+COMMANDS = (demo_command, generate, bench, serve_command, client_command, eval_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
