@@ -29,6 +29,7 @@ class Served:
     cache: Path  # the client's enclave cache (sealed weights, simulated platform key)
     config: EnclaveConfig
     policy: Policy
+    service: InferenceService
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60.0)
@@ -59,4 +60,4 @@ def served(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Ite
         with InferenceService(loaded, MODEL_ID, limits) as service:
             app = create_app(service, Verifier(policy), enable_partition=True)
             with ServerThread(app) as server:
-                yield Served(server.url, app, loaded, cache, config, policy)
+                yield Served(server.url, app, loaded, cache, config, policy, service)
