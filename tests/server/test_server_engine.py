@@ -140,6 +140,36 @@ def test_a_client_that_disconnects_before_a_plain_answer_frees_its_blocks(small:
     assert small.service.loop.stats.aborted == aborted + 1
 
 
+def test_a_client_that_disconnects_mid_sse_frees_its_blocks(small: Small) -> None:
+    aborted = small.service.loop.stats.aborted
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 48}
+    with (
+        httpx.Client(base_url=small.url, timeout=60) as http,
+        http.stream("POST", "/v1/chat/completions", json={**body, "stream": True, "temperature": 0}) as r,
+    ):
+        assert r.status_code == 200
+        events = r.iter_lines()
+        assert next(events).startswith("data: ")
+        assert small.free_blocks() < BLOCKS  # the request holds blocks while it streams
+    assert _wait_for_free(small) == BLOCKS
+    assert small.service.loop.stats.aborted == aborted + 1
+
+
+def test_a_stopped_engine_answers_503(loaded) -> None:
+    engine = EngineConfig(transport=TransportKind.PLAIN, num_device_blocks=2, num_host_blocks=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with InferenceService(loaded, "stopped", Limits(8, 4), engine) as service:
+            app = create_app(service, Verifier(Policy(frozenset(), frozenset())))
+            with ServerThread(app) as server:
+                service.close()
+                response = _complete(server.url, [100, 101], 2)
+                metrics = httpx.get(f"{server.url}/metrics").text
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "server_error"
+    assert "veil_engine_up 0.0" in metrics
+
+
 def test_split_inference_embeddings_share_the_engine_with_plain_requests(small: Small, loaded) -> None:
     ids = loaded.tokenizer("Where is the Eiffel Tower?", add_special_tokens=False).input_ids
     embeds = loaded.model.embed_tokens.weight[ids].detach()[None]
