@@ -10,6 +10,7 @@ import argparse
 from types import ModuleType
 
 from veil.bench import kvswap as kvswap_bench
+from veil.bench import load as load_bench
 from veil.bench import model as model_bench
 from veil.bench import offload as offload_bench
 from veil.bench import serve as serve_bench
@@ -27,6 +28,7 @@ BENCHMARKS: tuple[ModuleType, ...] = (
     sim_bench,
     serve_bench,
     kvswap_bench,
+    load_bench,
 )
 
 
