@@ -166,6 +166,7 @@ BAD_COMPLETIONS = [
     ("seed-out-of-range", {"prompt": "x", "seed": 2**70}, 400, "seed", None),
     ("n-2", {"prompt": "x", "n": 2}, 400, "n", None),
     ("logprobs", {"prompt": "x", "logprobs": 2}, 400, "logprobs", "unsupported"),
+    ("logprobs-0", {"prompt": "x", "logprobs": 0}, 400, "logprobs", "unsupported"),
     ("echo", {"prompt": "x", "echo": True}, 400, "echo", "unsupported"),
     ("best-of", {"prompt": "x", "best_of": 2}, 400, "best_of", "unsupported"),
     ("presence-penalty", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported"),

@@ -160,9 +160,15 @@ def _validate(model: type[_Request], raw: bytes) -> Any:
     for name, value in (body.model_extra or {}).items():
         if name not in REFUSED_UNLESS_NEUTRAL:
             raise ApiError(400, f"unrecognized request argument supplied: {name}", param=name)
-        if value not in REFUSED_UNLESS_NEUTRAL[name]:
+        if not _neutral(value, REFUSED_UNLESS_NEUTRAL[name]):
             raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported")
     return body
+
+
+def _neutral(value: object, neutral: tuple[object, ...]) -> bool:
+    """Whether `value` is one of `neutral`; booleans and numbers kept apart (`logprobs: 0` asks for
+    the chosen tokens' log probabilities, `false` for none)."""
+    return any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral)
 
 
 def _invalid(exc: ValidationError) -> ApiError:

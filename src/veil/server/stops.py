@@ -3,7 +3,9 @@
 OpenAI's `stop` ends a completion at the first occurrence of any of up to four strings, and the
 answer excludes the string. A stream must not release text that may yet turn out to begin a stop
 string, so `StopMatcher` holds back the longest tail of the text that is a prefix of some stop string
-and releases it only once it no longer can be (or at the end of the stream). Pure: no I/O, no clock.
+and releases it only once it no longer can be (or at the end of the stream). With several stop
+strings, the first one completed wins (two completed by the same piece: the one that starts first).
+Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
