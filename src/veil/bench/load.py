@@ -8,8 +8,9 @@ stream greedy `/v1/completions` requests (server-sent events, usage included) ba
 stream must end in `[DONE]` with its text equal to its prompt's reference: a difference is counted as
 lost and duplicated tokens (the reference and the streamed text re-tokenized and diffed). Reported per
 transport: errors, lost and duplicated tokens, p50/p99 time to first token and time between tokens as
-the clients saw them, and generated tokens per second over the run. The clients share the process
-(and its cores) with the server: figures include their cost.
+the clients saw them, generated tokens per second over the run, and the engine's preemptions and KV
+blocks swapped (`--kv-blocks` small enough makes requests swap through the transport). The clients
+share the process (and its cores) with the server: figures include their cost.
 """
 
 from __future__ import annotations
@@ -116,7 +117,13 @@ def _one_server(loaded: LoadedModel, config: EngineConfig, args: argparse.Namesp
             with ServerThread(app, host=HOST) as server:
                 references = asyncio.run(_references(server.url, args.max_tokens))
                 load = asyncio.run(_load(server.url, references, args))
-    return _summary(load, references, loaded)
+            stats = service.stats()
+    engine = stats.engine
+    return {
+        **_summary(load, references, loaded),
+        "preemptions": engine.preemptions,
+        "kv_blocks_swapped": engine.blocks_swapped_out + engine.blocks_swapped_in,
+    }
 
 
 @dataclass
