@@ -18,7 +18,7 @@ from veil.server.openai_protocol import Message, chat_prompt_ids
 
 PROMPT = "The capital of France is"
 QUESTION = "What is the capital of France?"
-NEW_TOKENS = 8
+NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +127,10 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy(
     served: Served, client: openai.OpenAI
 ) -> None:
     def sample(seed: int) -> str:
-        kwargs = {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 6, "temperature": 1.5, "top_p": 0.95}
+        kwargs = {"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 2.0}
         return client.completions.create(**kwargs, seed=seed).choices[0].text  # type: ignore[arg-type]
 
-    seeds = [sample(s) for s in (1, 2, 3)]
+    seeds = [sample(s) for s in (1, 2)]
     assert sample(1) == seeds[0]
     assert len(set(seeds)) > 1  # sampled, not greedy
 
@@ -188,7 +188,7 @@ BAD_CHATS = [
     ("logprobs", {"logprobs": True}, 400, "logprobs", "unsupported"),
     ("response-format", {"response_format": {"type": "json_object"}}, 400, "response_format", "unsupported"),
     ("two-max-tokens", {"max_tokens": 2, "max_completion_tokens": 3}, 400, "max_completion_tokens", None),
-    ("max-completion-tokens-over", {"max_completion_tokens": 17}, 400, "max_tokens", None),
+    ("max-completion-tokens-over", {"max_completion_tokens": 17}, 400, "max_completion_tokens", None),
     ("empty-messages", {"messages": []}, 400, "messages", None),
     ("tool-role", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages", None),
     (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from veil.server.stops import StopMatcher
@@ -38,6 +38,7 @@ def test_cases(pieces: list[str], stops: list[str], expected: tuple[str, bool]) 
     assert _run(pieces, stops) == expected
 
 
+@settings(max_examples=50, deadline=None)
 @given(
     st.text(alphabet="abc", max_size=30),
     st.lists(st.text(alphabet="abc", min_size=1, max_size=3), max_size=1),

@@ -123,7 +123,8 @@ def parse_completion(raw: bytes, tokenizer: Any, served: str, limits: Limits) ->
     model = resolve_model(body.model, served)
     ids = _checked_ids(_completion_ids(body.prompt, tokenizer), tokenizer, limits, "prompt")
     default = min(DEFAULT_COMPLETION_TOKENS, limits.max_new_tokens)
-    return _spec(body, ids, default if body.max_tokens is None else body.max_tokens, model, limits)
+    max_tokens = _max_tokens(default if body.max_tokens is None else body.max_tokens, limits, "max_tokens")
+    return _spec(body, ids, max_tokens, model)
 
 
 def parse_chat(raw: bytes, tokenizer: Any, served: str, limits: Limits) -> GenerationSpec:
@@ -136,9 +137,12 @@ def parse_chat(raw: bytes, tokenizer: Any, served: str, limits: Limits) -> Gener
             "give max_completion_tokens or max_tokens, not two different values",
             param="max_completion_tokens",
         )
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    given, param = body.max_completion_tokens, "max_completion_tokens"
+    if given is None:
+        given, param = body.max_tokens, "max_tokens"
+    max_tokens = _max_tokens(limits.max_new_tokens if given is None else given, limits, param)
     ids = _checked_ids(chat_prompt_ids(body.messages, tokenizer), tokenizer, limits, "messages")
-    return _spec(body, ids, limits.max_new_tokens if max_tokens is None else max_tokens, model, limits)
+    return _spec(body, ids, max_tokens, model)
 
 
 def chat_prompt_ids(messages: list[Message], tokenizer: Any) -> list[int]:
@@ -207,13 +211,15 @@ def _checked_ids(ids: list[int], tokenizer: Any, limits: Limits, param: str) -> 
     return ids
 
 
-def _spec(body: _Request, ids: list[int], max_tokens: int, model: str, limits: Limits) -> GenerationSpec:
+def _max_tokens(value: int, limits: Limits, param: str) -> int:
+    if not 1 <= value <= limits.max_new_tokens:
+        raise ApiError(400, f"{param} must be in 1..{limits.max_new_tokens}, got {value}", param=param)
+    return value
+
+
+def _spec(body: _Request, ids: list[int], max_tokens: int, model: str) -> GenerationSpec:
     if body.n not in (None, 1):
         raise ApiError(400, "n must be 1: this server returns one choice per request", param="n")
-    if not 1 <= max_tokens <= limits.max_new_tokens:
-        raise ApiError(
-            400, f"max_tokens must be in 1..{limits.max_new_tokens}, got {max_tokens}", param="max_tokens"
-        )
     stream = bool(body.stream)
     if body.stream_options is not None and not stream:
         raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
