@@ -293,11 +293,13 @@ def _metrics(http: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]]
     }
 
 
-def test_metrics_parse_and_move_after_a_request(http: httpx.Client, client: openai.OpenAI) -> None:
-    before = _metrics(http)
+def test_metrics_parse_and_move_after_a_request(
+    served: Served, http: httpx.Client, client: openai.OpenAI
+) -> None:
+    before, compute_s = _metrics(http), served.service.compute_s
     answer = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=3, temperature=0)
     after = _metrics(http)
-    assert answer.usage is not None
+    assert answer.usage is not None and served.service.compute_s > compute_s
     ok = ("veil_http_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))
     assert after[ok] == before.get(ok, 0.0) + 1
     generated = ("veil_generation_tokens_total", ())

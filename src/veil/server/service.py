@@ -127,6 +127,12 @@ class InferenceService:
         self.loop.close()
 
     @property
+    def compute_s(self) -> float:
+        """Seconds the engine spent in steps since it started (read without waiting for a step: for
+        differences over a run, as `veil bench split` takes them)."""
+        return self.loop.stats.busy_s
+
+    @property
     def hidden_size(self) -> int:
         return self.loaded.config.hidden_size
 
