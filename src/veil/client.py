@@ -193,9 +193,11 @@ class CmifClient:
 
 
 def _raise_for_status(response: httpx.Response) -> None:
+    """`ServerError` with the message of the server's error object (`{"error": {"message": ...}}`)."""
     if response.status_code >= 400:
         try:
-            message = str(response.json().get("error", response.text))
-        except ValueError:
-            message = response.text
-        raise ServerError(response.status_code, message)
+            error = response.json().get("error", response.text)
+        except (ValueError, AttributeError):
+            error = response.text
+        message = error.get("message", error) if isinstance(error, dict) else error
+        raise ServerError(response.status_code, str(message))

@@ -13,10 +13,12 @@ import pytest
 from veil.attest.verifier import Policy, Verifier
 from veil.enclave.enclave import EnclaveConfig
 from veil.enclave.simulated import platform_signer
+from veil.engine.engine import EngineConfig
 from veil.model.loader import LoadedModel, load_model
 from veil.server.app import create_app
 from veil.server.runner import ServerThread
 from veil.server.service import InferenceService, Limits
+from veil.transport.base import TransportKind
 
 MODEL_ID = "smollm2-135m-instruct"
 
@@ -29,6 +31,7 @@ class Served:
     cache: Path  # the client's enclave cache (sealed weights, simulated platform key)
     config: EnclaveConfig
     policy: Policy
+    service: InferenceService
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60.0)
@@ -56,7 +59,19 @@ def served(loaded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Ite
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with InferenceService(loaded, MODEL_ID, limits) as service:
+        engine = EngineConfig(transport=TransportKind.PIPELLM)  # what `veil serve` runs by default
+        with InferenceService(loaded, MODEL_ID, limits, engine) as service:
             app = create_app(service, Verifier(policy), enable_partition=True)
             with ServerThread(app) as server:
-                yield Served(server.url, app, loaded, cache, config, policy)
+                yield Served(server.url, app, loaded, cache, config, policy, service)
+
+
+API_KEY = "sk-veil-test"
+
+
+@pytest.fixture(scope="session")
+def keyed(served: Served) -> Iterator[str]:
+    """A second app on the same engine that needs `API_KEY` on /v1; yields its URL."""
+    app = create_app(served.service, Verifier(served.policy), api_key=API_KEY)
+    with ServerThread(app) as server:
+        yield server.url

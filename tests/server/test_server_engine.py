@@ -60,7 +60,8 @@ def _alone(loaded: LoadedModel, ids: list[int], max_tokens: int) -> list[int]:
 
 
 def _complete(url: str, prompt: list[int], max_tokens: int) -> httpx.Response:
-    return httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens}, timeout=300)
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=300)
 
 
 def test_concurrent_requests_are_batched_and_each_equals_running_alone(small: Small, loaded) -> None:
@@ -94,7 +95,8 @@ def test_concurrent_requests_are_batched_and_each_equals_running_alone(small: Sm
 def test_a_prompt_that_can_never_fit_gets_400_not_a_hang(small: Small) -> None:
     response = _complete(small.url, list(range(100, 200)), 8)  # 100 + 8 tokens > 96 slots
     assert response.status_code == 400
-    assert "never" in response.json()["error"] or "blocks" in response.json()["error"]
+    message = response.json()["error"]["message"]
+    assert "never" in message or "blocks" in message
     assert _complete(small.url, [100, 101], 2).status_code == 200  # and the server carries on
 
 
@@ -124,7 +126,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(small: Small, loa
 def test_a_client_that_disconnects_before_a_plain_answer_frees_its_blocks(small: Small) -> None:
     aborted = small.service.loop.stats.aborted
     host, port = small.url.removeprefix("http://").split(":")
-    body = json.dumps({"prompt": [100, 101, 102], "max_tokens": 64}).encode()
+    body = json.dumps({"prompt": [100, 101, 102], "max_tokens": 64, "temperature": 0}).encode()
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -136,6 +138,36 @@ def test_a_client_that_disconnects_before_a_plain_answer_frees_its_blocks(small:
             time.sleep(0.02)  # until the engine holds the request's blocks
     assert _wait_for_free(small) == BLOCKS
     assert small.service.loop.stats.aborted == aborted + 1
+
+
+def test_a_client_that_disconnects_mid_sse_frees_its_blocks(small: Small) -> None:
+    aborted = small.service.loop.stats.aborted
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 48}
+    with (
+        httpx.Client(base_url=small.url, timeout=60) as http,
+        http.stream("POST", "/v1/chat/completions", json={**body, "stream": True, "temperature": 0}) as r,
+    ):
+        assert r.status_code == 200
+        events = r.iter_lines()
+        assert next(events).startswith("data: ")
+        assert small.free_blocks() < BLOCKS  # the request holds blocks while it streams
+    assert _wait_for_free(small) == BLOCKS
+    assert small.service.loop.stats.aborted == aborted + 1
+
+
+def test_a_stopped_engine_answers_503(loaded) -> None:
+    engine = EngineConfig(transport=TransportKind.PLAIN, num_device_blocks=2, num_host_blocks=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with InferenceService(loaded, "stopped", Limits(8, 4), engine) as service:
+            app = create_app(service, Verifier(Policy(frozenset(), frozenset())))
+            with ServerThread(app) as server:
+                service.close()
+                response = _complete(server.url, [100, 101], 2)
+                metrics = httpx.get(f"{server.url}/metrics").text
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "server_error"
+    assert "veil_engine_up 0.0" in metrics
 
 
 def test_split_inference_embeddings_share_the_engine_with_plain_requests(small: Small, loaded) -> None:

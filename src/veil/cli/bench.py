@@ -11,6 +11,7 @@ from types import ModuleType
 
 from veil.bench import adapters as lora_bench
 from veil.bench import kvswap as kvswap_bench
+from veil.bench import load as load_bench
 from veil.bench import model as model_bench
 from veil.bench import offload as offload_bench
 from veil.bench import serve as serve_bench
@@ -29,6 +30,7 @@ BENCHMARKS: tuple[ModuleType, ...] = (
     serve_bench,
     kvswap_bench,
     lora_bench,
+    load_bench,
 )
 
 

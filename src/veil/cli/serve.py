@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import warnings
@@ -56,6 +57,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="DEMO ONLY: provision SIMULATED enclaves (this machine's simulated platform key "
         "and this code's measurement are trusted); protects nothing",
     )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("VEIL_API_KEY"),
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on the /v1 endpoints (default: $VEIL_API_KEY; "
+        "unset: no key); /health and /metrics stay open",
+    )
     parser.add_argument("--partition", action="store_true", help="enable the per-layer partition baseline")
     parser.add_argument("--max-prompt-tokens", type=int, default=1024)
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -100,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--offload must be a fraction in [0, 1], got {args.offload}")
     if min(args.max_prompt_tokens, args.max_new_tokens, args.max_num_seqs) < 1:
         raise UsageError("--max-prompt-tokens, --max-new-tokens and --max-num-seqs must be >= 1")
+    if args.api_key is not None and not args.api_key:
+        raise UsageError("--api-key (or VEIL_API_KEY) is empty")
     sock = _bind(args.host, args.port)  # a busy port fails now, not after the model loaded
     port = sock.getsockname()[1]
     with sock:
@@ -119,10 +129,12 @@ def run(args: argparse.Namespace) -> int:
         if engine.offload is not None:
             torch.set_num_threads(compute_threads_beside_device())
         with InferenceService(loaded, model_id, limits, engine) as service:
-            app = create_app(service, Verifier(policy), enable_partition=args.partition)
+            app = create_app(service, Verifier(policy), enable_partition=args.partition, api_key=args.api_key)
+            keyed = "an API key" if args.api_key else "no API key"
             print(
                 f"veil: serving {model_id} on http://{args.host}:{port} over {args.transport}; device arena "
-                f"{arena / 2**20:.1f} MiB with {blocks} KV blocks ({blocks * engine.block_size} tokens)",
+                f"{arena / 2**20:.1f} MiB with {blocks} KV blocks ({blocks * engine.block_size} tokens); "
+                f"{keyed} on /v1",
                 file=sys.stderr,
                 flush=True,
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -24,11 +25,12 @@ from veil.attest.envelope import WrapHeader
 from veil.attest.evidence import Evidence
 from veil.attest.verifier import Verifier
 from veil.attest.wrap import wrap
-from veil.engine.engine import EngineConfig, LLMEngine, RequestOutput
-from veil.engine.loop import EngineLoop
+from veil.engine.engine import EngineConfig, EngineStats, LLMEngine, RequestOutput
+from veil.engine.loop import EngineLoop, EngineStopped, LoopStats
 from veil.model.loader import LoadedModel
 from veil.model.sampling import SamplingParams
 from veil.server.detokenize import IncrementalDetokenizer
+from veil.transport.base import TransportStats
 
 # The per-layer partition baseline's server side: a decoder layer's linear maps, and the output
 # projection ("head", addressed as layer num_layers).
@@ -56,6 +58,17 @@ class Token:
     text: str  # the text this token completes (may be empty while a multi-byte character is split)
     compute_s: float  # this request's share of the engine steps that produced the token
     finish_reason: str | None = None  # on the request's last token: "stop", "length"
+
+
+@dataclass(frozen=True)
+class ServiceStats:
+    """A consistent snapshot of the engine's, its loop's and its transport's counters."""
+
+    running: bool
+    engine: EngineStats
+    loop: LoopStats
+    transport: TransportStats | None  # None once the engine stopped
+    free_device_blocks: int | None  # None once the engine stopped
 
 
 class _AsyncSink:
@@ -114,6 +127,12 @@ class InferenceService:
         self.loop.close()
 
     @property
+    def compute_s(self) -> float:
+        """Seconds the engine spent in steps since it started (read without waiting for a step: for
+        differences over a run, as `veil bench split` takes them)."""
+        return self.loop.stats.busy_s
+
+    @property
     def hidden_size(self) -> int:
         return self.loaded.config.hidden_size
 
@@ -134,9 +153,7 @@ class InferenceService:
         """
         sink = _AsyncSink(asyncio.get_running_loop())
         embeds = None if prompt_embeds is None else prompt_embeds[0]
-        request_id = await run_in_threadpool(
-            self.loop.submit, sink, prompt_ids, params, prompt_embeds=embeds
-        )
+        request_id = await run_in_threadpool(self.loop.submit, sink, prompt_ids, params, prompt_embeds=embeds)
         detokenizer = IncrementalDetokenizer(self.loaded.tokenizer)
         finished = False
         try:
@@ -153,6 +170,26 @@ class InferenceService:
         finally:
             if not finished:
                 self.loop.abort(request_id)
+
+    def stats(self) -> ServiceStats:
+        """The counters, read between engine steps (blocks until then); once the engine stopped, the
+        counters it left (no transport)."""
+
+        def read() -> ServiceStats:
+            return ServiceStats(
+                True,
+                copy.deepcopy(self.engine.stats),
+                copy.deepcopy(self.loop.stats),
+                self.engine.runner.transport.stats(),
+                self.engine.block_manager.device.num_free,
+            )
+
+        try:
+            return self.loop.call(read)
+        except EngineStopped:
+            return ServiceStats(
+                False, copy.deepcopy(self.engine.stats), copy.deepcopy(self.loop.stats), None, None
+            )
 
     def provision(self, verifier: Verifier, evidence: Evidence, session: bytes = b"") -> bytes:
         """Verify `evidence` (raises `VerificationError`) and wrap the embedding table (and a session
