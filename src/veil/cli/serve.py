@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 import uvicorn
@@ -15,11 +16,12 @@ from veil.attest.reports import fingerprint
 from veil.attest.verifier import Policy, Verifier
 from veil.enclave.enclave import EnclaveConfig, default_cache_dir
 from veil.enclave.simulated import platform_signer
-from veil.engine.engine import DEFAULT_DEVICE_BLOCKS, EngineConfig
+from veil.engine.engine import DEFAULT_DEVICE_BLOCKS, EngineConfig, LoraConfig
 from veil.engine.offload_policy import OffloadPolicy
 from veil.engine.weights import compute_threads_beside_device
 from veil.errors import UsageError
-from veil.model.loader import load_model
+from veil.lora import Adapter, AdapterError, load_peft
+from veil.model.loader import LoadedModel, load_model
 from veil.server.app import create_app
 from veil.server.service import InferenceService, Limits
 from veil.transport.base import TransportKind
@@ -100,6 +102,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="stream this fraction of the decoder layers from host memory through --transport",
     )
     engine.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once (default 64)")
+    lora = parser.add_argument_group("LoRA adapters (a request selects one by its `model` field)")
+    lora.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="PEFT adapter directories to serve, each under a model name",
+    )
+    lora.add_argument("--max-loras", type=int, default=4, help="adapter slots on the device (default 4)")
+    lora.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank (default 16)")
     parser.set_defaults(handler=run)
 
 
@@ -110,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--max-prompt-tokens, --max-new-tokens and --max-num-seqs must be >= 1")
     if args.api_key is not None and not args.api_key:
         raise UsageError("--api-key (or VEIL_API_KEY) is empty")
+    modules = _lora_modules(args.lora_modules)
+    if min(args.max_loras, args.max_lora_rank) < 1:
+        raise UsageError("--max-loras and --max-lora-rank must be >= 1")
     sock = _bind(args.host, args.port)  # a busy port fails now, not after the model loaded
     port = sock.getsockname()[1]
     with sock:
@@ -121,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         limits = Limits(
             args.max_prompt_tokens, args.max_new_tokens, args.max_prompt_tokens * widest * 4 + 4096
         )
-        engine = _engine_config(args)
+        engine = _engine_config(args, bool(modules))
+        adapters = _load_adapters(modules, loaded)
         try:
             arena, blocks = engine.geometry(loaded.model)
         except ValueError as exc:
@@ -129,12 +145,17 @@ def run(args: argparse.Namespace) -> int:
         if engine.offload is not None:
             torch.set_num_threads(compute_threads_beside_device())
         with InferenceService(loaded, model_id, limits, engine) as service:
+            for name, adapter in adapters.items():
+                try:
+                    service.add_adapter(name, adapter)
+                except ValueError as exc:
+                    raise UsageError(f"--lora-modules {name}: {exc}") from None
             app = create_app(service, Verifier(policy), enable_partition=args.partition, api_key=args.api_key)
             keyed = "an API key" if args.api_key else "no API key"
             print(
                 f"veil: serving {model_id} on http://{args.host}:{port} over {args.transport}; device arena "
                 f"{arena / 2**20:.1f} MiB with {blocks} KV blocks ({blocks * engine.block_size} tokens); "
-                f"{keyed} on /v1",
+                f"{keyed} on /v1" + (f"; LoRA adapters: {', '.join(adapters)}" if adapters else ""),
                 file=sys.stderr,
                 flush=True,
             )
@@ -151,7 +172,29 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _engine_config(args: argparse.Namespace) -> EngineConfig:
+def _lora_modules(specs: list[str]) -> dict[str, Path]:
+    modules: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--lora-modules takes NAME=PATH, got {spec!r}")
+        if name in modules:
+            raise UsageError(f"--lora-modules names {name!r} twice")
+        modules[name] = Path(path)
+    return modules
+
+
+def _load_adapters(modules: dict[str, Path], loaded: LoadedModel) -> dict[str, Adapter]:
+    adapters = {}
+    for name, path in modules.items():
+        try:
+            adapters[name] = load_peft(path, loaded.config)
+        except AdapterError as exc:
+            raise UsageError(f"--lora-modules {name}: {exc}") from None
+    return adapters
+
+
+def _engine_config(args: argparse.Namespace, lora: bool = False) -> EngineConfig:
     blocks = args.kv_blocks
     if blocks is None and args.device_memory is None:
         blocks = max(DEFAULT_DEVICE_BLOCKS, -(-(args.max_prompt_tokens + args.max_new_tokens) // 16))
@@ -162,6 +205,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         device_memory_bytes=None if args.device_memory is None else int(args.device_memory * 2**20),
         max_num_seqs=args.max_num_seqs,
         offload=None if args.offload is None else OffloadPolicy(resident_fraction=1.0 - args.offload),
+        lora=LoraConfig(num_slots=args.max_loras, max_rank=args.max_lora_rank) if lora else None,
     )
 
 

@@ -111,6 +111,7 @@ class EngineLoop:
         params: SamplingParams | None = None,
         *,
         prompt_embeds: torch.Tensor | None = None,
+        adapter: str | None = None,
     ) -> int:
         """Add a request whose outputs go to `sink`; returns its id once the engine accepted it.
 
@@ -120,7 +121,9 @@ class EngineLoop:
         """
 
         def add() -> int:
-            request_id = self.engine.add_request(prompt_token_ids, params, prompt_embeds=prompt_embeds)
+            request_id = self.engine.add_request(
+                prompt_token_ids, params, prompt_embeds=prompt_embeds, adapter=adapter
+            )
             self._sinks[request_id] = sink
             self.stats.requests += 1
             self.stats.in_flight = len(self._sinks)

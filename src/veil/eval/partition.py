@@ -40,7 +40,8 @@ class Result:
 def plain_generate(http: httpx.Client, prompt_ids: Sequence[int], *, max_tokens: int) -> Result:
     """Plain inference: token ids to `/v1/completions`."""
     meter = Meter()
-    body = httpx.Request("POST", "/", json={"prompt": list(prompt_ids), "max_tokens": max_tokens}).read()
+    request = {"prompt": list(prompt_ids), "max_tokens": max_tokens, "temperature": 0}  # greedy
+    body = httpx.Request("POST", "/", json=request).read()
     response = meter.post(http, "/v1/completions", body, "application/json").json()
     return Result(response["veil"]["token_ids"], 0.0, float(response["veil"]["server_compute_s"]), meter)
 

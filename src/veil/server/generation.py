@@ -32,13 +32,15 @@ async def tokens(
     *,
     ids: list[int] | None = None,
     embeds: torch.Tensor | None = None,
+    adapter: str | None = None,
 ) -> AsyncIterator[Token]:
     """The service's token stream, its refusals as API errors (400: never fits; 503: engine down).
     Closing it early aborts the request."""
     started = time.perf_counter()
     first = True
     try:
-        async with aclosing(service.generate(params, prompt_ids=ids, prompt_embeds=embeds)) as stream:
+        stream = service.generate(params, prompt_ids=ids, prompt_embeds=embeds, adapter=adapter)
+        async with aclosing(stream):
             async for token in stream:
                 if first:
                     metrics.prompt_tokens.inc(len(ids) if ids is not None else int(embeds.shape[1]))  # type: ignore[union-attr]

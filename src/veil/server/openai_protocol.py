@@ -14,7 +14,8 @@ Every field of a request is honoured, or refused with a 400 that names it; none 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -102,35 +103,45 @@ class GenerationSpec:
     stops: tuple[str, ...]
     stream: bool
     include_usage: bool  # streaming: a last chunk with the usage counts
+    adapter: str | None = None  # the LoRA adapter the model name selects (None: the base model)
 
 
-def resolve_model(requested: str | None, served: str) -> str:
-    """The model a request names (None: the served one), or 404 `model_not_found`. The one place
-    where a request's `model` is interpreted (LoRA adapters will be resolved here too)."""
+def resolve_model(
+    requested: str | None, served: str, adapters: Collection[str] = ()
+) -> tuple[str, str | None]:
+    """The model a request names (None: the served one) and the LoRA adapter that selects (None: the
+    base model), or 404 `model_not_found`. The one place where a request's `model` is interpreted."""
     if requested is None or requested == served:
-        return served
+        return served, None
+    if requested in adapters:
+        return requested, requested
+    names = ", ".join(repr(n) for n in (served, *adapters))
     raise ApiError(
         404,
-        f"the model {requested!r} does not exist; this server serves {served!r}",
+        f"the model {requested!r} does not exist; this server serves {names}",
         param="model",
         code="model_not_found",
     )
 
 
-def parse_completion(raw: bytes, tokenizer: Any, served: str, limits: Limits) -> GenerationSpec:
+def parse_completion(
+    raw: bytes, tokenizer: Any, served: str, limits: Limits, adapters: Collection[str] = ()
+) -> GenerationSpec:
     """A `/v1/completions` body as a `GenerationSpec` (raises `ApiError` 400/404)."""
     body = _validate(CompletionBody, raw)
-    model = resolve_model(body.model, served)
+    model, adapter = resolve_model(body.model, served, adapters)
     ids = _checked_ids(_completion_ids(body.prompt, tokenizer), tokenizer, limits, "prompt")
     default = min(DEFAULT_COMPLETION_TOKENS, limits.max_new_tokens)
     max_tokens = _max_tokens(default if body.max_tokens is None else body.max_tokens, limits, "max_tokens")
-    return _spec(body, ids, max_tokens, model)
+    return replace(_spec(body, ids, max_tokens, model), adapter=adapter)
 
 
-def parse_chat(raw: bytes, tokenizer: Any, served: str, limits: Limits) -> GenerationSpec:
+def parse_chat(
+    raw: bytes, tokenizer: Any, served: str, limits: Limits, adapters: Collection[str] = ()
+) -> GenerationSpec:
     """A `/v1/chat/completions` body as a `GenerationSpec` (raises `ApiError` 400/404)."""
     body = _validate(ChatBody, raw)
-    model = resolve_model(body.model, served)
+    model, adapter = resolve_model(body.model, served, adapters)
     if body.max_tokens is not None and body.max_completion_tokens not in (None, body.max_tokens):
         raise ApiError(
             400,
@@ -142,7 +153,7 @@ def parse_chat(raw: bytes, tokenizer: Any, served: str, limits: Limits) -> Gener
         given, param = body.max_tokens, "max_tokens"
     max_tokens = _max_tokens(limits.max_new_tokens if given is None else given, limits, param)
     ids = _checked_ids(chat_prompt_ids(body.messages, tokenizer), tokenizer, limits, "messages")
-    return _spec(body, ids, max_tokens, model)
+    return replace(_spec(body, ids, max_tokens, model), adapter=adapter)
 
 
 def chat_prompt_ids(messages: list[Message], tokenizer: Any) -> list[int]:

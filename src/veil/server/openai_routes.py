@@ -70,18 +70,23 @@ def openai_router(
     @router.get("/v1/models")
     def models() -> dict[str, object]:
         model = {"id": service.model_id, "object": "model", "created": started, "owned_by": "veil"}
-        return {"object": "list", "data": [model]}
+        adapters = [
+            {**model, "id": name, "root": name, "parent": service.model_id} for name in service.adapters
+        ]
+        return {"object": "list", "data": [model, *adapters]}
 
     @router.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> dict[str, object] | StreamingResponse:
         raw = await read_body(request, limits.json_body_bytes)  # the size limit applies before parsing
-        spec = await run_in_threadpool(parse_completion, raw, tokenizer, service.model_id, limits)
+        spec = await run_in_threadpool(
+            parse_completion, raw, tokenizer, service.model_id, limits, service.adapters
+        )
         return await _answer(request, service, metrics, spec, COMPLETION)
 
     @router.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> dict[str, object] | StreamingResponse:
         raw = await read_body(request, limits.json_body_bytes)
-        spec = await run_in_threadpool(parse_chat, raw, tokenizer, service.model_id, limits)
+        spec = await run_in_threadpool(parse_chat, raw, tokenizer, service.model_id, limits, service.adapters)
         return await _answer(request, service, metrics, spec, CHAT)
 
     return router
@@ -91,7 +96,7 @@ async def _answer(
     request: Request, service: InferenceService, metrics: ServerMetrics, spec: GenerationSpec, shape: _Shape
 ) -> dict[str, object] | StreamingResponse:
     produced = generation.Produced()
-    tokens = generation.tokens(service, metrics, spec.params, ids=spec.prompt_ids)
+    tokens = generation.tokens(service, metrics, spec.params, ids=spec.prompt_ids, adapter=spec.adapter)
     pieces = generation.text(tokens, spec.stops, produced)
     head = {"id": shape.id_prefix + secrets.token_hex(12), "created": int(time.time()), "model": spec.model}
     if not spec.stream:

@@ -27,6 +27,7 @@ from veil.attest.verifier import Verifier
 from veil.attest.wrap import wrap
 from veil.engine.engine import EngineConfig, EngineStats, LLMEngine, RequestOutput
 from veil.engine.loop import EngineLoop, EngineStopped, LoopStats
+from veil.lora.adapter import Adapter
 from veil.model.loader import LoadedModel
 from veil.model.sampling import SamplingParams
 from veil.server.detokenize import IncrementalDetokenizer
@@ -111,6 +112,7 @@ class InferenceService:
         self.eos_token_ids = frozenset(eos)
         self.engine = LLMEngine(loaded.model, engine, eos_token_ids=tuple(sorted(eos)))
         self.loop = EngineLoop(self.engine)
+        self._adapters: tuple[str, ...] = ()
         # embeddings a client sends are rows of this table: nothing larger is a real prompt
         self.embedding_bound = float(loaded.model.embed_tokens.weight.detach().abs().max()) * 1.01
 
@@ -132,6 +134,23 @@ class InferenceService:
         differences over a run, as `veil bench split` takes them)."""
         return self.loop.stats.busy_s
 
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
+        """Serve a LoRA adapter under `name` (requests select it by their `model` field).
+
+        Raises:
+            ValueError: if the engine has no adapter slots, the name is taken or is the base model's,
+                or the adapter does not fit the model or the slots (`AdapterError`).
+        """
+        if name == self.model_id:
+            raise ValueError(f"adapter name {name!r} is the base model's name")
+        self.loop.call(lambda: self.engine.add_adapter(name, adapter))
+        self._adapters = (*self._adapters, name)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """Names of the LoRA adapters served beside the base model."""
+        return self._adapters
+
     @property
     def hidden_size(self) -> int:
         return self.loaded.config.hidden_size
@@ -142,6 +161,7 @@ class InferenceService:
         *,
         prompt_ids: list[int] | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[Token]:
         """Tokens of one request, from prompt ids (plain) or embeddings (1, T, hidden) (CMIF), as the
         engine produces them. Leaving the iteration early (a client gone) aborts the request and frees
@@ -153,7 +173,9 @@ class InferenceService:
         """
         sink = _AsyncSink(asyncio.get_running_loop())
         embeds = None if prompt_embeds is None else prompt_embeds[0]
-        request_id = await run_in_threadpool(self.loop.submit, sink, prompt_ids, params, prompt_embeds=embeds)
+        request_id = await run_in_threadpool(
+            self.loop.submit, sink, prompt_ids, params, prompt_embeds=embeds, adapter=adapter
+        )
         detokenizer = IncrementalDetokenizer(self.loaded.tokenizer)
         finished = False
         try:
