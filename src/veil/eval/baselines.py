@@ -78,7 +78,11 @@ class SanTextPlus:
         out = ids.copy()
         out[positions] = self._sample(ids[positions])
         return SanitizedPrompt(
-            tuple(int(t) for t in out), tuple(int(p) for p in positions), self.privacy_map(positions.size)
+            tuple(int(t) for t in out),
+            tuple(int(p) for p in positions),
+            self.privacy_map(positions.size),
+            tuple((int(ids[p]),) for p in positions),
+            self.epsilon,
         )
 
     def _sample(self, tokens: np.ndarray) -> np.ndarray:

@@ -19,9 +19,10 @@ import torch
 from veil.eval import data
 from veil.eval.attack import KnnInverter
 from veil.eval.baselines import corpus_counts
-from veil.eval.mechanisms import MECHANISMS, Context, MechanismSpec, PromptSanitizer, originals
-from veil.eval.utility import MiniLMFeatures, ZeroShot, probe_accuracy
-from veil.privacy.neighbours import stderr_progress
+from veil.eval.mechanisms import MECHANISMS, Context, MechanismSpec, PromptSanitizer
+from veil.eval.utility import ZeroShot, probe_accuracy
+from veil.privacy.encoder import SentenceEncoder
+from veil.privacy.neighbours import tqdm_progress
 from veil.privacy.vocabulary import Vocabulary
 
 
@@ -93,10 +94,10 @@ class Experiment:
         embeddings = loaded.model.embed_tokens.weight.detach().float().numpy()
         vocabulary = Vocabulary.from_tokenizer(tokenizer, size=embeddings.shape[0])
         counts = corpus_counts(encode(e.text) for e in examples)
-        self.context = Context(embeddings, vocabulary, counts, progress=stderr_progress())
+        self.features = SentenceEncoder(data.minilm_directory())
+        self.context = Context(embeddings, vocabulary, counts, self.features, progress=tqdm_progress())
         self.inverter = KnnInverter(embeddings)
         self.zero_shot = ZeroShot(loaded)
-        self.features = MiniLMFeatures(data.minilm_directory())
         self.report = Report(
             settings, num_sentences={"all": len(examples), "train": len(self.train), "test": len(self.test)}
         )
@@ -141,7 +142,7 @@ class Experiment:
             train_out = [list(sanitizer.sanitize(ids).token_ids) for ids in self.train_ids]
             results = [sanitizer.sanitize(ids) for ids in self.test_ids]
             test_out = [list(r.token_ids) for r in results]
-            stats = self._privacy(sanitizer, results)
+            stats = self._privacy(results)
         say(f"{label}: zero-shot on {self.settings.num_zero_shot} sentences")
         zero_shot = self._zero_shot(test_out)
         say(f"{label}: probe on {len(train_out)}+{len(test_out)} sentences")
@@ -153,13 +154,13 @@ class Experiment:
         )
         return row
 
-    def _privacy(self, sanitizer: PromptSanitizer, results: list[Any]) -> dict[str, float]:
+    def _privacy(self, results: list[Any]) -> dict[str, float]:
         received: list[int] = []
         sources: list[list[int]] = []
         total = sum(len(ids) for ids in self.test_ids)
         changed = 0
-        for ids, result in zip(self.test_ids, results):
-            units = originals(sanitizer, ids, result)
+        for result in results:
+            units = [list(o) for o in result.originals]
             sent = [result.token_ids[p] for p in result.replaced_positions]
             received += sent
             sources += units

@@ -1,0 +1,139 @@
+"""The word space: candidate sets of whole words, scored with a sentence encoder.
+
+The model's input embeddings of subword tokens are a poor semantic space: pieces of rare words land in
+groups of unrelated fragments. Here the candidates are the tokenizer's *single-token words*: eligible
+tokens that decode to a space and a lowercase alphabetic word of a word list (wordfreq's English list,
+most frequent first). Each word gets a unit vector from a sentence encoder (all-MiniLM-L6-v2), and the
+words are split into disjoint groups of k to 2k-1 (`neighbours.build_groups` over those vectors, seeds in
+word-frequency order), cached under `$VEIL_CACHE/cmif`.
+
+A flagged word of a prompt is one unit, mapped to a group deterministically from its text alone: the
+candidate word itself if it is one (case-insensitive), else the candidate word closest to the encoder's
+vector of its text. So the GROUPS guarantee holds unchanged: epsilon-DP between any two words mapped to
+the same group; the group is revealed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from veil.privacy.neighbours import (
+    CandidateSet,
+    CandidateTable,
+    ProgressFn,
+    balance_groups,
+    build_groups,
+    cache_dir,
+)
+from veil.privacy.vocabulary import Vocabulary
+
+WORD_FORMAT = 1
+_WORD = re.compile(r"^ [a-z]+$")
+
+
+class Encoder(Protocol):
+    name: str
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), d) unit rows."""
+        ...
+
+
+@dataclass(frozen=True)
+class WordSpace:
+    """Candidate words (as token ids) with their encoder vectors and their disjoint groups.
+
+    `vectors[v]` is the unit vector of token v's word for candidate tokens and zero elsewhere, so that
+    the sanitizer scores candidates by cosine with one (V, d) matrix.
+    """
+
+    token_of: dict[str, int]  # candidate word -> its token (" word")
+    words: np.ndarray  # (n,) candidate token ids, most frequent word first
+    vectors: np.ndarray  # (V, d) float32
+    table: CandidateTable
+    encoder: Encoder
+
+    def queries(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), d) unit vectors of words: a candidate's own vector, else the encoder's."""
+        keys = [t.strip().lower() for t in texts]
+        out = np.zeros((len(keys), self.vectors.shape[1]), dtype=np.float32)
+        unknown = [i for i, key in enumerate(keys) if key not in self.token_of]
+        known = [i for i, key in enumerate(keys) if key in self.token_of]
+        if known:
+            out[known] = self.vectors[[self.token_of[keys[i]] for i in known]]
+        if unknown:
+            out[unknown] = self.encoder.encode([keys[i] for i in unknown])
+        return out
+
+    def anchors(self, texts: Sequence[str], queries: np.ndarray) -> np.ndarray:
+        """(n,) the candidate token whose group each word uses (a deterministic function of its text)."""
+        keys = [t.strip().lower() for t in texts]
+        nearest = self.words[np.argmax(queries @ self.vectors[self.words].T, axis=1)]
+        return np.array([self.token_of.get(k, int(n)) for k, n in zip(keys, nearest)], dtype=np.int64)
+
+    @classmethod
+    def build(
+        cls,
+        vocabulary: Vocabulary,
+        encoder: Encoder,
+        *,
+        word_list: Sequence[str],
+        k: int = 20,
+        balance: bool = True,
+        directory: Path | None = None,
+        progress: ProgressFn | None = None,
+    ) -> WordSpace:
+        """Candidate words are the eligible single-token words of `word_list` (most frequent first);
+        their vectors and groups are loaded from the cache or built (and cached)."""
+        rank = {w: i for i, w in enumerate(dict.fromkeys(word_list))}
+        found = {
+            text[1:]: token
+            for token, text in enumerate(vocabulary.texts)
+            if vocabulary.eligible[token] and _WORD.match(text) and text[1:] in rank
+        }
+        names = sorted(found, key=rank.__getitem__)
+        words = np.array([found[w] for w in names], dtype=np.int64)
+        if words.size < 2 * k:
+            raise ValueError(f"only {words.size} candidate words for groups of k={k}")
+        path = _cache_path(directory, f"{encoder.name}/{balance}", names, k, vocabulary.size)
+        if path.exists():
+            with np.load(path) as data:
+                vectors = data["vectors"]
+                table = CandidateTable(CandidateSet.GROUPS, data["anchor"], data["set_of"], data["sets"])
+        else:
+            rows = _encode(encoder, names, progress)
+            vectors = np.zeros((vocabulary.size, rows.shape[1]), dtype=np.float32)
+            vectors[words] = rows
+            mask = np.zeros(vocabulary.size, dtype=bool)
+            mask[words] = True
+            table = build_groups(vectors, mask, k=k, seed_order=words, progress=progress)
+            if balance:
+                table = balance_groups(vectors, table)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+            np.savez(tmp, vectors=vectors, anchor=table.anchor, set_of=table.set_of, sets=table.sets)
+            os.replace(tmp, path)
+        return cls(dict(zip(names, words.tolist())), words, vectors, table, encoder)
+
+
+def _encode(encoder: Encoder, names: list[str], progress: ProgressFn | None, block: int = 2048) -> np.ndarray:
+    parts = []
+    for start in range(0, len(names), block):
+        parts.append(encoder.encode(names[start : start + block]))
+        if progress is not None:
+            progress("word vectors", min(start + block, len(names)), len(names))
+    return np.concatenate(parts)
+
+
+def _cache_path(directory: Path | None, encoder: str, names: list[str], k: int, num_tokens: int) -> Path:
+    h = hashlib.sha256(f"w{WORD_FORMAT}/{encoder}/{k}/{num_tokens}/".encode())
+    h.update("\n".join(names).encode())
+    return (directory or cache_dir()) / f"words-k{k}-{h.hexdigest()[:32]}.npz"
