@@ -65,6 +65,7 @@ class SanTextPlus:
         self.sensitive[unseen & ~vocabulary.special] = True  # tokens the dataset never uses are rarest
         self.outputs = np.flatnonzero(self.sensitive & vocabulary.eligible)  # V_S, as emitted
         self._embeddings = np.asarray(embeddings, dtype=np.float32)
+        self._targets = self._embeddings[self.outputs]  # (|V_S|, d), gathered once
         self._rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
     def privacy_map(self, num_replaced: int) -> float:
@@ -89,7 +90,7 @@ class SanTextPlus:
         """Exact sampling from exp(-eps * d / 2) over V_S by the Gumbel-max trick, in row blocks."""
         import torch
 
-        targets = torch.from_numpy(self._embeddings[self.outputs])
+        targets = torch.from_numpy(self._targets)
         chosen = np.empty(tokens.size, dtype=np.int64)
         for start in range(0, tokens.size, 256):
             rows = torch.from_numpy(self._embeddings[tokens[start : start + 256]])

@@ -99,31 +99,14 @@ class MechanismSpec:
 
 MECHANISMS: tuple[MechanismSpec, ...] = (
     MechanismSpec(
-        "veil-groups",
-        "groups K=20, permute-and-flip, normalized cosine, all but stopwords",
-        lambda c, e, r: c.veil(epsilon=e, rng=r),
-    ),
-    MechanismSpec(
-        "veil-groups-rare",
-        "as veil-groups, only rare words (zipf < 4) and patterns",
-        lambda c, e, r: c.veil(epsilon=e, rng=r, rare_only=True),
-    ),
-    MechanismSpec(
         "veil-words",
-        "whole-word groups K=20 in MiniLM space, seeded by word frequency; all but stopwords",
+        "whole-word groups K=20 in MiniLM space (greedy by word frequency, then balanced); all but stopwords",
         lambda c, e, r: c.veil(epsilon=e, rng=r, words=True),
     ),
     MechanismSpec(
         "veil-words-rare",
         "as veil-words, only rare words (zipf < 4) and patterns",
         lambda c, e, r: c.veil(epsilon=e, rng=r, words=True, rare_only=True),
-    ),
-    MechanismSpec(
-        "santext+",
-        "SanText+ w=0.9 p=0.3 over the dataset's tokens",
-        lambda c, e, r: SanTextPlus(
-            embeddings=c.embeddings, vocabulary=c.vocabulary, counts=c.counts, epsilon=e, rng=r
-        ),
     ),
     MechanismSpec(
         "custext+",
@@ -136,5 +119,22 @@ MECHANISMS: tuple[MechanismSpec, ...] = (
             rng=r,
             progress=c.progress,
         ),
+    ),
+    MechanismSpec(
+        "santext+",
+        "SanText+ w=0.9 p=0.3 over the dataset's tokens",
+        lambda c, e, r: SanTextPlus(
+            embeddings=c.embeddings, vocabulary=c.vocabulary, counts=c.counts, epsilon=e, rng=r
+        ),
+    ),
+    MechanismSpec(
+        "veil-groups",
+        "groups K=20, permute-and-flip, normalized cosine, all but stopwords",
+        lambda c, e, r: c.veil(epsilon=e, rng=r),
+    ),
+    MechanismSpec(
+        "veil-groups-rare",
+        "as veil-groups, only rare words (zipf < 4) and patterns",
+        lambda c, e, r: c.veil(epsilon=e, rng=r, rare_only=True),
     ),
 )

@@ -10,7 +10,9 @@ COLUMNS = (
     ("mechanism", "{:<17}"),
     ("eps", "{:>4}"),
     ("zero-shot", "{:>9.3f}"),
+    ("±", "{:>5.3f}"),
     ("probe", "{:>6.3f}"),
+    ("±", "{:>5.3f}"),
     ("knn@1", "{:>6.3f}"),
     ("knn@10", "{:>6.3f}"),
     ("changed", "{:>7.3f}"),
@@ -27,12 +29,15 @@ def table(report: Report) -> str:
         for i, (name, fmt) in enumerate(COLUMNS)
     )
     lines = [header]
-    for r in report.rows:
+    order = {name: i for i, name in enumerate(dict.fromkeys(r.mechanism for r in report.rows))}
+    for r in sorted(report.rows, key=lambda r: (order[r.mechanism], r.epsilon or 0.0)):
         values = (
             r.mechanism,
             "-" if r.epsilon is None else f"{r.epsilon:g}",
             r.zero_shot_accuracy,
+            r.zero_shot_stderr,
             r.probe_accuracy,
+            r.probe_stderr,
             r.knn_top1,
             r.knn_top10,
             r.changed,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -103,24 +103,17 @@ class WordSpace:
         words = np.array([found[w] for w in names], dtype=np.int64)
         if words.size < 2 * k:
             raise ValueError(f"only {words.size} candidate words for groups of k={k}")
-        path = _cache_path(directory, f"{encoder.name}/{balance}", names, k, vocabulary.size)
-        if path.exists():
-            with np.load(path) as data:
-                vectors = data["vectors"]
-                table = CandidateTable(CandidateSet.GROUPS, data["anchor"], data["set_of"], data["sets"])
-        else:
-            rows = _encode(encoder, names, progress)
-            vectors = np.zeros((vocabulary.size, rows.shape[1]), dtype=np.float32)
-            vectors[words] = rows
-            mask = np.zeros(vocabulary.size, dtype=bool)
-            mask[words] = True
-            table = build_groups(vectors, mask, k=k, seed_order=words, progress=progress)
-            if balance:
-                table = balance_groups(vectors, table)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, vectors=vectors, anchor=table.anchor, set_of=table.set_of, sets=table.sets)
-            os.replace(tmp, path)
+        directory = directory or cache_dir()
+        vector_path = directory / f"word-vectors-{_key(encoder.name, names, vocabulary.size)}.npy"
+        rows = _cached(vector_path, lambda: _encode(encoder, names, progress))
+        vectors = np.zeros((vocabulary.size, rows.shape[1]), dtype=np.float32)
+        vectors[words] = rows
+        group_path = directory / f"word-groups-k{k}-{_key(f'{encoder.name}/{k}/{balance}', names, 0)}.npy"
+        sets = _cached(group_path, lambda: _groups(vectors, words, k=k, balance=balance, progress=progress))
+        set_of = np.zeros(vocabulary.size, dtype=np.int64)  # non-candidate tokens are never anchors
+        for index, row in enumerate(sets):
+            set_of[row[row >= 0]] = index
+        table = CandidateTable(CandidateSet.GROUPS, np.arange(vocabulary.size), set_of, sets)
         return cls(dict(zip(names, words.tolist())), words, vectors, table, encoder)
 
 
@@ -133,7 +126,26 @@ def _encode(encoder: Encoder, names: list[str], progress: ProgressFn | None, blo
     return np.concatenate(parts)
 
 
-def _cache_path(directory: Path | None, encoder: str, names: list[str], k: int, num_tokens: int) -> Path:
-    h = hashlib.sha256(f"w{WORD_FORMAT}/{encoder}/{k}/{num_tokens}/".encode())
+def _groups(vectors: np.ndarray, words: np.ndarray, *, k: int, balance: bool, progress: ProgressFn | None):
+    mask = np.zeros(vectors.shape[0], dtype=bool)
+    mask[words] = True
+    table = build_groups(vectors, mask, k=k, seed_order=words, progress=progress)
+    return (balance_groups(vectors, table) if balance else table).sets
+
+
+def _cached(path: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
+    """The array at `path`, or `build()` written there atomically."""
+    if path.exists():
+        return np.load(path)
+    array = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+    return array
+
+
+def _key(label: str, names: list[str], num_tokens: int) -> str:
+    h = hashlib.sha256(f"w{WORD_FORMAT}/{label}/{num_tokens}/".encode())
     h.update("\n".join(names).encode())
-    return (directory or cache_dir()) / f"words-k{k}-{h.hexdigest()[:32]}.npz"
+    return h.hexdigest()[:32]
