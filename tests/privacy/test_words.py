@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from veil.privacy.detect import AllTokens
-from veil.privacy.neighbours import build_groups, unit_rows
+from veil.privacy.neighbours import balance_groups, build_groups, unit_rows
 from veil.privacy.sanitizer import Sanitizer, Unit
 from veil.privacy.vocabulary import Vocabulary
 from veil.privacy.words import WordSpace
@@ -184,3 +184,26 @@ def test_words_of_one_group_stay_within_epsilon_end_to_end(space, epsilon):
     assert certified_log_ratio(counts[:, members]) <= epsilon
     # power: the members' output distributions do differ (the check is not vacuous)
     assert stats.chi2_contingency(counts[:, members] + 1).pvalue < ALPHA
+
+
+def within_group_cosine(vectors: np.ndarray, sets: np.ndarray) -> float:
+    total = 0.0
+    for row in sets:
+        members = vectors[row[row >= 0]]
+        centroid = members.mean(axis=0)
+        total += float((members @ (centroid / np.linalg.norm(centroid))).sum())
+    return total
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_balancing_keeps_members_and_sizes_and_tightens_groups(seed):
+    rng = np.random.default_rng(seed)
+    vectors = unit_rows(rng.normal(size=(120, 6)))
+    eligible = rng.random(120) < 0.9
+    greedy = build_groups(vectors, eligible, k=5, seed_order=rng.permutation(120))
+    balanced = balance_groups(vectors, greedy)
+    assert sorted(balanced.sets[balanced.sets >= 0].tolist()) == np.flatnonzero(eligible).tolist()
+    np.testing.assert_array_equal((balanced.sets >= 0).sum(1), (greedy.sets >= 0).sum(1))
+    for token in np.flatnonzero(eligible):
+        assert token in balanced.candidates(np.array([token]))[0]
+    assert within_group_cosine(vectors, balanced.sets) >= within_group_cosine(vectors, greedy.sets)
