@@ -138,3 +138,7 @@ MECHANISMS: tuple[MechanismSpec, ...] = (
         lambda c, e, r: c.veil(epsilon=e, rng=r, rare_only=True),
     ),
 )
+
+# `--quick`: the two veil-words variants and the two baselines (the token-space rows only in full runs).
+QUICK_MECHANISMS = MECHANISMS[:4]
+assert [m.name for m in QUICK_MECHANISMS] == ["veil-words", "veil-words-rare", "custext+", "santext+"]

@@ -37,7 +37,7 @@ class Settings:
     seed: int = 0
 
 
-QUICK = Settings(num_train=200, num_test=64, num_zero_shot=64, num_calibration=48)
+QUICK = Settings(num_train=120, num_test=48, num_zero_shot=48, num_calibration=32)
 FULL = Settings(num_train=600, num_test=300, num_zero_shot=300, num_calibration=128)
 
 
