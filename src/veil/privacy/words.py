@@ -19,7 +19,7 @@ import hashlib
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -60,6 +60,10 @@ class WordSpace:
     vectors: np.ndarray  # (V, d) float32
     table: CandidateTable
     encoder: Encoder
+    word_vectors: np.ndarray = field(init=False, repr=False)  # (n, d): vectors[words], gathered once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "word_vectors", np.ascontiguousarray(self.vectors[self.words]))
 
     def queries(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), d) unit vectors of words: a candidate's own vector, else the encoder's."""
@@ -76,7 +80,7 @@ class WordSpace:
     def anchors(self, texts: Sequence[str], queries: np.ndarray) -> np.ndarray:
         """(n,) the candidate token whose group each word uses (a deterministic function of its text)."""
         keys = [t.strip().lower() for t in texts]
-        nearest = self.words[np.argmax(queries @ self.vectors[self.words].T, axis=1)]
+        nearest = self.words[np.argmax(queries @ self.word_vectors.T, axis=1)]
         return np.array([self.token_of.get(k, int(n)) for k, n in zip(keys, nearest)], dtype=np.int64)
 
     @classmethod
