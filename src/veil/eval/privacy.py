@@ -115,6 +115,11 @@ class Experiment:
         self.zero_shot.calibrate(self.train_ids[: self.settings.num_calibration])
         self.report.rows.append(self._measure("none", None, self.train_ids, self.test_ids, None))
         self.report.mechanisms.update((spec.name, spec.description) for spec in mechanisms)
+        say("encoding the data set's words for the word space, in batches")
+        vocabulary = self.context.vocabulary
+        self.context.words().warm(
+            [w.text for ids in self.train_ids + self.test_ids for w in vocabulary.segment(ids).words]
+        )
         for epsilon in self.settings.epsilons:  # every mechanism at the first epsilon first
             for spec in mechanisms:
                 seed = [self.settings.seed, zlib.crc32(spec.name.encode()), int(epsilon * 1000)]

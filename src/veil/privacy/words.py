@@ -36,6 +36,7 @@ from veil.privacy.neighbours import (
 from veil.privacy.vocabulary import Vocabulary
 
 WORD_FORMAT = 1
+MEMO_WORDS = 100_000  # encoder vectors of words outside the list kept in memory
 _WORD = re.compile(r"^ [a-z]+$")
 
 
@@ -61,21 +62,30 @@ class WordSpace:
     table: CandidateTable
     encoder: Encoder
     word_vectors: np.ndarray = field(init=False, repr=False)  # (n, d): vectors[words], gathered once
+    _memo: dict[str, np.ndarray] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "word_vectors", np.ascontiguousarray(self.vectors[self.words]))
 
     def queries(self, texts: Sequence[str]) -> np.ndarray:
-        """(len(texts), d) unit vectors of words: a candidate's own vector, else the encoder's."""
+        """(len(texts), d) unit vectors of words: a candidate's own vector, else the encoder's (memoized:
+        the vector is a deterministic function of the text, so the memo changes no output)."""
         keys = [t.strip().lower() for t in texts]
+        self.warm(keys)
         out = np.zeros((len(keys), self.vectors.shape[1]), dtype=np.float32)
-        unknown = [i for i, key in enumerate(keys) if key not in self.token_of]
-        known = [i for i, key in enumerate(keys) if key in self.token_of]
-        if known:
-            out[known] = self.vectors[[self.token_of[keys[i]] for i in known]]
-        if unknown:
-            out[unknown] = self.encoder.encode([keys[i] for i in unknown])
+        for i, key in enumerate(keys):
+            out[i] = self.vectors[self.token_of[key]] if key in self.token_of else self._memo[key]
         return out
+
+    def warm(self, texts: Sequence[str]) -> None:
+        """Encode, in one batch, the words of `texts` that are neither candidates nor memoized."""
+        unknown = list(dict.fromkeys(t.strip().lower() for t in texts))
+        unknown = [k for k in unknown if k not in self.token_of and k not in self._memo]
+        if not unknown:
+            return
+        if len(self._memo) + len(unknown) > MEMO_WORDS:
+            self._memo.clear()
+        self._memo.update(zip(unknown, self.encoder.encode(unknown)))
 
     def anchors(self, texts: Sequence[str], queries: np.ndarray) -> np.ndarray:
         """(n,) the candidate token whose group each word uses (a deterministic function of its text)."""
