@@ -65,6 +65,7 @@ class SanTextPlus:
         self.sensitive[unseen & ~vocabulary.special] = True  # tokens the dataset never uses are rarest
         self.outputs = np.flatnonzero(self.sensitive & vocabulary.eligible)  # V_S, as emitted
         self._embeddings = np.asarray(embeddings, dtype=np.float32)
+        self._targets = self._embeddings[self.outputs]  # (|V_S|, d), gathered once
         self._rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
     def privacy_map(self, num_replaced: int) -> float:
@@ -78,14 +79,18 @@ class SanTextPlus:
         out = ids.copy()
         out[positions] = self._sample(ids[positions])
         return SanitizedPrompt(
-            tuple(int(t) for t in out), tuple(int(p) for p in positions), self.privacy_map(positions.size)
+            tuple(int(t) for t in out),
+            tuple(int(p) for p in positions),
+            self.privacy_map(positions.size),
+            tuple((int(ids[p]),) for p in positions),
+            self.epsilon,
         )
 
     def _sample(self, tokens: np.ndarray) -> np.ndarray:
         """Exact sampling from exp(-eps * d / 2) over V_S by the Gumbel-max trick, in row blocks."""
         import torch
 
-        targets = torch.from_numpy(self._embeddings[self.outputs])
+        targets = torch.from_numpy(self._targets)
         chosen = np.empty(tokens.size, dtype=np.int64)
         for start in range(0, tokens.size, 256):
             rows = torch.from_numpy(self._embeddings[tokens[start : start + 256]])

@@ -6,6 +6,7 @@ so a rerun reproduces the table.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import zlib
@@ -19,9 +20,10 @@ import torch
 from veil.eval import data
 from veil.eval.attack import KnnInverter
 from veil.eval.baselines import corpus_counts
-from veil.eval.mechanisms import MECHANISMS, Context, MechanismSpec, PromptSanitizer, originals
-from veil.eval.utility import MiniLMFeatures, ZeroShot, probe_accuracy
-from veil.privacy.neighbours import stderr_progress
+from veil.eval.mechanisms import MECHANISMS, Context, MechanismSpec, PromptSanitizer
+from veil.eval.utility import ZeroShot, probe_accuracy
+from veil.privacy.encoder import SentenceEncoder
+from veil.privacy.neighbours import tqdm_progress
 from veil.privacy.vocabulary import Vocabulary
 
 
@@ -35,8 +37,8 @@ class Settings:
     seed: int = 0
 
 
-QUICK = Settings(num_train=200, num_test=64, num_zero_shot=48, num_calibration=48, epsilons=(1.0, 6.0))
-FULL = Settings(num_train=1000, num_test=300, num_zero_shot=300, num_calibration=128)
+QUICK = Settings(num_train=120, num_test=48, num_zero_shot=48, num_calibration=32)
+FULL = Settings(num_train=600, num_test=300, num_zero_shot=300, num_calibration=128)
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Row:
     exposed_top1: float  # share of all test tokens sent in clear or recovered at top-1
     epsilon_per_sentence: float  # mean total epsilon charged per test sentence
     seconds: float
+    zero_shot_stderr: float = 0.0  # binomial standard error, sqrt(a (1 - a) / n)
+    probe_stderr: float = 0.0
 
 
 @dataclass
@@ -86,33 +90,45 @@ class Experiment:
         examples = data.movie_reviews()
         split = data.split(examples, seed=settings.seed)
         self.train = split.train[: settings.num_train]
-        self.test = split.test[: settings.num_test]
+        self.test = split.test[-settings.num_test :]  # held out: development used the first sentences
         encode: Callable[[str], list[int]] = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
         self.train_ids = [encode(e.text) for e in self.train]
         self.test_ids = [encode(e.text) for e in self.test]
         embeddings = loaded.model.embed_tokens.weight.detach().float().numpy()
         vocabulary = Vocabulary.from_tokenizer(tokenizer, size=embeddings.shape[0])
         counts = corpus_counts(encode(e.text) for e in examples)
-        self.context = Context(embeddings, vocabulary, counts, progress=stderr_progress())
+        self.features = SentenceEncoder(data.minilm_directory())
+        self.context = Context(embeddings, vocabulary, counts, self.features, progress=tqdm_progress())
         self.inverter = KnnInverter(embeddings)
         self.zero_shot = ZeroShot(loaded)
-        self.features = MiniLMFeatures(data.minilm_directory())
         self.report = Report(
             settings, num_sentences={"all": len(examples), "train": len(self.train), "test": len(self.test)}
         )
 
-    def run(self, mechanisms: Sequence[MechanismSpec] = MECHANISMS) -> Report:
+    def run(
+        self,
+        mechanisms: Sequence[MechanismSpec] = MECHANISMS,
+        on_row: Callable[[Report], None] | None = None,
+    ) -> Report:
+        """Measure every mechanism at every epsilon; `on_row(report)` after each row (partial results)."""
         say(f"calibrating the zero-shot threshold on {self.settings.num_calibration} clean sentences")
         self.zero_shot.calibrate(self.train_ids[: self.settings.num_calibration])
         self.report.rows.append(self._measure("none", None, self.train_ids, self.test_ids, None))
-        for spec in mechanisms:
-            self.report.mechanisms[spec.name] = spec.description
-            for epsilon in self.settings.epsilons:
+        self.report.mechanisms.update((spec.name, spec.description) for spec in mechanisms)
+        say("encoding the data set's words for the word space, in batches")
+        vocabulary = self.context.vocabulary
+        self.context.words().warm(
+            [w.text for ids in self.train_ids + self.test_ids for w in vocabulary.segment(ids).words]
+        )
+        for epsilon in self.settings.epsilons:  # every mechanism at the first epsilon first
+            for spec in mechanisms:
                 seed = [self.settings.seed, zlib.crc32(spec.name.encode()), int(epsilon * 1000)]
                 rng = np.random.default_rng(seed)
                 started = time.monotonic()
                 sanitizer = spec.build(self.context, epsilon, rng)
                 self.report.rows.append(self._measure(spec.name, epsilon, None, None, sanitizer, started))
+                if on_row is not None:
+                    on_row(self.report)
         self.report.cost = self.measure_cost()
         return self.report
 
@@ -141,25 +157,34 @@ class Experiment:
             train_out = [list(sanitizer.sanitize(ids).token_ids) for ids in self.train_ids]
             results = [sanitizer.sanitize(ids) for ids in self.test_ids]
             test_out = [list(r.token_ids) for r in results]
-            stats = self._privacy(sanitizer, results)
+            stats = self._privacy(results)
         say(f"{label}: zero-shot on {self.settings.num_zero_shot} sentences")
         zero_shot = self._zero_shot(test_out)
         say(f"{label}: probe on {len(train_out)}+{len(test_out)} sentences")
         probe = self._probe(train_out, test_out)
-        row = Row(name, epsilon, zero_shot, probe, seconds=time.monotonic() - started, **stats)
+        row = Row(
+            name,
+            epsilon,
+            zero_shot,
+            probe,
+            seconds=time.monotonic() - started,
+            zero_shot_stderr=_stderr(zero_shot, self.settings.num_zero_shot),
+            probe_stderr=_stderr(probe, len(test_out)),
+            **stats,
+        )
         say(
             f"{label}: zero-shot {zero_shot:.3f} probe {probe:.3f} top1 {row.knn_top1:.3f} "
             f"top10 {row.knn_top10:.3f} changed {row.changed:.3f} ({row.seconds:.0f} s)"
         )
         return row
 
-    def _privacy(self, sanitizer: PromptSanitizer, results: list[Any]) -> dict[str, float]:
+    def _privacy(self, results: list[Any]) -> dict[str, float]:
         received: list[int] = []
         sources: list[list[int]] = []
         total = sum(len(ids) for ids in self.test_ids)
         changed = 0
-        for ids, result in zip(self.test_ids, results):
-            units = originals(sanitizer, ids, result)
+        for result in results:
+            units = [list(o) for o in result.originals]
             sent = [result.token_ids[p] for p in result.replaced_positions]
             received += sent
             sources += units
@@ -198,9 +223,10 @@ class Experiment:
         )
 
     def measure_cost(self, *, num_tokens: int = 128, repeats: int = 20) -> dict[str, float]:
-        """Median time to sanitize a `num_tokens` prompt (warm tables) vs one forward pass over it."""
+        """Median time for veil-words to sanitize a `num_tokens` prompt (warm tables; words outside the
+        list are encoded on every call) vs one forward pass over it."""
         prompt = [t for ids in self.test_ids for t in ids][:num_tokens]
-        sanitizer = self.context.veil(epsilon=1.0, rng=np.random.default_rng(0))
+        sanitizer = self.context.veil(epsilon=1.0, rng=np.random.default_rng(0), words=True)
         sanitizer.sanitize(prompt)  # warm-up
         sanitize_s = _median_seconds(lambda: sanitizer.sanitize(prompt), repeats)
         ids = torch.tensor([prompt])
@@ -218,6 +244,10 @@ class Experiment:
             "ratio_percent": 100 * sanitize_s / forward_s,
             "torch_threads": float(torch.get_num_threads()),
         }
+
+
+def _stderr(accuracy: float, n: int) -> float:
+    return math.sqrt(accuracy * (1 - accuracy) / n) if n else 0.0
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -10,7 +10,9 @@ COLUMNS = (
     ("mechanism", "{:<17}"),
     ("eps", "{:>4}"),
     ("zero-shot", "{:>9.3f}"),
+    ("±", "{:>5.3f}"),
     ("probe", "{:>6.3f}"),
+    ("±", "{:>5.3f}"),
     ("knn@1", "{:>6.3f}"),
     ("knn@10", "{:>6.3f}"),
     ("changed", "{:>7.3f}"),
@@ -27,12 +29,15 @@ def table(report: Report) -> str:
         for i, (name, fmt) in enumerate(COLUMNS)
     )
     lines = [header]
-    for r in report.rows:
+    order = {name: i for i, name in enumerate(dict.fromkeys(r.mechanism for r in report.rows))}
+    for r in sorted(report.rows, key=lambda r: (order[r.mechanism], r.epsilon or 0.0)):
         values = (
             r.mechanism,
             "-" if r.epsilon is None else f"{r.epsilon:g}",
             r.zero_shot_accuracy,
+            r.zero_shot_stderr,
             r.probe_accuracy,
+            r.probe_stderr,
             r.knn_top1,
             r.knn_top10,
             r.changed,
@@ -61,14 +66,16 @@ def plot(report: Report, path: Path) -> None:
     clean = next((r for r in report.rows if r.epsilon is None), None)
     names = list(dict.fromkeys(r.mechanism for r in report.rows if r.epsilon is not None))
     panels = (
-        ("zero_shot_accuracy", "zero-shot accuracy (SmolLM2)"),
-        ("probe_accuracy", "probe accuracy (MiniLM+LR)"),
-        ("knn_top10", "KNN inversion success @10"),
+        ("zero_shot_accuracy", "zero_shot_stderr", "zero-shot accuracy (SmolLM2)"),
+        ("probe_accuracy", "probe_stderr", "probe accuracy (MiniLM+LR)"),
+        ("knn_top10", None, "KNN inversion success @10"),
     )
-    for ax, (attr, title) in zip(axes, panels):
+    for ax, (attr, error, title) in zip(axes, panels):
         for name in names:
             rows = [r for r in report.rows if r.mechanism == name]
-            ax.plot([r.epsilon for r in rows], [getattr(r, attr) for r in rows], marker="o", label=name)
+            errors = [getattr(r, error) for r in rows] if error else None
+            x, y = [r.epsilon for r in rows], [getattr(r, attr) for r in rows]
+            ax.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=name)
         if clean is not None and attr != "knn_top10":
             ax.axhline(getattr(clean, attr), color="gray", linestyle="--", label="no sanitizing")
         ax.set_xlabel("epsilon per token")

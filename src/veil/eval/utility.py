@@ -4,14 +4,14 @@ A: zero-shot sentiment with the bundled SmolLM2: the sanitized sentence's tokens
    fixed chat prompt and the next-token logits of " positive" and " negative" are compared. The decision
    threshold on their difference is calibrated once on clean training sentences (their median, as the
    classes are balanced) and then shared by every mechanism.
-B: the SanText/CusText protocol: a frozen all-MiniLM-L6-v2 encoder (mean pooling) plus logistic
-   regression trained on sanitized training sentences and tested on sanitized test sentences.
+B: the SanText/CusText protocol: a frozen all-MiniLM-L6-v2 encoder (`veil.privacy.encoder`: mean
+   pooling, unit rows, as sentence-transformers ships it) plus logistic regression trained on sanitized
+   training sentences and tested on sanitized test sentences.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,33 +64,6 @@ class ZeroShot:
 
     def accuracy(self, scores: np.ndarray, labels: np.ndarray) -> float:
         return float(np.mean((scores > self.threshold).astype(int) == labels))
-
-
-class MiniLMFeatures:
-    """Frozen all-MiniLM-L6-v2 sentence embeddings (mean pooling over real tokens)."""
-
-    def __init__(self, directory: Path, *, batch_size: int = 64) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        self._tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        self._model = AutoModel.from_pretrained(str(directory), local_files_only=True).eval()
-        self._batch_size = batch_size
-
-    @torch.inference_mode()
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        rows = []
-        for start in range(0, len(texts), self._batch_size):
-            batch = self._tokenizer(
-                list(texts[start : start + self._batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=128,
-                return_tensors="pt",
-            )
-            hidden = self._model(**batch).last_hidden_state  # (B, T, 384)
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            rows.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy())
-        return np.concatenate(rows) if rows else np.zeros((0, 384), dtype=np.float32)
 
 
 def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:

@@ -12,15 +12,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-TABLE_FORMAT = 2
+TABLE_FORMAT = 3
 ProgressFn = Callable[[str, int, int], None]
 
 
@@ -124,43 +123,56 @@ def build_groups(
     metric: Metric = Metric.COSINE,
     seed_order: np.ndarray | None = None,
     progress: ProgressFn | None = None,
+    block_seeds: int = 256,
 ) -> CandidateTable:
     """Greedy disjoint groups: each unassigned seed takes its k-1 closest unassigned eligible tokens.
 
     Seeds come in `seed_order` (CusText: corpus frequency), by default in token id order, which for BPE
     vocabularies is merge order and puts frequent tokens first (a "densest first" order was tried and gave
     common words worse groups). When fewer than 2k tokens remain they all join the last group: sizes lie
-    in [k, 2k-1]."""
+    in [k, 2k-1].
+
+    Seeds are scored in blocks of `block_seeds` against the tokens still unassigned (one matrix product
+    per block, never the V x V matrix); a seed whose shortlist ran dry inside its block is rescored alone.
+    """
+    import torch
+
     eligible_ids = np.flatnonzero(eligible)
     if eligible_ids.size < k:
         raise ValueError(f"k={k} exceeds the {eligible_ids.size} eligible tokens")
-    shortlist = top_k_neighbours(
-        vectors, eligible, k=min(4 * k, eligible_ids.size), metric=metric, progress=progress
-    )
     order = eligible_ids if seed_order is None else _complete_order(seed_order, eligible)
+    rows = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
     assigned = ~eligible.copy()
-    pool = eligible_ids
     groups: list[np.ndarray] = []
     remaining = eligible_ids.size
-    for seed in order:
-        if assigned[seed]:
-            continue
-        if remaining < 2 * k:
-            members = np.flatnonzero(~assigned)
-        else:
-            members = [int(t) for t in shortlist[seed] if not assigned[t]][:k]
+    position = 0
+    while remaining >= 2 * k:
+        pool = np.flatnonzero(~assigned)
+        seeds = []
+        while len(seeds) < block_seeds and position < order.size:
+            if not assigned[order[position]]:
+                seeds.append(int(order[position]))
+            position += 1
+        width = min(4 * k, pool.size)
+        shortlist = pool[_closeness(rows[seeds], rows[pool], metric).topk(width, dim=1).indices.numpy()]
+        for seed, near in zip(seeds, shortlist):
+            if assigned[seed] or remaining < 2 * k:
+                continue
+            members = near[~assigned[near]][:k]
             if seed not in members:
-                members = [int(seed), *members][:k]
-            if len(members) < k:
-                pool = pool[~assigned[pool]]
-                members = _nearest_unassigned(vectors, seed, pool, k, metric)
-            members = np.asarray(members)
-        assigned[members] = True
-        remaining -= members.size
-        groups.append(members)
-        if progress is not None and len(groups) % 200 == 0:
+                members = np.concatenate([[seed], members[members != seed]])[:k]
+            if members.size < k:
+                members = _nearest_unassigned(rows, seed, np.flatnonzero(~assigned), k, metric)
+            assigned[members] = True
+            remaining -= members.size
+            groups.append(members)
+        if progress is not None:
             progress("groups", eligible_ids.size - remaining, eligible_ids.size)
-    return _group_table(shortlist[:, 0], groups, vectors.shape[0])
+    if remaining:
+        groups.append(np.flatnonzero(~assigned))
+    if progress is not None:
+        progress("groups", eligible_ids.size, eligible_ids.size)
+    return _group_table(_anchors(rows, eligible, metric), groups, vectors.shape[0])
 
 
 def _complete_order(seed_order: np.ndarray, eligible: np.ndarray) -> np.ndarray:
@@ -170,12 +182,23 @@ def _complete_order(seed_order: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     return np.concatenate([first, rest])
 
 
-def _nearest_unassigned(
-    vectors: np.ndarray, seed: int, pool: np.ndarray, k: int, metric: Metric
-) -> np.ndarray:
-    sims = _closeness(vectors[[seed]], vectors[pool], metric)[0]
+def _nearest_unassigned(rows: Any, seed: int, pool: np.ndarray, k: int, metric: Metric) -> np.ndarray:
+    """The seed and its k-1 closest tokens of `pool` (a fallback when a block's shortlist ran dry)."""
+    sims = _closeness(rows[[seed]], rows[pool], metric)[0].numpy()
     sims[pool == seed] = np.inf  # the seed always belongs to its own group
     return pool[np.argpartition(-sims, k - 1)[:k]]
+
+
+def _anchors(rows: Any, eligible: np.ndarray, metric: Metric, block_rows: int = 512) -> np.ndarray:
+    """Each token's set anchor: itself when eligible, else its closest eligible token."""
+    anchor = np.arange(eligible.size, dtype=np.int64)
+    eligible_ids = np.flatnonzero(eligible)
+    others = np.flatnonzero(~eligible)
+    for start in range(0, others.size, block_rows):
+        block = others[start : start + block_rows]
+        scores = _closeness(rows[block], rows[eligible_ids], metric)
+        anchor[block] = eligible_ids[scores.argmax(dim=1).numpy()]
+    return anchor
 
 
 def _group_table(anchor: np.ndarray, groups: list[np.ndarray], num_tokens: int) -> CandidateTable:
@@ -239,16 +262,71 @@ def load_or_build(
     return table
 
 
-def stderr_progress() -> ProgressFn:
-    """A progress callback printing `stage done/total (elapsed)` on stderr, at most twice a second."""
-    started, last = time.monotonic(), [0.0]
+def tqdm_progress() -> ProgressFn:
+    """A progress callback drawing one tqdm bar per stage on stderr."""
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
 
     def report(stage: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - last[0] >= 0.5 or done >= total:
-            last[0] = now
-            print(f"\r[cmif] {stage} {done}/{total} ({now - started:.0f} s)", end="", file=sys.stderr)
-            if done >= total:
-                print(file=sys.stderr)
+        bar = bars.get(stage)
+        if bar is None or bar.total != total:
+            bar = bars[stage] = tqdm(total=total, desc=f"[cmif] {stage}", unit=" rows", leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
 
     return report
+
+
+def balance_groups(
+    vectors: np.ndarray, table: CandidateTable, *, iterations: int = 4, choices: int = 8
+) -> CandidateTable:
+    """Tighter disjoint groups of the same sizes: a few rounds of capacity-constrained k-means (cosine).
+
+    Each round takes each group's mean direction, then assigns (token, group) pairs in decreasing
+    similarity, each token to the first of its `choices` closest groups that still has room (a group
+    keeps its size); a token whose choices are all full goes to the closest group with room. The table's
+    members stay the same tokens and every group keeps its size, so the GROUPS guarantee is unchanged.
+    `vectors` are unit rows."""
+    import torch
+
+    sets = table.sets.copy()
+    sizes = (sets >= 0).sum(axis=1)
+    members = sets[sets >= 0]
+    rows = torch.from_numpy(np.ascontiguousarray(vectors[members], dtype=np.float32))  # (n, d)
+    group = np.repeat(np.arange(len(sets)), sizes)  # current group of each member
+    for _ in range(iterations):
+        centroids = torch.zeros(len(sets), rows.shape[1]).index_add_(0, torch.from_numpy(group), rows)
+        centroids = torch.nn.functional.normalize(centroids, dim=1)
+        sims = rows @ centroids.T  # (n, num_groups)
+        top = sims.topk(min(choices, len(sets)), dim=1)
+        group = _assign_with_capacity(top.values.numpy(), top.indices.numpy(), sims.numpy(), sizes)
+    out = np.full_like(sets, -1)
+    for g in range(len(sets)):
+        chosen = members[group == g]
+        out[g, : chosen.size] = chosen
+    group_of = np.full(table.set_of.shape[0], -1, dtype=np.int64)
+    group_of[members] = group
+    return CandidateTable(table.kind, anchor=table.anchor, set_of=group_of[table.anchor], sets=out)
+
+
+def _assign_with_capacity(
+    values: np.ndarray, indices: np.ndarray, sims: np.ndarray, sizes: np.ndarray
+) -> np.ndarray:
+    """Greedy assignment of rows to groups by decreasing similarity, group g taking exactly sizes[g]."""
+    room = sizes.copy()
+    group = np.full(values.shape[0], -1, dtype=np.int64)
+    for flat in np.argsort(-values, axis=None, kind="stable"):
+        row, choice = divmod(int(flat), values.shape[1])
+        target = indices[row, choice]
+        if group[row] < 0 and room[target] > 0:
+            group[row] = target
+            room[target] -= 1
+    for row in np.flatnonzero(group < 0):  # every choice was full: the closest group with room
+        open_groups = np.flatnonzero(room > 0)
+        target = open_groups[int(sims[row, open_groups].argmax())]
+        group[row] = target
+        room[target] -= 1
+    assert (room == 0).all()
+    return group

@@ -28,6 +28,7 @@ from veil.privacy.detect import Detector, NonStopwords
 from veil.privacy.mechanisms import Noise, Utility, report_noisy_max, utilities
 from veil.privacy.neighbours import CandidateSet, CandidateTable, ProgressFn, load_or_build, unit_rows
 from veil.privacy.vocabulary import Vocabulary
+from veil.privacy.words import WordSpace
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class Sanitizer:
         detector: which words to sanitize (default: all but stopwords and punctuation).
         unit: token-level or word-level replacement.
         rng: the only source of randomness (a Generator, or a seed for a reproducible one).
+        words: the word space (`veil.privacy.words`): whole words scored with a sentence encoder, its
+            groups as the table (then `table` must be `words.table` and `unit` must be `Unit.WORD`).
     """
 
     def __init__(
@@ -73,7 +76,12 @@ class Sanitizer:
         unit: Unit = Unit.TOKEN,
         rng: np.random.Generator | int | None = None,
         allow_top_k: bool = False,
+        words: WordSpace | None = None,
     ) -> None:
+        if words is not None and (table is not words.table or unit is not Unit.WORD):
+            raise ValueError("a word space needs table=words.table and unit=Unit.WORD")
+        if words is not None and not utility.uses_unit_vectors:
+            raise ValueError("a word space scores candidates by cosine: use a cosine utility")
         if not (isinstance(epsilon, (int, float)) and 0 < epsilon < float("inf")):
             raise ValueError(f"epsilon must be a positive finite number, got {epsilon!r}")
         if embeddings.shape[0] != vocabulary.size or table.set_of.shape[0] != vocabulary.size:
@@ -84,6 +92,9 @@ class Sanitizer:
         self.detector: Detector = detector if detector is not None else NonStopwords()
         self._unit_rows = unit_rows(embeddings)
         self._vectors = self._unit_rows if utility.uses_unit_vectors else np.asarray(embeddings, np.float32)
+        self.words = words
+        if words is not None:
+            self._vectors = words.vectors
         self._rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         self.allow_top_k = allow_top_k
         self._digit_set = _digit_sets(vocabulary)
@@ -139,8 +150,7 @@ class Sanitizer:
         units = self.units(ids)
         if not units:
             return SanitizedPrompt(tuple(int(t) for t in ids), (), 0.0)
-        queries = np.stack([self._query(ids[positions]) for positions in units])
-        anchors = np.array([self._anchor(ids[positions], q) for positions, q in zip(units, queries)])
+        queries, anchors = self._queries_and_anchors(ids, units)
         candidate_ids = self._candidates(anchors)
         scores = utilities(queries, candidate_ids, self._vectors, self.utility)
         chosen = report_noisy_max(
@@ -185,6 +195,19 @@ class Sanitizer:
         out[~is_digit, : table.shape[1]] = table[~is_digit]
         out[is_digit, : digit_rows.shape[1]] = digit_rows[is_digit]
         return out
+
+    def _queries_and_anchors(self, ids: np.ndarray, units: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Per unit, the vector its candidates are scored against and the token whose set it uses."""
+        if self.words is None:
+            queries = np.stack([self._query(ids[positions]) for positions in units])
+            anchors = np.array([self._anchor(ids[positions], q) for positions, q in zip(units, queries)])
+            return queries, anchors
+        texts = [self.vocabulary.text_of(ids[positions]) for positions in units]
+        queries = self.words.queries(texts)
+        anchors = self.words.anchors(texts, queries)
+        digits = np.array([self._digit_set.of[ids[positions[0]]] >= 0 for positions in units])
+        anchors[digits] = [ids[positions[0]] for positions, d in zip(units, digits) if d]
+        return queries, anchors
 
     def _query(self, tokens: np.ndarray) -> np.ndarray:
         """The vector a unit is compared with: its embedding, or the mean of a word's embeddings."""

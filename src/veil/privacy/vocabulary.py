@@ -101,6 +101,11 @@ class Vocabulary:
             texts=texts, special=special, eligible=eligible, token_bytes=raw + [b""] * (num_tokens - known)
         )
 
+    def text_of(self, token_ids: Sequence[int]) -> str:
+        """The tokens' bytes decoded together (invalid UTF-8 becomes U+FFFD), without surrounding space."""
+        raw = b"".join(self.token_bytes[t] for t in token_ids if not self.special[t])
+        return raw.decode("utf-8", errors="replace").strip()
+
     def segment(self, token_ids: Sequence[int]) -> Segmentation:
         """Group tokens into words on the decoded text of the whole prompt (see the module docstring)."""
         chars = _decode(self.token_bytes[t] if not self.special[t] else b"" for t in token_ids)
