@@ -20,7 +20,7 @@ from veil.model.config import ModelConfig
 from veil.model.loader import bundled_checkpoint
 from veil.privacy.accountant import BudgetExceededError
 from veil.privacy.ledger import FileLedger
-from veil.privacy.neighbours import CandidateSet
+from veil.privacy.neighbours import CandidateSet, tqdm_progress
 from veil.privacy.sanitizer import SanitizedPrompt
 
 LEDGER = "budget-ledger.json"
@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
                         epsilon=args.epsilon,
                         candidates=CandidateSet(args.candidates),
                         allow_top_k=args.allow_top_k,
+                        progress=tqdm_progress(),
                     )
                 else:
                     print("veil: no --epsilon: the prompt is NOT sanitized", file=sys.stderr)

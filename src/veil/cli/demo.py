@@ -36,7 +36,7 @@ from veil.engine.offload_policy import OffloadPolicy
 from veil.engine.weights import compute_threads_beside_device
 from veil.errors import UsageError
 from veil.model.loader import LoadedModel, load_model
-from veil.privacy.neighbours import CandidateSet
+from veil.privacy.neighbours import CandidateSet, tqdm_progress
 from veil.server.app import create_app
 from veil.server.runner import ServerThread
 from veil.server.service import InferenceService, Limits
@@ -137,7 +137,9 @@ def _serve(
             client.provision(use_sealed=False)  # attest every time: the demo shows it
             if confidential:
                 groups = CandidateSet.GROUPS
-                enclave.enable_sanitizer(loaded.tokenizer, epsilon=args.epsilon, candidates=groups)
+                enclave.enable_sanitizer(
+                    loaded.tokenizer, epsilon=args.epsilon, candidates=groups, progress=tqdm_progress()
+                )
                 _say("enclave attested (SIMULATED platform: no hardware isolation) and provisioned")
                 print("answer: ", end="", flush=True)
             sent = time.perf_counter()

@@ -36,7 +36,7 @@ from veil.enclave.measurement import code_measurement
 from veil.enclave.sealed import SealedWeights
 from veil.enclave.simulated import SimulatedPlatform
 from veil.enclave.tsm import DEFAULT_TSM_ROOT, TsmPlatform, tsm_available
-from veil.privacy.neighbours import CandidateSet, load_or_build
+from veil.privacy.neighbours import CandidateSet, ProgressFn, load_or_build
 from veil.privacy.sanitizer import SanitizedPrompt, Sanitizer
 from veil.privacy.vocabulary import Vocabulary
 
@@ -163,16 +163,18 @@ class Enclave:
         k: int = 20,
         rng: int | None = None,
         allow_top_k: bool = False,
+        progress: ProgressFn | None = None,
     ) -> None:
         """Build the Report-Noisy-Max sanitizer from the enclave's embeddings (per-unit `epsilon`).
 
         TOP_K candidates are charged as unbounded unless `allow_top_k` (see `veil.privacy.sanitizer`).
+        The candidate table is built once per model and cached; `progress` hears about that build.
         """
         if self._weights is None:
             raise RuntimeError("enclave not provisioned: call install() or load_sealed() first")
         embeddings = self._weights.numpy()
         vocabulary = Vocabulary.from_tokenizer(tokenizer, size=embeddings.shape[0])
-        table = load_or_build(embeddings, vocabulary.eligible, kind=candidates, k=k)
+        table = load_or_build(embeddings, vocabulary.eligible, kind=candidates, k=k, progress=progress)
         self._sanitizer = Sanitizer(
             table=table,
             embeddings=embeddings,
