@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from veil.bench.report import emit_json, print_table, progress
-from veil.bench.serve import drive
+from veil.bench.serve import drive, hit_rate, speculator_hits
 from veil.bench.transfer import raw_aesgcm_gbps
 from veil.bench.workload import ServeRequest, WorkloadSpec, describe, make_workload
 from veil.engine.engine import EngineConfig, LLMEngine, LoraConfig
@@ -178,11 +178,11 @@ def _measure(
     with LLMEngine(loaded.model, config) as engine:
         for name, adapter in adapters.items():
             engine.add_adapter(name, adapter)
-        before = _hits(engine)
+        before = speculator_hits(engine)
         start = time.perf_counter()
         outputs, _ = drive(engine, requests)
         elapsed = time.perf_counter() - start
-        after = _hits(engine)
+        after = speculator_hits(engine)
         bank = engine.runner.adapters
         assert bank is not None
         slot_bytes = bank.slot_bytes
@@ -193,19 +193,9 @@ def _measure(
         "s_per_step": elapsed / s.steps,
         "adapter_loads": s.adapter_loads,
         "adapter_bytes": s.adapter_loads * slot_bytes,
-        "hit_rate": None,
+        "hit_rate": hit_rate(before, after),
     }
-    if before is not None and after is not None and after[1] > before[1]:
-        measured["hit_rate"] = (after[0] - before[0]) / (after[1] - before[1])
     return measured, outputs
-
-
-def _hits(engine: LLMEngine) -> tuple[int, int] | None:
-    """(hits, requests) of the pipellm speculator so far; None for transports that do not speculate."""
-    stats = engine.runner.transport.stats().pipellm
-    if stats is None:
-        return None
-    return stats.speculator.hits, stats.speculator.requests
 
 
 def _plot(mixes: list[dict[str, Any]], path: Path) -> None:

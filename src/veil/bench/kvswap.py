@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from veil.bench.report import emit_json, print_table, progress
-from veil.bench.serve import drive
+from veil.bench.serve import drive, hit_rate, speculator_hits
 from veil.bench.transfer import raw_aesgcm_gbps
 from veil.bench.workload import ServeRequest, WorkloadSpec, describe, make_workload
 from veil.engine.block_manager import BlockManager
@@ -168,11 +168,11 @@ def _measure(
     loaded: LoadedModel, requests: list[ServeRequest], config: EngineConfig
 ) -> tuple[dict[str, Any], list]:
     with LLMEngine(loaded.model, config) as engine:
-        before = _hits(engine)
+        before = speculator_hits(engine)
         start = time.perf_counter()
         outputs, _ = drive(engine, requests)
         elapsed = time.perf_counter() - start
-        after = _hits(engine)
+        after = speculator_hits(engine)
     s = engine.stats
     measured: dict[str, Any] = {
         "tokens_per_s": s.generated_tokens / elapsed,
@@ -185,18 +185,8 @@ def _measure(
         "bytes_swapped_out": s.bytes_swapped_out,
         "bytes_swapped_in": s.bytes_swapped_in,
     }
-    measured["predictor_hit_rate"] = None
-    if before is not None and after is not None and after[1] > before[1]:
-        measured["predictor_hit_rate"] = (after[0] - before[0]) / (after[1] - before[1])
+    measured["predictor_hit_rate"] = hit_rate(before, after)
     return measured, outputs
-
-
-def _hits(engine: LLMEngine) -> tuple[int, int] | None:
-    """(hits, requests) of the pipellm speculator so far; None for transports that do not speculate."""
-    stats = engine.runner.transport.stats().pipellm
-    if stats is None:
-        return None
-    return stats.speculator.hits, stats.speculator.requests
 
 
 def _plot(levels: list[dict[str, Any]], path: Path) -> None:

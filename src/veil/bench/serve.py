@@ -140,6 +140,21 @@ def drive(engine: LLMEngine, requests: list[ServeRequest]) -> tuple[list[list[in
     return outputs, finish
 
 
+def speculator_hits(engine: LLMEngine) -> tuple[int, int] | None:
+    """(hits, requests) of the pipellm speculator so far; None for transports that do not speculate."""
+    stats = engine.runner.transport.stats().pipellm
+    if stats is None:
+        return None
+    return stats.speculator.hits, stats.speculator.requests
+
+
+def hit_rate(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The speculator's hit rate between two `speculator_hits` snapshots (None: nothing to rate)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def _serve_serial(
     loaded: LoadedModel, requests: list[ServeRequest]
 ) -> tuple[dict[str, float], list[list[int]]]:
