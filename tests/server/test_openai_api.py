@@ -35,7 +35,7 @@ def http(served: Served) -> Iterator[httpx.Client]:
 
 def _offline(served: Served, ids: list[int], max_tokens: int = NEW_TOKENS) -> list[int]:
     """The engine's greedy answer computed offline, cut after the first stop token (kept)."""
-    stops = tuple(sorted(served.service.eos_token_ids))
+    stops = served.loaded.stop_token_ids
     out = generate(
         served.loaded.model, GenerationRequest(max_tokens, prompt_ids=[ids], stop_token_ids=stops)
     )[0]

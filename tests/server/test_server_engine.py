@@ -53,7 +53,7 @@ def small(loaded: LoadedModel) -> Iterator[Small]:
 
 
 def _alone(loaded: LoadedModel, ids: list[int], max_tokens: int) -> list[int]:
-    stops = tuple(sorted({*loaded.config.eos_token_ids, int(loaded.tokenizer.eos_token_id)}))
+    stops = loaded.stop_token_ids
     request = GenerationRequest(max_tokens, prompt_ids=[ids], stop_token_ids=stops)
     out = generate(loaded.model, request)[0]
     return out[: next((i + 1 for i, t in enumerate(out) if t in stops), len(out))]

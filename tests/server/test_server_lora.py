@@ -59,7 +59,7 @@ def offline(
     loaded: LoadedModel, adapter_dirs: dict[str, Path], name: str | None, ids: list[int]
 ) -> list[int]:
     config = EngineConfig(num_device_blocks=8, lora=LoraConfig(num_slots=1, max_rank=8))
-    eos = tuple(sorted({*loaded.config.eos_token_ids, int(loaded.tokenizer.eos_token_id)}))
+    eos = loaded.stop_token_ids
     with LLMEngine(loaded.model, config, eos_token_ids=eos) as engine:
         if name is not None:
             engine.add_adapter(name, load_peft(adapter_dirs[name], loaded.config))

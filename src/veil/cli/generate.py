@@ -76,13 +76,6 @@ def prompt_token_ids(loaded: LoadedModel, prompt: str, *, chat: bool) -> list[in
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def stop_ids(loaded: LoadedModel) -> tuple[int, ...]:
-    ids = set(loaded.config.eos_token_ids)
-    if loaded.tokenizer.eos_token_id is not None:
-        ids.add(int(loaded.tokenizer.eos_token_id))
-    return tuple(sorted(ids))
-
-
 def run(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
@@ -98,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         max_tokens=max(args.max_tokens, 1),
-        stop_token_ids=stop_ids(loaded),
+        stop_token_ids=loaded.stop_token_ids,
     )
     config = engine_config(args, loaded, len(ids) + args.max_tokens)
     if config.offload is not None:
@@ -150,7 +143,7 @@ def _weight_mib(loaded: LoadedModel) -> float:
 
 
 def _emit(args: argparse.Namespace, loaded: LoadedModel, engine: LLMEngine, ids: list[int]) -> int:
-    stops = set(stop_ids(loaded))
+    stops = set(loaded.stop_token_ids)
     generated: list[int] = []
     shown = ""
     start = time.perf_counter()

@@ -35,10 +35,7 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None) -> None:
         self.loaded: LoadedModel = load_model(model, progress=False)
-        eos = set(self.loaded.config.eos_token_ids)
-        if self.loaded.tokenizer.eos_token_id is not None:
-            eos.add(int(self.loaded.tokenizer.eos_token_id))
-        self.engine = LLMEngine(self.loaded.model, config, eos_token_ids=tuple(sorted(eos)))
+        self.engine = LLMEngine(self.loaded.model, config, eos_token_ids=self.loaded.stop_token_ids)
 
     def __enter__(self) -> LLM:
         self.engine.__enter__()

@@ -37,6 +37,14 @@ class LoadedModel:
     config: ModelConfig
     path: Path  # the checkpoint directory the weights came from
 
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """The model's end-of-sequence ids and the tokenizer's, sorted: where a generation stops."""
+        ids = set(self.config.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return tuple(sorted(ids))
+
 
 def cache_root() -> Path:
     """veil's cache directory: `$VEIL_CACHE`, else `~/.cache/veil`."""

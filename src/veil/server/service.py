@@ -106,13 +106,8 @@ class InferenceService:
         self.loaded = loaded
         self.model_id = model_id
         self.limits = limits
-        eos = set(loaded.config.eos_token_ids)
-        if getattr(loaded.tokenizer, "eos_token_id", None) is not None:
-            eos.add(int(loaded.tokenizer.eos_token_id))
-        self.eos_token_ids = frozenset(eos)
-        self.engine = LLMEngine(loaded.model, engine, eos_token_ids=tuple(sorted(eos)))
+        self.engine = LLMEngine(loaded.model, engine, eos_token_ids=loaded.stop_token_ids)
         self.loop = EngineLoop(self.engine)
-        self._adapters: tuple[str, ...] = ()
         # embeddings a client sends are rows of this table: nothing larger is a real prompt
         self.embedding_bound = float(loaded.model.embed_tokens.weight.detach().abs().max()) * 1.01
 
@@ -144,12 +139,11 @@ class InferenceService:
         if name == self.model_id:
             raise ValueError(f"adapter name {name!r} is the base model's name")
         self.loop.call(lambda: self.engine.add_adapter(name, adapter))
-        self._adapters = (*self._adapters, name)
 
     @property
     def adapters(self) -> tuple[str, ...]:
         """Names of the LoRA adapters served beside the base model."""
-        return self._adapters
+        return self.engine.adapters
 
     @property
     def hidden_size(self) -> int:
