@@ -200,8 +200,7 @@ class Experiment:
             results = [sanitizer.sanitize(ids) for ids in self.test_ids]
             test_out = [list(r.token_ids) for r in results]
             stats = self._privacy(results)
-        say(f"{label}: zero-shot on {self.settings.num_zero_shot} sentences")
-        zero_shot = self._zero_shot(test_out)
+        zero_shot = self._zero_shot(test_out, label)
         say(f"{label}: probe on {len(train_out)}+{len(test_out)} sentences")
         probe = self._probe(train_out, test_out)
         row = Row(
@@ -253,10 +252,19 @@ class Experiment:
             "epsilon_per_sentence": float(np.mean([r.epsilon_spent for r in results])),
         }
 
-    def _zero_shot(self, test_out: list[list[int]]) -> float:
+    def _zero_shot(self, test_out: list[list[int]], label: str) -> float:
+        from tqdm import tqdm
+
         count = self.settings.num_zero_shot
         labels = np.array([e.label for e in self.test[:count]])
-        return self.zero_shot.accuracy(self.zero_shot.scores(test_out[:count]), labels)
+        with tqdm(total=count, desc=f"{label}: zero-shot", unit="sentence", leave=False) as bar:
+
+            def progress(done: int, total: int) -> None:  # `total`: sentences not scored before
+                bar.total, bar.n = total, done
+                bar.refresh()
+
+            scores = self.zero_shot.scores(test_out[:count], progress)
+        return self.zero_shot.accuracy(scores, labels)
 
     def _probe(self, train_out: list[list[int]], test_out: list[list[int]]) -> float:
         train_x = self._features_of(train_out)
