@@ -81,7 +81,7 @@ def plot(report: Report, path: Path) -> None:
         ax.set_xlabel("epsilon per token")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=8, loc="upper left")  # the accuracy panels have lines near the top
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
