@@ -66,8 +66,8 @@ def plot(report: Report, path: Path) -> None:
     clean = next((r for r in report.rows if r.epsilon is None), None)
     names = list(dict.fromkeys(r.mechanism for r in report.rows if r.epsilon is not None))
     panels = (
-        ("zero_shot_accuracy", "zero_shot_stderr", "zero-shot accuracy (SmolLM2)"),
-        ("probe_accuracy", "probe_stderr", "probe accuracy (MiniLM+LR)"),
+        ("zero_shot_accuracy", "zero_shot_stderr", "zero-shot accuracy (SmolLM2; dashed: clean)"),
+        ("probe_accuracy", "probe_stderr", "probe accuracy (MiniLM+LR; dashed: clean)"),
         ("knn_top10", None, "KNN inversion success @10"),
     )
     for ax, (attr, error, title) in zip(axes, panels):
