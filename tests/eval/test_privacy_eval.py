@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -56,6 +58,16 @@ def test_report_table_and_plot(tmp_path):
     assert "veil-groups" in text and "0.17%" in text
     plot(report, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_report_round_trips_through_json_for_resuming():
+    report = Report(Settings(3, 2, 2, 1, epsilons=(1.0, 2.0)), mechanisms={"veil-groups": "groups"})
+    report.rows = [Row("none", None, 0.9, 0.8, 1, 1, 0, 0, 1, 0, 1.0)]
+    report.rows += [Row("veil-groups", 1.0, 0.6, 0.7, 0.1, 0.3, 0.5, 0.6, 0.5, 10, 1.0, cpu_seconds=2.0)]
+    back = Report.from_json(json.loads(json.dumps(report.to_json())))
+    assert back == report
+    assert back.has_row("none", None) and back.has_row("veil-groups", 1.0)
+    assert not back.has_row("veil-groups", 2.0)
 
 
 def test_cli_rejects_bad_epsilons(capsys):

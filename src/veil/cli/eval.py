@@ -27,6 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="directory for privacy.json and privacy.png (default: %(default)s)",
     )
     privacy.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows of --out's privacy.json (same settings) and measure only the missing ones",
+    )
+    privacy.add_argument(
         "--epsilons", type=str, default=None, help="comma-separated epsilons per token (default: 1,2,3,6)"
     )
     privacy.set_defaults(handler=run_privacy)
@@ -60,11 +65,22 @@ def run_privacy(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create --out {args.out}: {exc}") from None
+
     def save(report: Report) -> None:  # after every row, so a long run's partial figures are kept
         (args.out / "privacy.json").write_text(json.dumps(report.to_json(), indent=2))
 
+    resume = None
+    if args.resume and (args.out / "privacy.json").exists():
+        resume = Report.from_json(json.loads((args.out / "privacy.json").read_text()))
+        epsilons = tuple(sorted(set(resume.settings.epsilons) | set(settings.epsilons)))
+        settings = replace(settings, epsilons=epsilons)
+        print(f"[eval] resuming {len(resume.rows)} rows from {args.out / 'privacy.json'}", file=sys.stderr)
     mechanisms = QUICK_MECHANISMS if args.quick else MECHANISMS
-    report = Experiment(load_model(), settings).run(mechanisms, on_row=save)
+    try:
+        experiment = Experiment(load_model(), settings, resume=resume)
+    except ValueError as exc:
+        raise UsageError(f"--resume: {exc}") from None
+    report = experiment.run(mechanisms, on_row=save)
     save(report)
     plot(report, args.out / "privacy.png")
     print(json.dumps(report.to_json()) if args.json else table(report))

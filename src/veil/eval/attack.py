@@ -27,16 +27,20 @@ class KnnInverter:
         self._embeddings = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
         self._sq_norms = (self._embeddings * self._embeddings).sum(1)
         self.k = k
+        self._known = np.zeros(self._embeddings.shape[0], dtype=bool)  # neighbours memoized per token
+        self._near = np.zeros((self._embeddings.shape[0], k), dtype=np.int64)
 
     def neighbours(self, received: np.ndarray) -> np.ndarray:
         """(n, k) ids of the k nearest tokens to the embeddings of the `received` token ids."""
-        unique, inverse = np.unique(received, return_inverse=True)
-        out = np.empty((unique.size, self.k), dtype=np.int64)
-        for start in range(0, unique.size, 512):
-            rows = self._embeddings[torch.from_numpy(unique[start : start + 512])]
+        received = np.asarray(received, dtype=np.int64)
+        missing = np.unique(received[~self._known[received]])
+        for start in range(0, missing.size, 512):
+            block = missing[start : start + 512]
+            rows = self._embeddings[torch.from_numpy(block)]
             dist = self._sq_norms[None, :] - 2 * rows @ self._embeddings.T  # + |row|^2, a per-row constant
-            out[start : start + 512] = dist.topk(self.k, dim=1, largest=False).indices.numpy()
-        return out[inverse]
+            self._near[block] = dist.topk(self.k, dim=1, largest=False).indices.numpy()
+            self._known[block] = True
+        return self._near[received]
 
     def attack(self, received: Sequence[int], originals: Sequence[Sequence[int]]) -> InversionResult:
         """`received[i]` is the token sent for the unit whose original tokens are `originals[i]`."""

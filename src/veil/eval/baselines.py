@@ -16,6 +16,7 @@ dataset's tokens, as SanText restricts it to the dataset's words.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -67,6 +68,21 @@ class SanTextPlus:
         self._embeddings = np.asarray(embeddings, dtype=np.float32)
         self._targets = self._embeddings[self.outputs]  # (|V_S|, d), gathered once
         self._rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self._distances = _DistanceRows(self._embeddings, self._targets)
+
+    def with_epsilon(self, epsilon: float, *, rng: np.random.Generator | int | None = None) -> SanTextPlus:
+        """The same vocabulary and sensitive set at another epsilon, sharing the memoized distances
+        (they do not depend on epsilon)."""
+        if not 0 < epsilon < float("inf"):
+            raise ValueError(f"epsilon must be a positive finite number, got {epsilon!r}")
+        other = copy.copy(self)
+        other.epsilon = float(epsilon)
+        other._rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        return other
+
+    def warm(self, tokens: Iterable[int]) -> None:
+        """Compute, in blocks, the distances from `tokens` to every output (memoized; changes no output)."""
+        self._distances.warm(np.fromiter((int(t) for t in tokens), dtype=np.int64))
 
     def privacy_map(self, num_replaced: int) -> float:
         """Sum of the per-token epsilons (each an epsilon * d-privacy guarantee)."""
@@ -87,17 +103,50 @@ class SanTextPlus:
         )
 
     def _sample(self, tokens: np.ndarray) -> np.ndarray:
-        """Exact sampling from exp(-eps * d / 2) over V_S by the Gumbel-max trick, in row blocks."""
+        """Exact sampling from exp(-eps * d / 2) over V_S by the Gumbel-max trick:
+        argmax_y (-eps ||E_x - E_y|| / 2 + G_y), G_y i.i.d. standard Gumbel."""
+        if tokens.size == 0:
+            return np.empty(0, dtype=np.int64)
+        logits = -0.5 * self.epsilon * self._distances.rows(tokens)  # (n, |V_S|)
+        noisy = logits + self._rng.gumbel(size=logits.shape)
+        return self.outputs[np.argmax(noisy, axis=1)]
+
+
+class _DistanceRows:
+    """Euclidean distances from input tokens to every output token, one float32 row per distinct input,
+    computed in blocks of `block` rows (a matrix product each) and kept for the life of the object."""
+
+    def __init__(self, embeddings: np.ndarray, targets: np.ndarray, *, block: int = 512) -> None:
+        self._embeddings, self._targets, self._block = embeddings, targets, block
+        self._row_of = np.full(embeddings.shape[0], -1, dtype=np.int64)
+        self._rows = np.empty((0, targets.shape[0]), dtype=np.float32)
+
+    def warm(self, tokens: np.ndarray) -> None:
         import torch
 
-        targets = torch.from_numpy(self._targets)
-        chosen = np.empty(tokens.size, dtype=np.int64)
-        for start in range(0, tokens.size, 256):
-            rows = torch.from_numpy(self._embeddings[tokens[start : start + 256]])
-            logits = -0.5 * self.epsilon * torch.cdist(rows, targets).numpy()
-            noisy = logits + self._rng.gumbel(size=logits.shape)
-            chosen[start : start + 256] = self.outputs[np.argmax(noisy, axis=1)]
-        return chosen
+        missing = np.unique(tokens[self._row_of[tokens] < 0])
+        if missing.size == 0:
+            return
+        # float64: the matrix-product form |x|^2 + |y|^2 - 2 x.y loses a float32 distance near 0 (a token
+        # and itself came out 5e-4 apart); in float64 the error is below float32 resolution.
+        targets = torch.from_numpy(self._targets).double()
+        parts = [
+            torch.cdist(
+                torch.from_numpy(self._embeddings[missing[s : s + self._block]]).double(),
+                targets,
+                compute_mode="use_mm_for_euclid_dist",
+            )
+            .float()
+            .numpy()
+            for s in range(0, missing.size, self._block)
+        ]
+        self._row_of[missing] = np.arange(missing.size) + self._rows.shape[0]
+        self._rows = np.concatenate([self._rows, *parts])
+
+    def rows(self, tokens: np.ndarray) -> np.ndarray:
+        """(len(tokens), |V_S|) distances, computing the rows not seen before."""
+        self.warm(tokens)
+        return self._rows[self._row_of[tokens]]
 
 
 def custext_plus(

@@ -31,8 +31,10 @@ class Context:
     counts: Counter[int]  # token counts over the whole dataset (SanText's and CusText's vocabulary)
     encoder: Encoder  # scores whole words for the word space
     progress: ProgressFn | None = None
+    run_tokens: np.ndarray | None = None  # tokens of the run's sentences: SanText+'s distances for them
     _tables: dict[CandidateSet, CandidateTable] | None = None
     _words: dict[tuple[int, bool], WordSpace] | None = None
+    _santext: SanTextPlus | None = None
 
     def table(self, kind: CandidateSet) -> CandidateTable:
         if self._tables is None:
@@ -59,6 +61,16 @@ class Context:
                 progress=self.progress,
             )
         return self._words[k, balance]
+
+    def santext(self, *, epsilon: float, rng: np.random.Generator) -> SanTextPlus:
+        """SanText+ at `epsilon`; the distances from the run's tokens are computed once per run."""
+        if self._santext is None:
+            self._santext = SanTextPlus(
+                embeddings=self.embeddings, vocabulary=self.vocabulary, counts=self.counts, epsilon=epsilon
+            )
+            if self.run_tokens is not None:
+                self._santext.warm(self.run_tokens)
+        return self._santext.with_epsilon(epsilon, rng=rng)
 
     def veil(
         self,
@@ -123,9 +135,7 @@ MECHANISMS: tuple[MechanismSpec, ...] = (
     MechanismSpec(
         "santext+",
         "SanText+ w=0.9 p=0.3 over the dataset's tokens",
-        lambda c, e, r: SanTextPlus(
-            embeddings=c.embeddings, vocabulary=c.vocabulary, counts=c.counts, epsilon=e, rng=r
-        ),
+        lambda c, e, r: c.santext(epsilon=e, rng=r),
     ),
     MechanismSpec(
         "veil-groups",

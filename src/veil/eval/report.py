@@ -66,8 +66,8 @@ def plot(report: Report, path: Path) -> None:
     clean = next((r for r in report.rows if r.epsilon is None), None)
     names = list(dict.fromkeys(r.mechanism for r in report.rows if r.epsilon is not None))
     panels = (
-        ("zero_shot_accuracy", "zero_shot_stderr", "zero-shot accuracy (SmolLM2)"),
-        ("probe_accuracy", "probe_stderr", "probe accuracy (MiniLM+LR)"),
+        ("zero_shot_accuracy", "zero_shot_stderr", "zero-shot accuracy (SmolLM2; dashed: clean)"),
+        ("probe_accuracy", "probe_stderr", "probe accuracy (MiniLM+LR; dashed: clean)"),
         ("knn_top10", None, "KNN inversion success @10"),
     )
     for ax, (attr, error, title) in zip(axes, panels):
@@ -81,7 +81,7 @@ def plot(report: Report, path: Path) -> None:
         ax.set_xlabel("epsilon per token")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=8, loc="upper left")  # the accuracy panels have lines near the top
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

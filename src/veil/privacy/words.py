@@ -90,8 +90,11 @@ class WordSpace:
     def anchors(self, texts: Sequence[str], queries: np.ndarray) -> np.ndarray:
         """(n,) the candidate token whose group each word uses (a deterministic function of its text)."""
         keys = [t.strip().lower() for t in texts]
-        nearest = self.words[np.argmax(queries @ self.word_vectors.T, axis=1)]
-        return np.array([self.token_of.get(k, int(n)) for k, n in zip(keys, nearest)], dtype=np.int64)
+        out = np.array([self.token_of.get(k, -1) for k in keys], dtype=np.int64)
+        outside = out < 0  # only words outside the list are compared with every candidate
+        if outside.any():
+            out[outside] = self.words[np.argmax(queries[outside] @ self.word_vectors.T, axis=1)]
+        return out
 
     @classmethod
     def build(
