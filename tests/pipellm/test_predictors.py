@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from veil.pipellm import (
@@ -112,6 +114,62 @@ def test_swap_explicit_group_boundary_and_rewrite() -> None:
     p.observe(out(2))
     p.observe(out(1))  # the same host range swapped out again: it returns with the newest group
     assert p.predict(5) == [out(2).mirrored(), out(1).mirrored()]
+
+
+class _SwapReference:
+    """The swap rule written as plainly as possible (lists, full scans): the oracle for its index."""
+
+    def __init__(self, max_groups: int) -> None:
+        self.groups: list[list[TransferKey]] = []
+        self.open = False
+        self.max_groups = max_groups
+
+    def observe(self, key: TransferKey) -> None:
+        if key.direction is Direction.D2H:
+            swap_in = key.mirrored()
+            for group in self.groups:
+                if swap_in in group:
+                    group.remove(swap_in)
+            if self.groups and not self.groups[-1]:
+                self.groups.pop()
+                self.open = False
+            self.groups = [g for g in self.groups if g]
+            if not self.open or not self.groups:
+                self.groups.append([])
+                self.open = True
+                self.groups = self.groups[-self.max_groups :]
+            self.groups[-1].append(swap_in)
+            return
+        self.open = False
+        for group in reversed(self.groups):
+            if key in group:
+                del group[: group.index(key) + 1]
+                break
+        self.groups = [g for g in self.groups if g]
+
+    def predict(self) -> list[TransferKey]:
+        return [key for group in reversed(self.groups) for key in group]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_swap_predictor_equals_the_plain_rule_on_random_traffic(seed: int) -> None:
+    rng = random.Random(seed)
+    p, reference = SwapPredictor(max_groups=3), _SwapReference(max_groups=3)
+    for _ in range(300):
+        block = rng.randrange(12)
+        action = rng.random()
+        if action < 0.45:
+            key = out(block)
+        elif action < 0.9:
+            key = out(block).mirrored()  # a swap-in (or another host-to-device transfer)
+        else:
+            p.new_group()
+            reference.open = False
+            continue
+        p.observe(key)
+        reference.observe(key)
+        assert p.predict(100) == reference.predict()
+        assert p._held == set(reference.predict())  # the index holds exactly the keys in groups
 
 
 def test_queue_predicts_waiting_adapters_in_order() -> None:

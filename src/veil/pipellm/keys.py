@@ -48,17 +48,20 @@ class TransferKey:
         return TransferKey(self.source_id, self.offset, self.length, other)
 
 
-def chunks(key: TransferKey, chunk_bytes: int) -> list[TransferKey]:
+def chunks(key: TransferKey, chunk_bytes: int, limit: int | None = None) -> list[TransferKey]:
     """The messages of transfer `key`: consecutive chunks of at most `chunk_bytes` (one empty chunk if
-    the transfer is empty). The one chunking rule, shared by the transport and the speculator."""
+    the transfer is empty), only the first `limit` if given. The one chunking rule, shared by the
+    transport and the speculator."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     if key.length <= chunk_bytes:
-        return [key]
+        return [key] if limit is None or limit > 0 else []
     end = key.offset + key.length
+    starts = range(key.offset, end, chunk_bytes)
+    if limit is not None:
+        starts = starts[: max(limit, 0)]
     return [
-        TransferKey(key.source_id, start, min(chunk_bytes, end - start), key.direction)
-        for start in range(key.offset, end, chunk_bytes)
+        TransferKey(key.source_id, start, min(chunk_bytes, end - start), key.direction) for start in starts
     ]
 
 

@@ -273,7 +273,7 @@ class Speculator:
         """
         if not self.quiet:
             raise ValueError("quiet_transfer() needs a quiet speculator (nothing in flight, speculation off)")
-        count = len(chunks(key, self._config.chunk_bytes))
+        count = max(1, -(-key.length // self._config.chunk_bytes))  # len(chunks(key, ...)), not built
         first = self._pipe.next_iv
         self._pipe.check_limit(first + count - 1)
         self.begin_transfer(key)
@@ -472,7 +472,7 @@ class Speculator:
             end = transfer.offset + transfer.length
             rest = TransferKey(transfer.source_id, self._transfer_next, end - self._transfer_next)
             if rest.length:
-                out.extend((chunk, 0) for chunk in chunks(rest, step)[:depth])
+                out.extend((chunk, 0) for chunk in chunks(rest, step, depth))
         bulk_above, h2d = self._config.sizes.bulk_above, Direction.H2D
         for key in self._predictor.predict(depth):
             if len(out) >= depth:
@@ -481,7 +481,7 @@ class Speculator:
             if key.length <= bulk_above or key.direction is not h2d:
                 continue
             slack = self._slack.get(key, 0)
-            for chunk in chunks(key, step)[: depth - len(out)]:
+            for chunk in chunks(key, step, depth - len(out)):
                 out.append((chunk, slack))
                 slack = 0
         return out

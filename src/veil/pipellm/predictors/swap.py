@@ -31,6 +31,7 @@ class SwapPredictor(Predictor):
             raise ValueError(f"max_groups must be >= 1, got {max_groups}")
         self._groups: deque[deque[TransferKey]] = deque(maxlen=max_groups)
         self._open = False  # True while the top group still accepts swap-outs
+        self._held: set[TransferKey] = set()  # every key in any group (each is in one group at most)
 
     def new_group(self) -> None:
         """Start a new group at the next swap-out (an engine that knows request boundaries says so)."""
@@ -59,24 +60,32 @@ class SwapPredictor(Predictor):
         """Hints are not used: swap-ins are predicted from swap-outs."""
 
     def _swapped_out(self, swap_in: TransferKey) -> None:
-        self._forget(swap_in)  # a host range rewritten by a newer swap-out returns with the newer group
+        if swap_in in self._held:
+            self._forget(swap_in)  # a host range rewritten by a newer swap-out returns with the newer group
         if not self._open or not self._groups:
+            if len(self._groups) == self._groups.maxlen:  # appending drops the oldest group
+                self._held.difference_update(self._groups[0])
             self._groups.append(deque())
             self._open = True
         self._groups[-1].append(swap_in)
+        self._held.add(swap_in)
 
     def _swapped_in(self, key: TransferKey) -> None:
         """Consume `key`: within its group, the keys before it were skipped and are dropped too."""
+        if key not in self._held:  # the common miss costs O(1), not a scan of every group
+            return
         for index in range(len(self._groups) - 1, -1, -1):
             group = self._groups[index]
             if key in group:
-                while group.popleft() != key:
-                    pass
+                while (dropped := group.popleft()) != key:
+                    self._held.discard(dropped)
+                self._held.discard(key)
                 if not group:
                     del self._groups[index]
                 return
 
     def _forget(self, key: TransferKey) -> None:
+        self._held.discard(key)
         for index in range(len(self._groups) - 1, -1, -1):
             group = self._groups[index]
             if key in group:
