@@ -36,6 +36,16 @@ class HardwareProfile:
         hbm_efficiency: share of `hbm_bytes_per_s` that decode kernels reach (assumption: 0.8).
         message_s: fixed host cost of one message, data or NOP (driver call, bounce-buffer slot,
             doorbell): a few microseconds (assumption: 4 us), in every mode.
+        pcie_d2h_bytes_per_s: device-to-host copy bandwidth; PCIe is symmetric (assumption: as h2d).
+        aes_gcm_open_bytes_per_s: one host core's AES-256-GCM decryption rate (None: the sealing
+            rate; GCM decryption does the same work, assumption confirmed within 10% here).
+        device_crypto_bytes_per_s: rate at which the device side opens h2d and seals d2h messages;
+            None for the H100's copy engine, which does it in hardware at line rate (NVIDIA CC
+            whitepaper). Set for the emulated device, whose copy engine is one CPU thread.
+        duplex: True if the two directions have separate links (PCIe); False if one engine carries
+            both in turn (the emulated copy engine).
+        compute_on_host: True if compute runs on the host thread itself (the emulated device), so
+            the host can issue nothing while a span computes; False for a GPU (asynchronous launch).
     """
 
     name: str
@@ -49,6 +59,11 @@ class HardwareProfile:
     hbm_bytes_per_s: float = 3350 * GB
     hbm_efficiency: float = 0.8
     message_s: float = 4e-6
+    pcie_d2h_bytes_per_s: float = 50 * GB
+    aes_gcm_open_bytes_per_s: float | None = None
+    device_crypto_bytes_per_s: float | None = None
+    duplex: bool = True
+    compute_on_host: bool = False
 
     def __post_init__(self) -> None:
         rates = (self.pcie_h2d_bytes_per_s, self.aes_gcm_bytes_per_s, self.aes_gcm_vaes_bytes_per_s)
@@ -63,6 +78,18 @@ class HardwareProfile:
     def seal_bytes_per_s(self) -> float:
         """Sealing rate of one core, AES-NI or VAES as configured."""
         return self.aes_gcm_vaes_bytes_per_s if self.vaes else self.aes_gcm_bytes_per_s
+
+    @property
+    def open_bytes_per_s(self) -> float:
+        """Decryption rate of one host core."""
+        return self.aes_gcm_open_bytes_per_s or self.seal_bytes_per_s
+
+    def compute_seconds(self, flops: float, nbytes: float) -> float:
+        """Roofline time of a compute span: the slower of its FLOPs and its memory reads."""
+        return max(
+            flops / (self.gpu_flops * self.flops_efficiency),
+            nbytes / (self.hbm_bytes_per_s * self.hbm_efficiency),
+        )
 
 
 H100_SXM_PCIE5 = HardwareProfile(name="H100 SXM, PCIe 5 x16, AES-NI host")
@@ -139,8 +166,11 @@ def decode_layer_seconds(
     """
     if batch < 1 or context_tokens < 0:
         raise ValueError(f"batch must be >= 1 and context_tokens >= 0, got {batch}, {context_tokens}")
+    return hardware.compute_seconds(*decode_layer_cost(model, batch=batch, context_tokens=context_tokens))
+
+
+def decode_layer_cost(model: ModelProfile, *, batch: int, context_tokens: int) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) of one decoder layer for one decode step (see `decode_layer_seconds`)."""
     flops = batch * (2 * model.params_per_layer + 4 * context_tokens * model.hidden)
     kv_bytes = batch * 2 * context_tokens * model.kv_dim * model.bytes_per_param
-    compute_s = flops / (hardware.gpu_flops * hardware.flops_efficiency)
-    memory_s = (model.layer_bytes + kv_bytes) / (hardware.hbm_bytes_per_s * hardware.hbm_efficiency)
-    return max(compute_s, memory_s)
+    return flops, model.layer_bytes + kv_bytes
