@@ -46,6 +46,9 @@ class HardwareProfile:
             both in turn (the emulated copy engine).
         compute_on_host: True if compute runs on the host thread itself (the emulated device), so
             the host can issue nothing while a span computes; False for a GPU (asynchronous launch).
+        gpu_memory_bytes: device memory; H100 SXM has 80 GB HBM3 (datasheet).
+        gpu_memory_usable: share of it a serving engine may fill with weights and KV cache
+            (assumption: 0.9, vLLM's default `gpu_memory_utilization`).
     """
 
     name: str
@@ -64,6 +67,8 @@ class HardwareProfile:
     device_crypto_bytes_per_s: float | None = None
     duplex: bool = True
     compute_on_host: bool = False
+    gpu_memory_bytes: float = 80 * GB
+    gpu_memory_usable: float = 0.9
 
     def __post_init__(self) -> None:
         rates = (self.pcie_h2d_bytes_per_s, self.aes_gcm_bytes_per_s, self.aes_gcm_vaes_bytes_per_s)
@@ -127,6 +132,16 @@ class ModelProfile:
     def layer_bytes(self) -> int:
         return self.params_per_layer * self.bytes_per_param
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every decoder layer (embeddings and head are left out, as they are not streamed)."""
+        return self.layers * self.layer_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token in every layer."""
+        return 2 * self.layers * self.kv_dim * self.bytes_per_param
+
 
 def _opt(name: str, layers: int, hidden: int) -> ModelProfile:
     """OPT (Zhang et al. 2022, table 1): MHA, MLP width 4 x hidden, biases everywhere, 2 LayerNorms."""
@@ -147,6 +162,7 @@ MODELS: dict[str, ModelProfile] = {
         _opt("opt-13b", 40, 5120),
         _opt("opt-30b", 48, 7168),
         _opt("opt-66b", 64, 9216),
+        _opt("opt-175b", 96, 12288),
         _llama2("llama-2-7b", 32, 4096, 11008, 4096),
         _llama2("llama-2-13b", 40, 5120, 13824, 5120),
         _llama2("llama-2-70b", 80, 8192, 28672, 1024),  # GQA: 8 KV heads of 128
