@@ -50,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip the sensitivity sweep")
     parser.add_argument("--validate", type=Path, metavar="DIR", help="bench results to validate against now")
     parser.add_argument("--validation", type=Path, metavar="FILE", help="a validation file written earlier")
+    parser.add_argument(
+        "--traces",
+        type=Path,
+        metavar="DIR",
+        help="with --validate: replay traces recorded earlier (DIR/<bench>.json)",
+    )
     parser.add_argument("--trace", type=Path, help="replay: the recorded trace")
     parser.add_argument("--scale-bytes", type=float, default=1.0, help="replay: transfer bytes factor")
     parser.add_argument("--scale-flops", type=float, default=1.0, help="replay: compute factor")
@@ -130,8 +136,15 @@ def _validation(args: argparse.Namespace) -> dict[str, Any]:
         from veil.model.loader import load_model
 
         loaded = load_model(progress=False)
-        progress("simulate: recording the benches' workloads under plain")
-        out = validate(args.validate, record_all(loaded), loaded)
+        if args.traces is not None:
+            traces = {b: Trace.load(args.traces / f"{b}.json") for b in ("offload", "kvswap", "lora")}
+        else:
+            progress("simulate: recording the benches' workloads under plain")
+            traces = record_all(loaded)
+            (args.validate / "traces").mkdir(parents=True, exist_ok=True)
+            for name, trace in traces.items():
+                trace.save(args.validate / "traces" / f"{name}.json")
+        out = validate(args.validate, traces, loaded)
         (args.validate / "validation.json").write_text(json.dumps(out, indent=2))
         return {"validation": out["validation"], "validation_source": f"recorded now against {args.validate}"}
     path = args.validation or (DEFAULT_VALIDATION if DEFAULT_VALIDATION.exists() else None)
@@ -156,9 +169,21 @@ def _print(result: dict[str, Any]) -> None:
         print(json.dumps(result["replay"], indent=2))
     if result["validation"]:
         print(f"\nvalidation ({result['validation_source']}):")
-        print_table(["bench", "transport", "measured tok/s", "predicted tok/s", "error"],
-                    [[v["bench"], v["transport"], round(v["measured"], 2), round(v["predicted"], 2),
-                      _pct(v["error"])] for v in result["validation"]])  # fmt: skip
+        headers = [
+            "bench",
+            "transport",
+            "measured tok/s",
+            "predicted",
+            "error",
+            "predicted (recorded compute)",
+            "error",
+        ]
+        table = [
+            [v["bench"], v["transport"], round(v["measured"], 2), round(v["predicted"], 2), _pct(v["error"]),
+             round(v.get("predicted_recorded_compute", float("nan")), 2), _pct(v.get("error_recorded_compute"))]
+            for v in result["validation"]
+        ]  # fmt: skip
+        print_table(headers, table)
 
 
 def _pct(value: float | None) -> str:

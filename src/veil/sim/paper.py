@@ -63,22 +63,29 @@ class Row:
 
 
 def workload_figures(
-    workload: str, model: ModelProfile, hw: HardwareProfile, modes: tuple[Mode, ...] = tuple(Mode)
+    workload: str,
+    model: ModelProfile,
+    hw: HardwareProfile,
+    modes: tuple[Mode, ...] = tuple(Mode),
+    w: Workload | None = None,
 ) -> dict[str, float]:
-    """Tokens/s of `modes` (pipellm with `hw.spare_cores`) for one workload on one model."""
+    """Tokens/s of `modes` (pipellm with `hw.spare_cores`) for one workload (default: `WORKLOADS`)."""
+    w = w or WORKLOADS[workload]
     if workload == "offload":
-        return offload_figures(model, hw, WORKLOADS["offload"], modes)
-    trace = serving_trace(workload, model, hw)
+        return offload_figures(model, hw, w, modes)
+    trace = serving_trace(workload, model, hw, w)
     options = serving_options(trace)
     return {mode.value: replay(trace, hw, mode, options).tokens_per_s for mode in modes}
 
 
-def serving_trace(workload: str, model: ModelProfile, hw: HardwareProfile) -> Trace:
+def serving_trace(
+    workload: str, model: ModelProfile, hw: HardwareProfile, w: Workload | None = None
+) -> Trace:
     """The KV-swapping or adapter-swapping trace of `model` (they do not depend on the sealing)."""
     make: Callable[[ModelProfile, HardwareProfile, Workload], Trace] = (
         kvswap_trace if workload == "kvswap" else adapter_trace
     )
-    return make(model, hw, WORKLOADS[workload])
+    return make(model, hw, w or WORKLOADS[workload])
 
 
 def serving_options(trace: Trace) -> ReplayOptions:
@@ -88,18 +95,24 @@ def serving_options(trace: Trace) -> ReplayOptions:
     return ReplayOptions(warmup_steps=SERVING_WARMUP, chunk_bytes=chunk)
 
 
-def paper_rows(models: dict[str, ModelProfile], hw: HardwareProfile) -> list[Row]:
+def paper_rows(
+    models: dict[str, ModelProfile],
+    hw: HardwareProfile,
+    workloads: dict[str, Workload] = WORKLOADS,
+    core_steps: tuple[int, ...] = CORE_STEPS,
+) -> list[Row]:
     """Every (workload, model) of `MODELS_OF`, with the cores PipeLLM needs for `TARGET_OVERHEAD`."""
     rows = []
     for workload, names in MODELS_OF.items():
+        w = workloads[workload]
         for name in names:
             model = models[name]
-            figures = workload_figures(workload, model, hw)
+            figures = workload_figures(workload, model, hw, w=w)
             plain = figures["plain"]
             cores_needed = None
-            for cores in CORE_STEPS:
+            for cores in core_steps:
                 with_cores = workload_figures(
-                    workload, model, dataclasses.replace(hw, spare_cores=cores), (Mode.PIPELLM,)
+                    workload, model, dataclasses.replace(hw, spare_cores=cores), (Mode.PIPELLM,), w
                 )
                 if 1 - with_cores["pipellm"] / plain <= TARGET_OVERHEAD:
                     cores_needed = cores
