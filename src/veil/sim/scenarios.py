@@ -47,6 +47,8 @@ class Workload:
             q, k, v, o (S-LoRA's setting; assumed rank 16).
         zipf: exponent of adapter popularity (S-LoRA: power law, assumed 1.0).
         seed: lengths and adapter draws.
+        hint_every_swapped: KV swapping: hint every swapped request's blocks in swap-in order (a
+            what-if); False hints only the next request to swap in, once, as veil's engine does.
     """
 
     batch: int = 64
@@ -59,6 +61,7 @@ class Workload:
     rank: int = 16
     zipf: float = 1.0
     seed: int = 0
+    hint_every_swapped: bool = False
 
 
 def flops_per_token(model: ModelProfile, context_tokens: float) -> float:
@@ -212,10 +215,11 @@ def kvswap_trace(model: ModelProfile, hw: HardwareProfile, w: Workload) -> Trace
         for r in done:
             running.remove(r)
             free += r.blocks
-        if swapped and id(swapped[0]) not in hinted:  # the engine names the next swap-in's blocks
-            hinted.add(id(swapped[0]))
-            for block in swapped[0].host:
-                rec.transfer(Op.HINT, block, 0, block_bytes, versions.get(block, 0))
+        for r in swapped[: len(swapped) if w.hint_every_swapped else 1]:  # the engine names swap-ins
+            if id(r) not in hinted:
+                hinted.add(id(r))
+                for block in r.host:
+                    rec.transfer(Op.HINT, block, 0, block_bytes, versions.get(block, 0))
         rec.end_step(len(running) + len(done), 0.0)
     return rec.trace
 
