@@ -129,8 +129,8 @@ INSTANT = HardwareProfile("instant", aes_gcm_bytes_per_s=1e15, spare_cores=64)
 
 
 WORKLOADS = {
-    "offload": (EngineConfig(num_device_blocks=8, offload=OffloadPolicy(batch_size=2)), 2, 8),
-    "kvswap": (EngineConfig(num_device_blocks=6, num_host_blocks=16), 4, 24),
+    "offload": (EngineConfig(num_device_blocks=8, offload=OffloadPolicy(batch_size=2)), 2, 5),
+    "kvswap": (EngineConfig(num_device_blocks=4, num_host_blocks=16), 3, 16),
 }
 
 
