@@ -157,23 +157,30 @@ def record_all(loaded: LoadedModel) -> dict[str, Trace]:
 def validate(results: Path, traces: dict[str, Trace], loaded: LoadedModel) -> dict[str, Any]:
     """Replay `traces` on the profile calibrated from `results` and set each beside the measured
     tokens/s; returns the profile and one row per (bench, transport), `error` = predicted / measured - 1.
+
+    `predicted` times layers by the roofline calibrated from the model benchmark (the profile);
+    `predicted_recorded_compute` times them by the seconds the plain recording measured, which
+    isolates the transfer and sealing model from the compute model.
     """
     hw = profile_of_this_machine(results, loaded)
     truth = measured(results)
     rows = []
     for bench, trace in traces.items():
         options = ReplayOptions(warmup_steps=int(trace.meta["warmup_steps"]))
+        recorded = dataclasses.replace(options, recorded_compute=True)
         for mode in Mode:
             predicted = replay(trace, hw, mode, options).tokens_per_s
+            from_recording = replay(trace, hw, mode, recorded).tokens_per_s
             value = truth[bench][mode.value]
-            error = predicted / value - 1
             rows.append(
                 {
                     "bench": bench,
                     "transport": mode.value,
                     "measured": value,
                     "predicted": predicted,
-                    "error": error,
+                    "error": predicted / value - 1,
+                    "predicted_recorded_compute": from_recording,
+                    "error_recorded_compute": from_recording / value - 1,
                 }
             )
     return {"profile": dataclasses.asdict(hw), "bench_commands": BENCH_COMMANDS, "validation": rows}
