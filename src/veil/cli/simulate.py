@@ -27,7 +27,6 @@ from veil.sim import H100_SXM_PCIE5, MODELS
 from veil.sim.paper import (
     PAPER_PIPELLM_OVERHEAD_BELOW,
     TARGET_OVERHEAD,
-    WORKLOADS,
     paper_rows,
     plot_sensitivity,
     sensitivity,
@@ -86,9 +85,6 @@ def run(args: argparse.Namespace) -> int:
 def _paper(args: argparse.Namespace, hw: Any) -> dict[str, Any]:
     progress("simulate: paper rows (3 workloads x 3-4 models, cores searched)")
     rows = [r.to_json() for r in paper_rows(MODELS, hw)]
-    progress("simulate: KV swapping if the engine hinted every swapped request")
-    every = {**WORKLOADS, "kvswap": dataclasses.replace(WORKLOADS["kvswap"], hint_every_swapped=True)}
-    what_if = [r.to_json() for r in paper_rows(MODELS, hw, every, only=("kvswap",))]
     progress("simulate: injected mispredictions (KV swapping, OPT-13B)")
     trace = serving_trace("kvswap", MODELS["opt-13b"], hw)
     options = serving_options(trace)
@@ -103,7 +99,6 @@ def _paper(args: argparse.Namespace, hw: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
         "paper": {"pipellm_overhead_below": PAPER_PIPELLM_OVERHEAD_BELOW, "target_overhead": TARGET_OVERHEAD},
         "rows": rows,
-        "kvswap_hint_every_swapped": what_if,
         "mispredictions": mispredictions,
     }
     if not args.no_sweep:

@@ -100,14 +100,10 @@ def paper_rows(
     hw: HardwareProfile,
     workloads: dict[str, Workload] = WORKLOADS,
     core_steps: tuple[int, ...] = CORE_STEPS,
-    only: tuple[str, ...] | None = None,
 ) -> list[Row]:
-    """Every (workload, model) of `MODELS_OF` (of the workloads in `only`, if given), with the cores
-    PipeLLM needs for `TARGET_OVERHEAD`."""
+    """Every (workload, model) of `MODELS_OF`, with the cores PipeLLM needs for `TARGET_OVERHEAD`."""
     rows = []
     for workload, names in MODELS_OF.items():
-        if only is not None and workload not in only:
-            continue
         w = workloads[workload]
         for name in names:
             model = models[name]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from veil.pipellm import Decision, Direction, MiB, Speculator, SpeculatorConfig, SpeculatorStats, TransferKey
@@ -259,23 +259,3 @@ def inject_mispredictions(trace: Trace, rate: float, *, seed: int = 0) -> Trace:
             events.append(e)
         steps.append(Step(events, s.tokens, s.seconds))
     return Trace(steps, {**trace.meta, "mispredict_rate": rate, "mispredict_seed": seed})
-
-
-@dataclass
-class ModeTable:
-    """Tokens/s of the three modes on one trace (a convenience for reports)."""
-
-    results: dict[Mode, ReplayResult] = field(default_factory=dict)
-
-    @property
-    def cc_drop(self) -> float:
-        return 1 - self.results[Mode.CC].tokens_per_s / self.results[Mode.PLAIN].tokens_per_s
-
-    @property
-    def pipellm_overhead(self) -> float:
-        return 1 - self.results[Mode.PIPELLM].tokens_per_s / self.results[Mode.PLAIN].tokens_per_s
-
-
-def replay_modes(trace: Trace, hardware: HardwareProfile, options: ReplayOptions | None = None) -> ModeTable:
-    """Replay `trace` under every mode."""
-    return ModeTable({mode: replay(trace, hardware, mode, options) for mode in Mode})

@@ -47,8 +47,6 @@ class Workload:
             q, k, v, o (S-LoRA's setting; assumed rank 16).
         zipf: exponent of adapter popularity (S-LoRA: power law, assumed 1.0).
         seed: lengths and adapter draws.
-        hint_every_swapped: KV swapping: hint every swapped request's blocks in swap-in order (a
-            what-if); False hints only the next request to swap in, once, as veil's engine does.
     """
 
     batch: int = 64
@@ -61,7 +59,6 @@ class Workload:
     rank: int = 16
     zipf: float = 1.0
     seed: int = 0
-    hint_every_swapped: bool = False
 
 
 def flops_per_token(model: ModelProfile, context_tokens: float) -> float:
@@ -156,72 +153,114 @@ def kvswap_trace(model: ModelProfile, hw: HardwareProfile, w: Workload) -> Trace
         raise ValueError(f"{model.name}: the device holds {free} KV blocks, too few for the longest request")
     block_bytes = BLOCK_TOKENS * model.kv_bytes_per_token
     rec = TraceRecorder(workload="kvswap", model=model.name, device_blocks=free, block_bytes=block_bytes)
+    engine = _SwapEngine(rec, free, block_bytes, requests)
     cost = _ServingCost(model, rec)
-    waiting, running, swapped = list(requests), [], []
-    host_free: list[int] = []
-    versions: dict[int, int] = {}
-    hinted: set[int] = set()
-    next_host = 0
     for _ in range(w.steps):
-        if not (waiting or running or swapped):
+        if not engine.unfinished:
             break
         rec.begin_step()
+        preempted = engine.grow()
+        if not preempted:
+            engine.swap_in()
+        prefilled = engine.admit(w.batch)
+        cost.step([r for r in engine.running if r not in prefilled], prefilled)
+        generated = engine.generate()
+        engine.hint()
+        rec.end_step(generated, 0.0)
+    return rec.trace
+
+
+class _SwapEngine:
+    """The scheduler's queues and the device's free blocks; swaps go into the trace."""
+
+    def __init__(self, rec: TraceRecorder, free: int, block_bytes: int, requests: list[_Request]) -> None:
+        self.rec, self.free, self.block_bytes = rec, free, block_bytes
+        self.waiting, self.running, self.swapped = list(requests), list[_Request](), list[_Request]()
+        self._host_free: list[int] = []  # host blocks not holding anything
+        self._host_count = 0
+        self._versions: dict[int, int] = {}  # host block -> write version
+        self._hinted: set[int] = set()
+
+    @property
+    def unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def grow(self) -> bool:
+        """Give each running request (oldest first) the block its next token needs, preempting the
+        newest while none is free; returns True if anything was preempted."""
         preempted = False
-        for r in list(running):  # oldest first: each decode may need one more block
-            if r not in running or r.tokens + 1 <= r.blocks * BLOCK_TOKENS:
+        for r in list(self.running):
+            if r not in self.running or r.tokens + 1 <= r.blocks * BLOCK_TOKENS:
                 continue
-            while free == 0:
-                victim = running.pop()  # the newest
+            while self.free == 0:
+                victim = self.running.pop()
+                self._swap_out(victim)
                 preempted = True
-                host = []
-                for _ in range(victim.blocks):
-                    if not host_free:
-                        host_free.append(next_host)
-                        next_host += 1
-                    block = host_free.pop()
-                    rec.transfer(Op.D2H, block, 0, block_bytes, versions.get(block, 0))
-                    versions[block] = versions.get(block, 0) + 2
-                    host.append(block)
-                free += victim.blocks
-                victim.blocks, victim.host = 0, tuple(host)
-                swapped.append(victim)
                 if victim is r:
                     break
-            if r in running:
+            if r in self.running:
                 r.blocks += 1
-                free -= 1
-        while not preempted and swapped and _blocks_for(swapped[0].tokens + 1) <= free:
-            r = swapped.pop(0)  # oldest first (swapped in the order they were preempted)
+                self.free -= 1
+        return preempted
+
+    def _swap_out(self, r: _Request) -> None:
+        host = []
+        for _ in range(r.blocks):
+            if not self._host_free:
+                self._host_free.append(self._host_count)
+                self._host_count += 1
+            block = self._host_free.pop()
+            self.rec.transfer(Op.D2H, block, 0, self.block_bytes, self._versions.get(block, 0))
+            self._versions[block] = self._versions.get(block, 0) + 2  # a write bumps on entry and exit
+            host.append(block)
+        self.free += r.blocks
+        r.blocks, r.host = 0, tuple(host)
+        self.swapped.append(r)
+
+    def swap_in(self) -> None:
+        """Bring swapped requests back, oldest first, while their blocks (and one more) fit."""
+        while self.swapped and _blocks_for(self.swapped[0].tokens + 1) <= self.free:
+            r = self.swapped.pop(0)
             for block in r.host:
-                rec.transfer(Op.H2D, block, 0, block_bytes, versions.get(block, 0))
-                host_free.append(block)
+                self.rec.transfer(Op.H2D, block, 0, self.block_bytes, self._versions.get(block, 0))
+                self._host_free.append(block)
             r.blocks, r.host = _blocks_for(r.tokens + 1), ()
-            free -= r.blocks
-            running.append(r)
-        prefilled = []
+            self.free -= r.blocks
+            self.running.append(r)
+
+    def admit(self, max_running: int) -> list[_Request]:
+        """Admit waiting requests (only while nothing is swapped out); returns them (to prefill)."""
+        admitted = []
         while (
-            not swapped and waiting and len(running) < w.batch and _blocks_for(waiting[0].prompt + 1) <= free
+            not self.swapped
+            and self.waiting
+            and len(self.running) < max_running
+            and _blocks_for(self.waiting[0].prompt + 1) <= self.free
         ):
-            r = waiting.pop(0)
+            r = self.waiting.pop(0)
             r.blocks = _blocks_for(r.prompt + 1)
-            free -= r.blocks
-            prefilled.append(r)
-        decoding = [r for r in running]
-        running.extend(prefilled)
-        cost.step(decoding, prefilled)
-        for r in running:
+            self.free -= r.blocks
+            self.running.append(r)
+            admitted.append(r)
+        return admitted
+
+    def generate(self) -> int:
+        """Every running request gets a token; finished ones free their blocks. Returns the tokens."""
+        for r in self.running:
             r.generated += 1
-        done = [r for r in running if r.generated >= r.output]
-        for r in done:
-            running.remove(r)
-            free += r.blocks
-        for r in swapped[: len(swapped) if w.hint_every_swapped else 1]:  # the engine names swap-ins
-            if id(r) not in hinted:
-                hinted.add(id(r))
+        tokens = len(self.running)
+        for r in [r for r in self.running if r.generated >= r.output]:
+            self.running.remove(r)
+            self.free += r.blocks
+        return tokens
+
+    def hint(self) -> None:
+        """Name the blocks of the request that will swap in first, once (as `LLMEngine` does)."""
+        for r in self.swapped[:1]:
+            if id(r) not in self._hinted:
+                self._hinted.add(id(r))
                 for block in r.host:
-                    rec.transfer(Op.HINT, block, 0, block_bytes, versions.get(block, 0))
-        rec.end_step(len(running) + len(done), 0.0)
-    return rec.trace
+                    self.rec.transfer(Op.HINT, block, 0, self.block_bytes, self._versions.get(block, 0))
 
 
 def adapter_bytes(model: ModelProfile, rank: int) -> int:
