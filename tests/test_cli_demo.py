@@ -27,6 +27,13 @@ def test_the_main_job_runs_end_to_end_and_reports_what_protected_what(bundled, c
     assert "both servers shut down" in report
 
 
+def test_the_main_job_runs_under_cc_for_comparison(bundled, capsys) -> None:
+    assert main(["demo", "--max-tokens", "2", "--offload", "0.2", "--transport", "cc"]) == 0
+    report = capsys.readouterr().err
+    assert "cc transport" in report and "PipeLLM:" not in report
+    assert re.search(r"(\d+) MiB sealed host-to-device", report) and "answers identical" in report
+
+
 def test_bad_arguments_are_one_line_errors(capsys) -> None:
     assert main(["demo", "--max-tokens", "0"]) == 2
     assert "--max-tokens must be >= 1" in capsys.readouterr().err

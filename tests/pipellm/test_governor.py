@@ -32,6 +32,18 @@ def test_keeps_sealing_in_the_caller_when_speculation_costs_more() -> None:
     assert governor.stats.speculate_s_per_gib == pytest.approx(1.5 * (1 << 30))
 
 
+@pytest.mark.parametrize(("loss", "hold"), [(1.15, 8), (1.3, 16), (2.0, 32)])
+def test_the_first_comparison_grows_the_hold_like_a_probe(loss: float, hold: int) -> None:
+    governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=4, max_hold=64))
+    cost = {Mode.SPECULATE: loss, Mode.SEAL_IN_CALLER: 1.0}
+    used = _drive(governor, cost, windows=4 + hold - 1)
+    # settle + measure speculating, settle + measure sealing in the caller, then hold that long
+    assert used == [Mode.SPECULATE] * 2 + [Mode.SEAL_IN_CALLER] * (2 + hold - 1)
+    assert governor.stats.probes == 0 and governor.mode is Mode.SEAL_IN_CALLER
+    assert _drive(governor, cost, windows=1) == [Mode.SEAL_IN_CALLER]  # the last held window
+    assert governor.stats.probes == 1 and governor.mode is Mode.SPECULATE  # the first probe begins
+
+
 def test_keeps_speculating_when_it_pays() -> None:
     governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=4, max_hold=64))
     used = _drive(governor, {Mode.SPECULATE: 0.7, Mode.SEAL_IN_CALLER: 1.0}, windows=400)

@@ -259,3 +259,101 @@ def test_confidence_config_validation() -> None:
     for kwargs in ({"confidence_off": 0.95, "confidence_on": 0.9}, {"confidence_weight": 0.0}):
         with pytest.raises(ValueError):
             SpeculatorConfig(**kwargs)
+
+
+# -- whole transfers: announced once, reserved and committed as their chunks ---------------------------------
+
+
+class CountingPredictor(CyclicPredictor):
+    """A cyclic predictor that records every key it is shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[TransferKey] = []
+
+    def observe(self, key: TransferKey) -> None:
+        self.seen.append(key)
+        super().observe(key)
+
+
+def chunks_of(transfer: TransferKey) -> list[TransferKey]:
+    from veil.pipellm.keys import chunks
+
+    return chunks(transfer, MB)
+
+
+def send_transfer(spec: Speculator, transfer: TransferKey) -> list[object]:
+    spec.begin_transfer(transfer)
+    decisions = []
+    for chunk in chunks_of(transfer):
+        decision = spec.request(chunk, 0)
+        assert not isinstance(decision, Wait)
+        decisions.append(decision)
+        seal_all(spec)
+    return decisions
+
+
+def test_a_hinted_transfer_is_reserved_as_its_chunks_and_committed() -> None:
+    transfer = TransferKey(1, 0, 3 * MB + 100)  # four chunks, the last of 100 bytes
+    spec = hinted(transfer, depth=8)
+    assert [r.key for r in spec.pipeline] == chunks_of(transfer)
+    seal_all(spec)
+    decisions = send_transfer(spec, transfer)
+    assert [type(d) for d in decisions] == [
+        Commit
+    ] * 4  # the 100-byte tail too: it belongs to a bulk transfer
+    assert [d.iv for d in decisions] == [0, 1, 2, 3]
+
+
+def test_the_predictor_learns_each_transfer_once_and_the_cycle_is_committed() -> None:
+    predictor = CountingPredictor()
+    spec = Speculator(predictor, SpeculatorConfig(depth=8))
+    cycle = [TransferKey(source, 0, 3 * MB) for source in (1, 2)]
+    per_round = []
+    for _ in range(4):
+        hits = spec.stats.hits
+        for transfer in cycle:
+            send_transfer(spec, transfer)
+        per_round.append(spec.stats.hits - hits)
+    assert predictor.seen == cycle * 4  # one observation per transfer, not per chunk
+    # From the start the announcement names the rest of its transfer (2 of 3 chunks each); once the
+    # cycle is learned, the first chunks are pre-sealed too.
+    assert per_round[0] == 4 and per_round[-1] == 6, per_round
+
+
+def test_quiet_transfer_decides_every_chunk_at_once() -> None:
+    predictor = CountingPredictor()
+    spec = Speculator(predictor, SpeculatorConfig(speculate=False, iv_limit=6))
+    transfer = TransferKey(1, 0, 3 * MB + 1)
+    assert spec.quiet_transfer(transfer) == range(0, 4)
+    assert spec.next_iv == 4 and predictor.seen == [transfer]
+    s = spec.stats
+    assert (s.requests, s.sync_seals, s.bytes_sealed_now) == (4, 4, transfer.length)
+    with pytest.raises(RekeyRequired):
+        spec.quiet_transfer(transfer)  # needs IVs 4..7 of 6
+    assert spec.next_iv == 4  # nothing consumed
+    assert spec.quiet_transfer(TransferKey(2, 0, 2 * MB)) == range(4, 6)
+
+
+def test_quiet_transfer_refuses_while_reservations_are_live() -> None:
+    spec = hinted(TransferKey(1, 0, MB))
+    with pytest.raises(ValueError, match="quiet"):
+        spec.quiet_transfer(TransferKey(1, 0, MB))
+
+
+def test_a_request_outside_the_announced_transfer_ends_the_announcement() -> None:
+    predictor = CountingPredictor()
+    spec = Speculator(predictor, SpeculatorConfig(speculate=False))
+    transfer = TransferKey(1, 0, 2 * MB)
+    first, second = chunks_of(transfer)
+    spec.begin_transfer(transfer)
+    assert isinstance(spec.request(first, 0), SealNow)
+    assert isinstance(spec.request(CONTROL, 0), SealNow)  # a control message in between
+    spec.request(second, 0)  # no longer announced: a transfer of its own
+    assert predictor.seen == [transfer, second]
+
+
+def test_begin_transfer_refuses_device_to_host_keys() -> None:
+    spec = Speculator(HintPredictor())
+    with pytest.raises(ValueError):
+        spec.begin_transfer(TransferKey(1, 0, MB, Direction.D2H))

@@ -2,7 +2,8 @@
 
 The fake mechanism carries out every decision literally and records, per IV, what was sealed and
 what was emitted. Whatever happens (cyclic traffic, random keys, host writes, control messages,
-late or failed workers), the emitted stream must use IVs 0, 1, 2, ... once each, no IV may seal two
+late or failed workers, multi-chunk transfers announced or decided whole, speculation held and let
+go), the emitted stream must use IVs 0, 1, 2, ... once each, no IV may seal two
 different data plaintexts, an IV burned by a NOP must never also emit data, and every request must
 deliver exactly its source's content at request time.
 """
@@ -25,11 +26,13 @@ from veil.pipellm import (
     Wait,
     default_predictor,
 )
+from veil.pipellm.keys import chunks
 
 MB = 1 << 20
 BULK = [TransferKey(s, 0, MB) for s in range(6)]
 CONTROL = TransferKey(50, 0, 100)
 MEDIUM = TransferKey(51, 0, 64 * 1024)
+MULTI = [TransferKey(10 + s, 0, 2 * MB + 1000 * s) for s in range(3)]  # 3 chunks each, small tails
 NOP = ("nop",)
 
 
@@ -39,7 +42,7 @@ class FakeChannel(RuleBasedStateMachine):
         self.spec = Speculator(
             default_predictor(max_period=16), SpeculatorConfig(depth=4, max_pad=3, max_slack=2)
         )
-        self.versions = {key.source_id: 0 for key in [*BULK, CONTROL, MEDIUM]}
+        self.versions = {key.source_id: 0 for key in [*BULK, CONTROL, MEDIUM, *MULTI]}
         self.running: dict[int, tuple[int, TransferKey, int]] = {}  # job -> (iv, key, version read)
         self.ciphertexts: dict[int, tuple[int, tuple]] = {}  # job -> (iv, plaintext identity)
         self.sealed_under: dict[int, set[tuple]] = {}  # iv -> plaintexts ever sealed under it
@@ -81,7 +84,38 @@ class FakeChannel(RuleBasedStateMachine):
             d = self.spec.request(key, version)
         assert self.carry_out(d) == (key, version), "delivered data must be the source's current content"
 
+    def send_transfer(self, transfer: TransferKey, interrupt: bool) -> None:
+        """A multi-chunk transfer: decided whole when quiet, else announced and sent chunk by chunk
+        (optionally with a control message in the middle, which ends the announcement)."""
+        version = self.versions[transfer.source_id]
+        parts = chunks(transfer, MB)
+        if self.spec.quiet:
+            ivs = self.spec.quiet_transfer(transfer)
+            assert len(ivs) == len(parts) and ivs.start == len(self.emitted)
+            for iv, chunk in zip(ivs, parts, strict=True):
+                self.seal(iv, (chunk, version))
+                self.emitted.append((iv, (chunk, version)))
+            return
+        self.spec.begin_transfer(transfer)
+        for i, chunk in enumerate(parts):
+            if interrupt and i == 1:
+                self.send(CONTROL)
+            self.send(chunk)
+
     # -- the world ---------------------------------------------------------------------------------------
+    @rule(interrupt=st.booleans())
+    def cyclic_transfer(self, interrupt: bool) -> None:
+        self.send_transfer(MULTI[self.cursor % len(MULTI)], interrupt)
+        self.cursor += 1
+
+    @rule(transfer=st.sampled_from(MULTI), interrupt=st.booleans())
+    def random_transfer(self, transfer: TransferKey, interrupt: bool) -> None:
+        self.send_transfer(transfer, interrupt)
+
+    @rule(held=st.booleans())
+    def hold(self, held: bool) -> None:
+        self.spec.hold(held)
+
     @rule()
     def cyclic_request(self) -> None:
         self.send(BULK[self.cursor % 4])
@@ -91,7 +125,7 @@ class FakeChannel(RuleBasedStateMachine):
     def random_request(self, key: TransferKey) -> None:
         self.send(key)
 
-    @rule(source=st.sampled_from([key.source_id for key in BULK]))
+    @rule(source=st.sampled_from([key.source_id for key in [*BULK, *MULTI]]))
     def host_write(self, source: int) -> None:
         self.versions[source] += 1
 
@@ -113,7 +147,7 @@ class FakeChannel(RuleBasedStateMachine):
         for dropped in self.spec.seal_failed(job_id, "boom"):
             self.ciphertexts.pop(dropped, None)
 
-    @rule(keys=st.lists(st.sampled_from(BULK), max_size=4))
+    @rule(keys=st.lists(st.sampled_from([*BULK, *MULTI]), max_size=4))
     def hint(self, keys: list[TransferKey]) -> None:
         self.spec.hint(keys)
 

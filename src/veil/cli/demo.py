@@ -3,7 +3,8 @@
 1. A veil server starts in this process on a free loopback port: the serving engine on the emulated
    confidential device with a device memory smaller than the model, so most decoder layers stream in
    from host memory through the `pipellm` transport (every byte sealed with AES-256-GCM, sealing
-   speculated ahead), PipeLLM's first workload.
+   speculated ahead), PipeLLM's first workload. `--transport cc` runs the same job with every chunk
+   sealed in the caller instead, to compare.
 2. A CMIF client opens its enclave (simulated on this machine: no hardware isolation, said plainly),
    attests to the server and is provisioned with the embedding table wrapped for its key (HPKE).
 3. The prompt is sanitized inside the enclave (Report-Noisy-Max token replacement, epsilon per
@@ -61,6 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FRACTION",
         help="share of the decoder layers streamed from host memory (default 0.5)",
     )
+    parser.add_argument(
+        "--transport",
+        choices=[TransportKind.PIPELLM.value, TransportKind.CC.value],
+        default=TransportKind.PIPELLM.value,
+        help="the confidential server's transport (default pipellm; cc seals every chunk in the caller, "
+        "for comparison)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -91,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     offload = OffloadPolicy(resident_fraction=1.0 - args.offload)
     _say(f"the client's prompt: {args.prompt!r}")
     prompt = list(loaded.tokenizer(args.prompt, add_special_tokens=False).input_ids)
-    kind = TransportKind.PIPELLM
+    kind = TransportKind(args.transport)
     confidential = _serve(loaded, model_id, policy, cache, config, offload, kind, args, prompt)
     # the same sanitized prompt, not a fresh draw: the two runs must compute the same thing
     same = list(confidential.answer.sanitized.token_ids)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from veil.pipellm.keys import SizeClass, SizeClasses, TransferKey
+from veil.pipellm.keys import MiB, SizeClass, SizeClasses, TransferKey
 
 
 class ReservationState(Enum):
@@ -177,6 +177,7 @@ class SpeculatorConfig:
         confidence_on: paused speculation resumes when the share, still tracked passively from the
             predictor's next guess, is back at or above this (hysteresis: on >= off).
         confidence_weight: weight of the newest request in that running share (an EWMA).
+        chunk_bytes: the message size: a predicted transfer is reserved as its chunks of this size.
     """
 
     depth: int = 8
@@ -191,6 +192,7 @@ class SpeculatorConfig:
     confidence_off: float = 0.8
     confidence_on: float = 0.97
     confidence_weight: float = 1 / 16
+    chunk_bytes: int = MiB
 
     def __post_init__(self) -> None:
         if min(self.depth, self.max_pad, self.max_slack, self.min_slack) < 0:
@@ -204,5 +206,5 @@ class SpeculatorConfig:
             raise ValueError("need 0 <= confidence_off <= confidence_on <= 1")
         if not 0.0 < self.confidence_weight <= 1.0:
             raise ValueError("confidence_weight must be in (0, 1]")
-        if self.iv_limit < 1 or self.max_remembered_keys < 1:
-            raise ValueError("iv_limit and max_remembered_keys must be >= 1")
+        if self.iv_limit < 1 or self.max_remembered_keys < 1 or self.chunk_bytes < 1:
+            raise ValueError("iv_limit, max_remembered_keys and chunk_bytes must be >= 1")

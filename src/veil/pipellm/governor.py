@@ -11,7 +11,7 @@ between* (compute, waiting): end-to-end seconds per byte, the only figure that c
 The governor measures both modes over windows of `window_bytes`, keeps sealing in the caller unless
 speculation is faster by a margin, and probes the other mode again after a hold. The probe is
 compared with the incumbent's latest window (not a figure from long ago: the workload drifts, e.g.
-from prefill to decode). Each probe the incumbent wins
+from prefill to decode). Each probe the incumbent wins, the first comparison included,
 multiplies the hold, by more the clearer the win (2x within 25%, 4x within 50%, 8x beyond), so a
 stationary workload pays for fewer and fewer probes while a changed one is still noticed. After
 every switch, half a window is discarded while the new mode settles (a pipeline refilling or
@@ -154,14 +154,15 @@ class Governor:
                 self._hold = self.config.first_hold  # the probe won: a new incumbent
                 self._begin_hold()
                 return
-            loss = cost / self._cost[other]  # how much worse the probed mode was
-            growth = 2 if loss < 1.25 else 4 if loss < 1.5 else 8
-            self._hold = min(growth * self._hold, self.config.max_hold)  # the incumbent won again
-            self._switch(other, _Phase.HOLD)
+            self._hold = min(_growth(cost / self._cost[other]) * self._hold, self.config.max_hold)
+            self._switch(other, _Phase.HOLD)  # the incumbent won again
             return
         # The first comparison: speculation must win by the margin (do no harm), as any challenger.
+        # It is a probe of speculation too: the clearer its loss, the longer the first hold.
         speculate, seal = self._cost[Mode.SPECULATE], self._cost[Mode.SEAL_IN_CALLER]
         best = Mode.SPECULATE if speculate < seal * (1 - self.config.margin) else Mode.SEAL_IN_CALLER
+        if best is Mode.SEAL_IN_CALLER:
+            self._hold = min(_growth(speculate / seal) * self._hold, self.config.max_hold)
         if best is not self._mode:
             self._switch(best, _Phase.HOLD)
         else:
@@ -181,6 +182,11 @@ class Governor:
         self._mode = mode
         self._phase = phase
         self._held_windows = 0
+
+
+def _growth(loss: float) -> int:
+    """How much longer the incumbent holds after the other mode measured `loss` times its cost."""
+    return 2 if loss < 1.25 else 4 if loss < 1.5 else 8
 
 
 def _other(mode: Mode) -> Mode:

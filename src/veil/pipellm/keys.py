@@ -1,8 +1,10 @@
 """Plain data shared by PipeLLM's predictors and speculator: transfer keys and size classes.
 
-A *transfer* is one message-sized copy across the CPU-accelerator boundary: `length` bytes at `offset`
-of the host-side buffer `source_id`, in one direction. The transport splits large copies into chunks of
-at most one message (1 MiB) before it asks the policy anything, so one key is one message.
+A *transfer* is one copy across the CPU-accelerator boundary: `length` bytes at `offset` of the
+host-side buffer `source_id`, in one direction (a layer's weights, a KV block, an adapter). On the wire
+it is a run of *chunks* of at most one message each (1 MiB, `chunks`); a chunk is named by a key too.
+Predictors learn and name whole transfers (one observation per layer, not per MiB); the speculator
+reserves, seals and commits chunks, one IV each.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ MiB = 1024 * KiB
 
 @dataclass(frozen=True, slots=True)
 class TransferKey:
-    """Identity of one chunk transfer: what a prediction names and what validation compares.
+    """Identity of one transfer or one of its chunks: what a prediction names and validation compares.
 
     Attributes:
         source_id: host-side buffer the bytes come from (H2D) or go to (D2H).
-        offset: byte offset of the chunk inside that buffer.
-        length: number of bytes in the chunk (one message, so at most 1 MiB in practice).
-        direction: which way the chunk travels.
+        offset: byte offset inside that buffer.
+        length: number of bytes (a chunk's is at most one message).
+        direction: which way the bytes travel.
     """
 
     source_id: int
@@ -44,6 +46,20 @@ class TransferKey:
         """The same host range travelling the other way (a swap-in mirrors its swap-out)."""
         other = Direction.H2D if self.direction is Direction.D2H else Direction.D2H
         return TransferKey(self.source_id, self.offset, self.length, other)
+
+
+def chunks(key: TransferKey, chunk_bytes: int) -> list[TransferKey]:
+    """The messages of transfer `key`: consecutive chunks of at most `chunk_bytes` (one empty chunk if
+    the transfer is empty). The one chunking rule, shared by the transport and the speculator."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    if key.length <= chunk_bytes:
+        return [key]
+    end = key.offset + key.length
+    return [
+        TransferKey(key.source_id, start, min(chunk_bytes, end - start), key.direction)
+        for start in range(key.offset, end, chunk_bytes)
+    ]
 
 
 class SizeClass(Enum):

@@ -69,8 +69,9 @@ class PipeLLMOptions:
         if self.depth < 0 or self.max_pad < 0:
             raise ValueError("depth and max_pad must be >= 0")
 
-    def speculator_config(self, *, iv_limit: int) -> SpeculatorConfig:
-        """The policy configuration these options imply for a channel of `iv_limit` IVs."""
+    def speculator_config(self, *, iv_limit: int, chunk_bytes: int) -> SpeculatorConfig:
+        """The policy configuration these options imply for a channel of `iv_limit` IVs and
+        messages of `chunk_bytes`."""
         slack = min(4, self.max_pad)
         return SpeculatorConfig(
             depth=self.depth,
@@ -79,6 +80,7 @@ class PipeLLMOptions:
             sizes=self.sizes,
             speculate=self.speculate,
             iv_limit=iv_limit,
+            chunk_bytes=chunk_bytes,
         )
 
 

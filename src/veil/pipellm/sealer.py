@@ -40,10 +40,8 @@ from veil.pipellm.decisions import (
     Commit,
     Decision,
     PadThenCommit,
-    Relinquish,
     ReservationState,
     SealJob,
-    SealNow,
     SpeculatorStats,
     Wait,
 )
@@ -197,23 +195,23 @@ class Sealer:
                 self._spec.hold(held)
                 self._feed()
 
-    def decide_quiet(self, keys: list[TransferKey], source: HostBuffer) -> bool:
-        """Decide a whole transfer at once if speculation is off and nothing is in flight.
+    def begin(self, transfer: TransferKey, source: HostBuffer) -> bool:
+        """Announce a host-to-device transfer; decide all of it at once if nothing is in flight.
 
         Returns:
-            True if every key was decided `SealNow` at the next consecutive IVs (the caller then
-            seals and emits them in order, exactly as `cc` does); False, deciding nothing, otherwise.
+            True if speculation is off and nothing is in flight: every chunk of `transfer` was
+            decided `SealNow` at the next consecutive IVs in one O(1) call (the caller then seals and
+            emits them in order, exactly as `cc` does). False otherwise: call `decide` for each
+            chunk, in order.
         """
         with self._cond:
             spec = self._spec
-            if not spec.quiet:
-                return False
-            version = source.version
-            for key in keys:
-                decision = spec.request(key, version)
-                # nothing is bound while no job is handed out, so every decision seals at the next IV
-                assert not decision.nop_ivs and isinstance(decision, SealNow | Relinquish), decision
-            return True
+            if spec.quiet:
+                spec.quiet_transfer(transfer)
+                return True
+            self._remember(source)
+            spec.begin_transfer(transfer)
+            return False
 
     def decide(self, key: TransferKey, source: HostBuffer) -> Decision:
         """The speculator's final decision for `key`, waiting (lock released) for a sealing worker."""
@@ -251,7 +249,9 @@ class Sealer:
 
     # internals ---------------------------------------------------------------------------------
     def _new_speculator(self, *, synchronous: bool) -> Speculator:
-        config = self._options.speculator_config(iv_limit=self._sender.counter_limit)
+        config = self._options.speculator_config(
+            iv_limit=self._sender.counter_limit, chunk_bytes=self._sender.max_message_bytes
+        )
         spec = Speculator(self._predictor, config)
         if synchronous:
             spec.disable()

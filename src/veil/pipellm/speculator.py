@@ -5,8 +5,12 @@ host-to-device message counter as ints. The mechanism (worker threads, transport
 
 - `plan(max_jobs)` hands out seal jobs for predicted chunks (each bound to one IV);
 - `sealed(job_id, version)` / `seal_failed(job_id, error)` report a job's end;
-- `request(key, version)` answers one real transfer with one decision (`Commit`, `PadThenCommit`,
-  `Relinquish`, `SealNow`), or with `Wait` when the wanted chunk is still being sealed.
+- `begin_transfer(key)` announces a transfer whose chunks are requested next, in order: the predictor
+  learns it once (not once per chunk), and a predicted transfer is reserved as all of its chunks;
+  while nothing is in flight, `quiet_transfer(key)` decides all of its chunks in one call;
+- `request(key, version)` answers one chunk with one decision (`Commit`, `PadThenCommit`,
+  `Relinquish`, `SealNow`), or with `Wait` when the wanted chunk is still being sealed. A chunk
+  requested outside an announced transfer is a transfer of its own.
 
 Invariants, by construction (see docs/pipellm.md):
 1. The counter moves only through `IVPipeline.emit`, so decisions name IVs 0, 1, 2, ... each once.
@@ -39,7 +43,7 @@ from veil.pipellm.decisions import (
     SpeculatorStats,
     Wait,
 )
-from veil.pipellm.keys import Direction, SizeClass, TransferKey
+from veil.pipellm.keys import Direction, SizeClass, TransferKey, chunks
 from veil.pipellm.predictors import default_predictor
 from veil.pipellm.predictors.base import Predictor
 
@@ -66,6 +70,9 @@ class Speculator:
         self._confidence = 1.0  # running share of bulk requests the predictor got right
         self._paused = False  # speculation paused for low confidence (resumes by itself)
         self._held = False  # speculation held off by the mechanism's governor (see `hold`)
+        self._transfer: TransferKey | None = None  # the announced transfer whose chunks are coming
+        self._transfer_class = SizeClass.BULK
+        self._transfer_next = 0  # offset of its next chunk
 
     # -- inspection ---------------------------------------------------------------------------------
     @property
@@ -122,9 +129,8 @@ class Speculator:
         measures that speculation costs more than it saves on this machine.
         """
         self._held = held
-        if held:
-            self._pipe.strip_reserved()
-        else:
+        self._pipe.strip_reserved()
+        if not held:
             self._refill()
 
     @property
@@ -219,10 +225,11 @@ class Speculator:
             raise ValueError("request() takes host-to-device keys; report others with observe_device_to_host")
         if version < 0:
             raise ValueError(f"version must be >= 0, got {version}")
+        announced = self._announced(key)
         if self.quiet:
-            return self._quiet(key, version)
+            return self._quiet(key, version, announced)
         self._pipe.strip_reserved()
-        size_class = self._config.sizes.classify(key.length)
+        size_class = self._transfer_class if announced else self._config.sizes.classify(key.length)
         drained = (self._paused or self._held) and not self._pipe.live()
         if size_class is SizeClass.BULK and not self._synchronous and not drained:
             decision = self._speculative(key, version)
@@ -231,9 +238,54 @@ class Speculator:
         if isinstance(decision, Wait):
             self._stats.waits += 1
         else:
-            self._account(decision, size_class)
+            if announced:
+                self._transfer_next = key.offset + key.length
+            self._account(decision, size_class, announced)
         self._refill()
         return decision
+
+    def begin_transfer(self, key: TransferKey) -> None:
+        """Announce a host-to-device transfer: its chunks (`chunks(key, chunk_bytes)`) come next, in order.
+
+        The predictor learns the transfer here, once; the chunks' requests then only decide. A request
+        for anything else ends the announcement (that chunk is a transfer of its own).
+
+        Raises:
+            ValueError: a device-to-host key.
+        """
+        if key.direction is not Direction.H2D:
+            raise ValueError("begin_transfer() takes host-to-device keys")
+        size_class = self._config.sizes.classify(key.length)
+        self._transfer, self._transfer_class, self._transfer_next = key, size_class, key.offset
+        if size_class is SizeClass.BULK:
+            self._learn(key)
+
+    def quiet_transfer(self, key: TransferKey) -> range:
+        """Decide a whole host-to-device transfer while `quiet`, in O(1): every chunk is sealed now.
+
+        Returns:
+            The IVs of its chunks, in order (the next consecutive ones; no NOPs).
+
+        Raises:
+            ValueError: if the speculator is not `quiet` (decide chunk by chunk then), or a
+                device-to-host key.
+            RekeyRequired: the counter cannot serve the whole transfer; re-key the channel.
+        """
+        if not self.quiet:
+            raise ValueError("quiet_transfer() needs a quiet speculator (nothing in flight, speculation off)")
+        count = len(chunks(key, self._config.chunk_bytes))
+        first = self._pipe.next_iv
+        self._pipe.check_limit(first + count - 1)
+        self.begin_transfer(key)
+        self._pipe.next_iv = first + count
+        self._transfer_next = key.offset + key.length
+        s = self._stats
+        s.requests += count
+        s.sync_seals += count
+        s.bytes_sealed_now += key.length
+        if self._transfer_class is not SizeClass.BULK:
+            self._sync_run += count
+        return range(first, first + count)
 
     def observe_device_to_host(self, key: TransferKey) -> None:
         """Report a device-to-host transfer (a swap-out predicts a later swap-in)."""
@@ -251,23 +303,21 @@ class Speculator:
         self._refill()
 
     # -- decisions -----------------------------------------------------------------------------------------
-    def _quiet(self, key: TransferKey, version: int) -> SealNow:
+    def _quiet(self, key: TransferKey, version: int, announced: bool) -> SealNow:
         """`request` when `quiet`: the next IV, no NOPs; the predictor keeps learning."""
-        size_class = self._config.sizes.classify(key.length)
+        size_class = self._transfer_class if announced else self._config.sizes.classify(key.length)
         iv = self._pipe.advance()
         s = self._stats
         s.requests += 1
         s.sync_seals += 1
         s.bytes_sealed_now += key.length
-        decision = SealNow(range(iv, iv), iv, key, version, size_class)
-        if size_class is SizeClass.BULK:
-            self._learn_slack(key)
-            if self._paused:
-                self._track_confidence(decision)  # scores the guess before the predictor sees the key
-            self._predictor.observe(key)
-        else:
+        if announced:
+            self._transfer_next = key.offset + key.length
+        if size_class is not SizeClass.BULK:
             self._sync_run += 1
-        return decision
+        elif not announced:
+            self._learn(key)
+        return SealNow(range(iv, iv), iv, key, version, size_class)
 
     def _speculative(self, key: TransferKey, version: int) -> Decision | Wait:
         slot = self._pipe.find_live(key)
@@ -306,7 +356,31 @@ class Speculator:
         return SealNow(nop_ivs, nop_ivs.stop, key, version, size_class)
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
-    def _account(self, decision: Decision, size_class: SizeClass) -> None:
+    def _announced(self, key: TransferKey) -> bool:
+        """True if `key` is the next chunk of the announced transfer (else the announcement ends)."""
+        transfer = self._transfer
+        if transfer is None:
+            return False
+        if (
+            key.source_id == transfer.source_id
+            and key.offset == self._transfer_next
+            and key.offset + key.length <= transfer.offset + transfer.length
+            and (key.length > 0 or transfer.length == 0)
+        ):
+            return True
+        self._transfer = None
+        return False
+
+    def _learn(self, key: TransferKey) -> None:
+        """A bulk transfer starts: learn its slack, score the paused guess, show it to the predictor."""
+        self._learn_slack(key)
+        if self._paused and not self._synchronous:
+            guess = self._predictor.peek()  # scored before the predictor sees the key
+            if guess is not None:
+                self._update_confidence(guess == key)
+        self._predictor.observe(key)
+
+    def _account(self, decision: Decision, size_class: SizeClass, announced: bool) -> None:
         s = self._stats
         s.requests += 1
         s.nops += len(decision.nop_ivs)
@@ -322,37 +396,33 @@ class Speculator:
                 s.stale += decision.reason is RelinquishReason.STALE
             else:
                 s.sync_seals += 1
-        if size_class is SizeClass.BULK:
-            self._learn_slack(decision.key)
-            self._track_confidence(decision)
-            self._predictor.observe(decision.key)
-        else:
+        if size_class is not SizeClass.BULK:
             self._sync_run += 1
+            return
+        if not self._paused:
+            self._track_confidence(decision)
+        if not announced:
+            self._learn(decision.key)
 
     def _track_confidence(self, decision: Decision) -> None:
-        """Update the running share of correct predictions; pause or resume speculation by it.
+        """Score one speculated chunk's decision (while paused, `_learn` scores guesses instead).
 
-        While speculating, a hit is a commit of a pre-sealed chunk that burned no other pre-sealed
-        chunk on the way (every burned one crosses the bus for nothing). While paused nothing is sealed
-        ahead, so the predictor's next guess (made before it sees the request) is scored instead.
-        Requests for which nothing was predicted (a predictor still learning) are not scored: they
-        waste nothing.
+        A hit is a commit of a pre-sealed chunk that burned no other pre-sealed chunk on the way
+        (every burned one crosses the bus for nothing); a miss is a relinquish that dropped
+        reservations. Requests for which nothing was predicted (a predictor still learning) are not
+        scored: they waste nothing.
         """
         if self._synchronous:
             return
         if isinstance(decision, Commit):
-            hit = True
+            self._update_confidence(True)
         elif isinstance(decision, PadThenCommit):
-            hit = not decision.dropped  # burning pre-sealed chunks to reach this one is waste
-        elif self._paused:
-            guess = self._predictor.predict(1)
-            if not guess:
-                return
-            hit = guess[0] == decision.key
+            self._update_confidence(not decision.dropped)  # burning pre-sealed chunks is waste
         elif isinstance(decision, Relinquish) and decision.dropped:
-            hit = False
-        else:
-            return
+            self._update_confidence(False)
+
+    def _update_confidence(self, hit: bool) -> None:
+        """Move the running share of correct predictions; pause or resume speculation by it."""
         self._confidence += self._config.confidence_weight * (float(hit) - self._confidence)
         if self._paused and self._confidence >= self._config.confidence_on:
             self._paused = False
@@ -376,21 +446,45 @@ class Speculator:
         depth = self._config.depth
         if len(live) >= depth:
             return
-        bulk_above, h2d = self._config.sizes.bulk_above, Direction.H2D
-        # Inline form of `SizeClasses.speculative` (this loop runs on every request).
-        wanted = [k for k in self._predictor.predict(depth) if k.length > bulk_above and k.direction is h2d]
+        wanted = self._wanted(depth)
         # Extend only where the pipeline's tail is where the predictor would be: checking that one
         # junction (not the whole window) keeps a request O(1) in Python for the common case; a
         # disagreement further in is settled by the request that meets it.
-        if live and (len(wanted) < len(live) or wanted[len(live) - 1] != live[-1].key):
+        if live and (len(wanted) < len(live) or wanted[len(live) - 1][0] != live[-1].key):
             return
         iv = self._pipe.last_bound_iv()
-        for key in wanted[len(live) :]:
-            iv += 1 + self._config.min_slack + self._slack.get(key, 0)
+        for key, slack in wanted[len(live) :]:
+            iv += 1 + self._config.min_slack + slack
             if not self._pipe.within_limit(iv):
                 return
             self._pipe.add_reserved(Slot(self._next_job_id, iv, key, ReservationState.RESERVED))
             self._next_job_id += 1
+
+    def _wanted(self, depth: int) -> list[tuple[TransferKey, int]]:
+        """The next `depth` chunks expected, each with the clean IVs to leave before it.
+
+        First the rest of the announced transfer, then the predicted transfers' chunks (only
+        host-to-device bulk ones; slack before a transfer's first chunk only).
+        """
+        out: list[tuple[TransferKey, int]] = []
+        transfer, step = self._transfer, self._config.chunk_bytes
+        if transfer is not None and self._transfer_class is SizeClass.BULK:
+            end = transfer.offset + transfer.length
+            rest = TransferKey(transfer.source_id, self._transfer_next, end - self._transfer_next)
+            if rest.length:
+                out.extend((chunk, 0) for chunk in chunks(rest, step)[:depth])
+        bulk_above, h2d = self._config.sizes.bulk_above, Direction.H2D
+        for key in self._predictor.predict(depth):
+            if len(out) >= depth:
+                break
+            # Inline form of `SizeClasses.speculative` (this loop runs on every request).
+            if key.length <= bulk_above or key.direction is not h2d:
+                continue
+            slack = self._slack.get(key, 0)
+            for chunk in chunks(key, step)[: depth - len(out)]:
+                out.append((chunk, slack))
+                slack = 0
+        return out
 
     def _go_synchronous(self) -> list[Slot]:
         self._synchronous = True

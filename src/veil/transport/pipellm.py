@@ -2,8 +2,9 @@
 
 Same interface, channel and threat model as `cc` (docs/cc-protocol.md); what changes is who seals when.
 
-Host to device: a transfer is split into chunk requests `TransferKey(source_id, offset, length)`. For
-each, the sealer's speculator decides (commit a chunk a worker sealed ahead, pad with NOPs then commit,
+Host to device: a transfer `TransferKey(source_id, offset, nbytes)` is announced to the sealer (its
+predictor learns it once), then split into 1 MiB chunk requests (`keys.chunks`). For each, the sealer's
+speculator decides (commit a chunk a worker sealed ahead, pad with NOPs then commit,
 or relinquish and seal now); the transport emits the decision's messages into the bounce ring in
 counter order while the copy engine opens them (NOPs and burned IVs are authenticated and discarded,
 data goes into the destination). `h2d` returns once every message is emitted, like `cc`. The time
@@ -37,7 +38,7 @@ from veil.cc.host import HostBuffer
 from veil.cc.session import Direction
 from veil.cc.stream import Event
 from veil.pipellm.decryptor import Decryptor, PendingTransfer
-from veil.pipellm.keys import TransferKey
+from veil.pipellm.keys import TransferKey, chunks
 from veil.pipellm.options import PipeLLMOptions, PipeLLMStats
 from veil.pipellm.sealer import Sealer, SealFunction, seal_chunk
 from veil.transport.base import Span, TransportKind, TransportOptions, TransportStats
@@ -200,14 +201,13 @@ class PipeLLMTransport(SealedTransport):
         with self._lock:
             self._measure(span.nbytes)
             sender = self.link.host_tx
-            keys = _chunk_keys(
-                src.source_id, span.src_offset, span.nbytes, sender.max_message_bytes, Direction.H2D
-            )
+            transfer = TransferKey(src.source_id, span.src_offset, span.nbytes, Direction.H2D)
+            keys = chunks(transfer, sender.max_message_bytes)
             options = self.pipellm
             margin = len(keys) + (options.depth + 1) * (1 + options.max_pad)
             self._prepare(sender, len(keys), used=self._sealer.reach(), margin=margin)
             target = dst.memory()[span.dst]
-            if self._sealer.decide_quiet(keys, src):  # speculation off: exactly what `cc` does
+            if self._sealer.begin(transfer, src):  # speculation off: exactly what `cc` does
                 return self._send_in_caller(src.memory()[span.src], target)
             schedule = DeviceSchedule(self.link.device_rx)
             event = self.device.copy_engine.submit(schedule.run)
@@ -228,10 +228,7 @@ class PipeLLMTransport(SealedTransport):
 
     def _hint(self, src: HostBuffer, span: Span) -> None:
         with self._lock:
-            step = self.link.host_tx.max_message_bytes
-            self._sealer.hint(
-                _chunk_keys(src.source_id, span.src_offset, span.nbytes, step, Direction.H2D), src
-            )
+            self._sealer.hint([TransferKey(src.source_id, span.src_offset, span.nbytes, Direction.H2D)], src)
 
     def _d2h(self, src: DeviceBuffer, dst: HostBuffer, span: Span) -> Event:
         with self._lock:
@@ -256,9 +253,8 @@ class PipeLLMTransport(SealedTransport):
                 self._pending[dst.source_id] = job
                 self._unreported.append(job)
             self._d2h_async += 1
-            step = self.link.device_tx.max_message_bytes
             self._sealer.observe_device_to_host(
-                _chunk_keys(dst.source_id, span.dst_offset, span.nbytes, step, Direction.D2H), dst
+                [TransferKey(dst.source_id, span.dst_offset, span.nbytes, Direction.D2H)], dst
             )
             return job
 
@@ -276,15 +272,3 @@ class PipeLLMTransport(SealedTransport):
         its current bytes and version are still what a later request would send."""
         with suppress(IntegrityError):
             self.ensure_host_ready(buffer)
-
-
-def _chunk_keys(
-    source_id: int, offset: int, nbytes: int, step: int, direction: Direction
-) -> list[TransferKey]:
-    """One key per message for the host range [offset, offset + nbytes) (one empty key if empty)."""
-    if nbytes == 0:
-        return [TransferKey(source_id, offset, 0, direction)]
-    return [
-        TransferKey(source_id, offset + start, min(step, nbytes - start), direction)
-        for start in range(0, nbytes, step)
-    ]
