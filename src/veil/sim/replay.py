@@ -23,6 +23,8 @@ from enum import Enum
 
 from veil.pipellm import Decision, Direction, MiB, Speculator, SpeculatorConfig, SpeculatorStats, TransferKey
 from veil.pipellm import default_predictor as _default_predictor
+from veil.pipellm.keys import chunks
+from veil.pipellm.options import PipeLLMOptions
 from veil.sim.hardware import HardwareProfile
 from veil.sim.senders import PipeLLMSender, Sender, SyncSender, Wire
 from veil.trace import Compute, Op, Step, Trace, Transfer
@@ -145,9 +147,8 @@ class _Run:
         if mode is not Mode.PIPELLM:
             return SyncSender(self.wire, self.hw, seal=mode is Mode.CC, d2h_wire=d2h)
         opts = self.opts
-        config = SpeculatorConfig(
-            depth=opts.depth, max_pad=opts.max_pad, max_slack=min(4, opts.max_pad), speculate=opts.speculate
-        )
+        pipellm = PipeLLMOptions(depth=opts.depth, max_pad=opts.max_pad, speculate=opts.speculate)
+        config = pipellm.speculator_config(iv_limit=SpeculatorConfig().iv_limit, chunk_bytes=opts.chunk_bytes)
         predictor = (
             _default_predictor()
             if opts.max_period is None
@@ -171,18 +172,24 @@ class _Run:
     def _transfer(self, e: Transfer) -> None:
         s, t = self.sender, self.sender.host_free
         direction = Direction.D2H if e.op is Op.D2H else Direction.H2D
-        keys = chunk_keys(e.source_id, e.offset, e.nbytes, self.opts.chunk_bytes, direction)
+        transfer = TransferKey(e.source_id, e.offset, e.nbytes, direction)
+        keys = chunks(transfer, self.opts.chunk_bytes)
         if e.op is Op.HINT:
             self.versions[e.source_id] = max(self.versions.get(e.source_id, 0), e.version)
             if isinstance(s, PipeLLMSender):
-                s.hint(keys, t)
+                s.hint([transfer], t)
             return
         if e.op is Op.H2D:
             self.versions[e.source_id] = max(self.versions.get(e.source_id, 0), e.version)
-            arrived = max(s.send(key, t, e.version) for key in keys)
+            if isinstance(s, PipeLLMSender) and s.begin(transfer, t):
+                arrived = max(s.send_quiet(key, t) for key in keys)
+            else:
+                arrived = max(s.send(key, t, e.version) for key in keys)
         else:  # a worker seals the buffer only once this write is done: it bumps on entry and exit
             self.versions[e.source_id] = e.version + 2
             arrived = max(s.receive(key, t) for key in keys)
+            if isinstance(s, PipeLLMSender):
+                s.observe_device_to_host(transfer)
         self.arrivals.append(arrived)
 
     def _compute(self, e: Compute) -> None:
@@ -196,18 +203,6 @@ class _Run:
         start = max(self.sender.host_free, ready, self.device_free)
         self.device_free = start + duration
         self.sender.occupy_host(self.device_free if self.hw.compute_on_host else start)
-
-
-def chunk_keys(
-    source_id: int, offset: int, nbytes: int, step: int, direction: Direction
-) -> list[TransferKey]:
-    """One key per message for the host range [offset, offset + nbytes), as the transport splits it."""
-    if nbytes == 0:
-        return [TransferKey(source_id, offset, 0, direction)]
-    return [
-        TransferKey(source_id, offset + start, min(step, nbytes - start), direction)
-        for start in range(0, nbytes, step)
-    ]
 
 
 def scale_trace(trace: Trace, *, bytes_factor: float, flops_factor: float, host_spans: bool = False) -> Trace:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from veil.pipellm import Commit, Decision, PadThenCommit, Speculator, TransferKey, Wait
 from veil.sim.hardware import HardwareProfile
@@ -216,6 +216,7 @@ class PipeLLMSender(Sender):
         self._on_decision = on_decision
         self._decrypted_at: dict[int, float] = {}  # host buffer -> when its pending d2h is opened
         self._decrypt_lane = 0.0  # the background decryption thread is next free
+        self._quiet_ivs: Iterator[int] = iter(())  # IVs of a transfer decided at once
         self.wait_s = 0.0  # host time spent waiting for a job already sealing the wanted chunk
         self.waits = 0
 
@@ -227,15 +228,40 @@ class PipeLLMSender(Sender):
         arrived = super().receive(key, not_before)
         self._decrypt_lane = max(self._decrypt_lane, arrived) + self.open_s(key.length)
         self._decrypted_at[key.source_id] = self._decrypt_lane
-        self._spec.observe_device_to_host(key)  # a swap-out predicts its swap-in
-        self.workers.feed(self._host)
         return arrived  # on the host in ciphertext; an h2d of this buffer waits for its decryption
 
-    def hint(self, keys: list[TransferKey], now: float) -> None:
-        """Pass an engine's hint to the speculator and feed idle workers."""
+    def observe_device_to_host(self, transfer: TransferKey) -> None:
+        """Report a whole device-to-host transfer (a swap-out predicts its swap-in), as the runtime
+        does once its chunks are issued; feeds idle workers."""
+        self._spec.observe_device_to_host(transfer)
+        self.workers.feed(self._host)
+
+    def hint(self, transfers: list[TransferKey], now: float) -> None:
+        """Pass an engine's hint (whole transfers) to the speculator and feed idle workers."""
         self.workers.advance(max(self._host, now))
-        self._spec.hint(keys)
+        self._spec.hint(transfers)
         self.workers.feed(max(self._host, now))
+
+    def begin(self, transfer: TransferKey, not_before: float) -> bool:
+        """Announce a host-to-device transfer before its chunks are sent, as the runtime's sealer does.
+
+        Returns:
+            True if the speculator was quiet and decided every chunk `SealNow` at once: send them with
+            `send_quiet`. False: send each chunk with `send`.
+        """
+        self.workers.advance(max(self._host, not_before))
+        if self._spec.quiet:
+            self._quiet_ivs = iter(self._spec.quiet_transfer(transfer))
+            return True
+        self._spec.begin_transfer(transfer)
+        return False
+
+    def send_quiet(self, key: TransferKey, not_before: float) -> float:
+        """Seal and send one chunk of a transfer `begin` decided at once (as `cc` does)."""
+        t = max(self._host, not_before, self._decrypted_at.get(key.source_id, 0.0)) + self._hw.message_s
+        t += self.seal_s(key.length)
+        self._host = t
+        return self._wire.emit(next(self._quiet_ivs), key.length, t)
 
     def send(self, key: TransferKey, not_before: float, version: int = 0) -> float:
         t = max(self._host, not_before, self._decrypted_at.get(key.source_id, 0.0))  # forced decrypt
