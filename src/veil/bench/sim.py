@@ -17,13 +17,17 @@ from typing import Any
 from veil.bench.report import emit_json, print_table, progress
 from veil.errors import UsageError
 from veil.sim import H100_SXM_PCIE5, MODELS, Comparison, Scenario, compare
+from veil.sim.paper import PAPER_CC_DROP as PAPER_CC_DROP_BY_WORKLOAD
+from veil.sim.paper import PAPER_PIPELLM_OVERHEAD_BELOW
 
 NAME = "sim"
 HELP = "simulated FlexGen offloading on an H100 profile: plain vs cc vs pipellm tokens/s"
 
 # PipeLLM (ASPLOS 2025): measured FlexGen throughput drop with CC on, and PipeLLM's bound vs non-CC.
-PAPER_CC_DROP = {"opt-13b": 0.362, "opt-30b": 0.528, "opt-66b": 0.882}
-PAPER_PIPELLM_COST_BELOW = 0.196
+PAPER_CC_DROP = {
+    model: drop for (workload, model), drop in PAPER_CC_DROP_BY_WORKLOAD.items() if workload == "offload"
+}
+PAPER_PIPELLM_COST_BELOW = PAPER_PIPELLM_OVERHEAD_BELOW
 DEFAULT_MODELS = ("opt-13b", "opt-30b", "opt-66b")
 
 

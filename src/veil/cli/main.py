@@ -16,9 +16,10 @@ from veil.cli import client as client_command
 from veil.cli import demo as demo_command
 from veil.cli import eval as eval_command
 from veil.cli import serve as serve_command
+from veil.cli import simulate as simulate_command
 from veil.errors import UsageError
 
-COMMANDS = (demo_command, generate, bench, serve_command, client_command, eval_command)
+COMMANDS = (demo_command, generate, bench, serve_command, client_command, eval_command, simulate_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

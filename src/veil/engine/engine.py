@@ -9,6 +9,7 @@ post-process. Every KV swap crosses the device boundary through the transport, s
 from __future__ import annotations
 
 import itertools
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -30,6 +31,7 @@ from veil.lora.slots import SlotTable
 from veil.model.llama import Llama
 from veil.model.sampling import Sampler, SamplingParams
 from veil.pipellm.options import PipeLLMOptions
+from veil.trace import TraceRecorder
 from veil.transport import make_transport
 from veil.transport.base import TransportKind
 
@@ -140,6 +142,7 @@ class LLMEngine:
         model: the model whose weights to serve (copied to the device on entry).
         config: engine settings.
         eos_token_ids: stop tokens of requests whose `stop_token_ids` is None (default: the model's).
+        recorder: records every transfer from start-up on, and every step (`veil.trace`); None: none.
     """
 
     def __init__(
@@ -148,8 +151,10 @@ class LLMEngine:
         config: EngineConfig | None = None,
         *,
         eos_token_ids: tuple[int, ...] | None = None,
+        recorder: TraceRecorder | None = None,
     ) -> None:
         self.model = model
+        self._recorder = recorder
         self.config = config or EngineConfig()
         self.capacity_bytes, num_device_blocks = self.config.geometry(model)
         self.eos_token_ids = frozenset(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
@@ -179,6 +184,7 @@ class LLMEngine:
             device = stack.enter_context(Device(capacity_bytes=self.capacity_bytes, name="veil-engine"))
             pipellm = self.config.pipellm if self.config.transport is TransportKind.PIPELLM else None
             transport = stack.enter_context(make_transport(self.config.transport, device, pipellm=pipellm))
+            transport.recorder = self._recorder
             weights: WeightSource = stack.enter_context(
                 ResidentWeights(self.model, transport)
                 if self.config.offload is None
@@ -299,6 +305,9 @@ class LLMEngine:
                 is then half done, so close the engine.
         """
         runner = self.runner  # raises before anything is scheduled if the engine is not started
+        recorder, started = runner.transport.recorder, time.perf_counter()
+        if recorder is not None:
+            recorder.begin_step()
         plan = self.scheduler.schedule()
         logits = runner.execute(plan, self._embeds)
         self._measure(plan)
@@ -307,9 +316,27 @@ class LLMEngine:
         self._count(plan, outputs)
         self._hint_next_swap_in()
         self._hint_adapters(plan)
+        if recorder is not None:
+            self._record_host_span(recorder, time.perf_counter() - started, len(outputs))
         return outputs
 
+    def record(self, recorder: TraceRecorder | None) -> None:
+        """Record every later step's transfers and compute spans into `recorder` (None: stop).
+
+        Raises:
+            RuntimeError: if the engine is not started.
+        """
+        self.runner.transport.recorder = recorder
+
     # helpers ---------------------------------------------------------------------------------------
+    def _record_host_span(self, recorder: TraceRecorder, step_s: float, tokens: int) -> None:
+        """Close the step in the trace: its work outside layers, swaps and weight loads (scheduling,
+        embedding, head, sampling) as one host span, then the step's tokens and wall time."""
+        timing = self.runner.stats
+        host_s = max(0.0, step_s - timing.last_layers_s - timing.last_fetch_s - timing.last_swap_s)
+        recorder.compute(0.0, 0.0, host_s, 0, "host")
+        recorder.end_step(tokens, step_s)
+
     def _check_embeds(self, embeds: torch.Tensor) -> int:
         hidden = self.model.config.hidden_size
         if embeds.dtype != torch.float32 or embeds.dim() != 2 or embeds.shape[1] != hidden:

@@ -28,7 +28,7 @@ from veil.engine.weights import WeightSource
 from veil.lora.bank import DeviceAdapterBank
 from veil.lora.projection import LoraBatch, lora_projection
 from veil.model.config import ModelConfig
-from veil.model.llama import StepContext, decoder_layer, lm_head
+from veil.model.llama import LayerWeights, StepContext, decoder_layer, lm_head
 from veil.model.paged import PagedBatch, PagedKVCache, paged_context, paged_storage_shape
 from veil.model.rope import Rotary
 from veil.transport.base import Transport
@@ -62,11 +62,28 @@ def padding_bounded_groups(
     return groups
 
 
+def layer_cost(config: ModelConfig, chunks: Sequence[ScheduledChunk]) -> tuple[float, float]:
+    """(FLOPs, bytes read) of one decoder layer over a step's chunks (for traces, `veil.trace`).
+
+    FLOPs: 2 per weight per token, plus attention's 4 x query width per (token, context position)
+    pair; bytes: the layer's fp32 weights once, plus each row's K and V over its context.
+    """
+    tokens = sum(len(c.token_ids) for c in chunks)
+    pairs = sum(len(c.token_ids) * (c.start + len(c.token_ids)) for c in chunks)
+    context = sum(c.start + len(c.token_ids) for c in chunks)
+    weights = LayerWeights.numel(config)
+    flops = 2.0 * weights * tokens + 4.0 * config.q_size * pairs
+    nbytes = 4.0 * weights + 2 * context * config.kv_size * KV_DTYPE.itemsize
+    return flops, nbytes
+
+
 @dataclass
 class RunnerStats:
     layer_compute_s: float = 0.0  # time in decoder layers (not waiting for weights, not the head)
     last_swap_s: float = 0.0  # the last step's swaps, until its blocks were in place
     last_forward_s: float = 0.0  # the last step's forward pass (weights, layers, head)
+    last_layers_s: float = 0.0  # the last step's time in decoder layers
+    last_fetch_s: float = 0.0  # the last step's time getting layer weights (streamed: loads, waits)
 
 
 @dataclass
@@ -162,6 +179,7 @@ class ModelRunner:
         when the prompt came as embeddings; those positions skip the embedding table.
         """
         started = time.perf_counter()
+        self.stats.last_layers_s = self.stats.last_fetch_s = 0.0
         self.swap(out.swap_out, out.swap_in)
         swapped = time.perf_counter()
         self.stats.last_swap_s = swapped - started
@@ -179,9 +197,13 @@ class ModelRunner:
         logits: dict[int, torch.Tensor] = {}
         if not groups:
             return logits
+        recorder = self.transport.recorder
+        cost = layer_cost(self.config, out.chunks) if recorder is not None else (0.0, 0.0)
         with torch.inference_mode():
             passes = [self._begin(group, embeds) for group in groups]
             for layer in range(self.config.num_layers):
+                needs = recorder.data_transfers if recorder is not None else 0  # before this layer's loads
+                fetching = time.perf_counter()
                 weights = self.weights.layer(layer)
                 started = time.perf_counter()
                 try:
@@ -190,7 +212,12 @@ class ModelRunner:
                         p.hidden = decoder_layer(p.hidden, weights, p.ctx, layer, self.config, project)
                 finally:
                     self.weights.release(layer)
-                self.stats.layer_compute_s += time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                self.stats.layer_compute_s += elapsed
+                self.stats.last_layers_s += elapsed
+                self.stats.last_fetch_s += started - fetching
+                if recorder is not None:
+                    recorder.compute(*cost, elapsed, needs)
             for p in passes:
                 logits.update(self._head(p))
         return logits

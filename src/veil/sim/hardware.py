@@ -36,6 +36,19 @@ class HardwareProfile:
         hbm_efficiency: share of `hbm_bytes_per_s` that decode kernels reach (assumption: 0.8).
         message_s: fixed host cost of one message, data or NOP (driver call, bounce-buffer slot,
             doorbell): a few microseconds (assumption: 4 us), in every mode.
+        pcie_d2h_bytes_per_s: device-to-host copy bandwidth; PCIe is symmetric (assumption: as h2d).
+        aes_gcm_open_bytes_per_s: one host core's AES-256-GCM decryption rate (None: the sealing
+            rate; GCM decryption does the same work, assumption confirmed within 10% here).
+        device_crypto_bytes_per_s: rate at which the device side opens h2d and seals d2h messages;
+            None for the H100's copy engine, which does it in hardware at line rate (NVIDIA CC
+            whitepaper). Set for the emulated device, whose copy engine is one CPU thread.
+        duplex: True if the two directions have separate links (PCIe); False if one engine carries
+            both in turn (the emulated copy engine).
+        compute_on_host: True if compute runs on the host thread itself (the emulated device), so
+            the host can issue nothing while a span computes; False for a GPU (asynchronous launch).
+        gpu_memory_bytes: device memory; H100 SXM has 80 GB HBM3 (datasheet).
+        gpu_memory_usable: share of it a serving engine may fill with weights and KV cache
+            (assumption: 0.9, vLLM's default `gpu_memory_utilization`).
     """
 
     name: str
@@ -49,6 +62,13 @@ class HardwareProfile:
     hbm_bytes_per_s: float = 3350 * GB
     hbm_efficiency: float = 0.8
     message_s: float = 4e-6
+    pcie_d2h_bytes_per_s: float = 50 * GB
+    aes_gcm_open_bytes_per_s: float | None = None
+    device_crypto_bytes_per_s: float | None = None
+    duplex: bool = True
+    compute_on_host: bool = False
+    gpu_memory_bytes: float = 80 * GB
+    gpu_memory_usable: float = 0.9
 
     def __post_init__(self) -> None:
         rates = (self.pcie_h2d_bytes_per_s, self.aes_gcm_bytes_per_s, self.aes_gcm_vaes_bytes_per_s)
@@ -63,6 +83,18 @@ class HardwareProfile:
     def seal_bytes_per_s(self) -> float:
         """Sealing rate of one core, AES-NI or VAES as configured."""
         return self.aes_gcm_vaes_bytes_per_s if self.vaes else self.aes_gcm_bytes_per_s
+
+    @property
+    def open_bytes_per_s(self) -> float:
+        """Decryption rate of one host core."""
+        return self.aes_gcm_open_bytes_per_s or self.seal_bytes_per_s
+
+    def compute_seconds(self, flops: float, nbytes: float) -> float:
+        """Roofline time of a compute span: the slower of its FLOPs and its memory reads."""
+        return max(
+            flops / (self.gpu_flops * self.flops_efficiency),
+            nbytes / (self.hbm_bytes_per_s * self.hbm_efficiency),
+        )
 
 
 H100_SXM_PCIE5 = HardwareProfile(name="H100 SXM, PCIe 5 x16, AES-NI host")
@@ -100,6 +132,16 @@ class ModelProfile:
     def layer_bytes(self) -> int:
         return self.params_per_layer * self.bytes_per_param
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every decoder layer (embeddings and head are left out, as they are not streamed)."""
+        return self.layers * self.layer_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token in every layer."""
+        return 2 * self.layers * self.kv_dim * self.bytes_per_param
+
 
 def _opt(name: str, layers: int, hidden: int) -> ModelProfile:
     """OPT (Zhang et al. 2022, table 1): MHA, MLP width 4 x hidden, biases everywhere, 2 LayerNorms."""
@@ -120,6 +162,7 @@ MODELS: dict[str, ModelProfile] = {
         _opt("opt-13b", 40, 5120),
         _opt("opt-30b", 48, 7168),
         _opt("opt-66b", 64, 9216),
+        _opt("opt-175b", 96, 12288),
         _llama2("llama-2-7b", 32, 4096, 11008, 4096),
         _llama2("llama-2-13b", 40, 5120, 13824, 5120),
         _llama2("llama-2-70b", 80, 8192, 28672, 1024),  # GQA: 8 KV heads of 128
@@ -139,8 +182,11 @@ def decode_layer_seconds(
     """
     if batch < 1 or context_tokens < 0:
         raise ValueError(f"batch must be >= 1 and context_tokens >= 0, got {batch}, {context_tokens}")
+    return hardware.compute_seconds(*decode_layer_cost(model, batch=batch, context_tokens=context_tokens))
+
+
+def decode_layer_cost(model: ModelProfile, *, batch: int, context_tokens: int) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) of one decoder layer for one decode step (see `decode_layer_seconds`)."""
     flops = batch * (2 * model.params_per_layer + 4 * context_tokens * model.hidden)
     kv_bytes = batch * 2 * context_tokens * model.kv_dim * model.bytes_per_param
-    compute_s = flops / (hardware.gpu_flops * hardware.flops_efficiency)
-    memory_s = (model.layer_bytes + kv_bytes) / (hardware.hbm_bytes_per_s * hardware.hbm_efficiency)
-    return max(compute_s, memory_s)
+    return flops, model.layer_bytes + kv_bytes

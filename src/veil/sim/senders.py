@@ -8,72 +8,140 @@ GPU's copy engine is assumed to authenticate and decrypt at line rate, so it add
 - `SyncSender(seal=True)` is `cc`: the host also seals each chunk right before sending it.
 - `PipeLLMSender` asks the real `Speculator` for every chunk; `VirtualWorkers` seal its planned jobs
   in the background, on `spare_cores` modelled cores.
+
+Device-to-host chunks (`receive`) cross their own `Wire` (the same one when the hardware is not
+duplex); the device seals them (free on an H100, at `device_crypto_bytes_per_s` otherwise) and the
+host opens them: `plain` does nothing, `cc` opens on the host thread, `pipellm` on a background
+decryption lane (its runtime's decryption thread) that an h2d of the same buffer waits for.
 """
 
 from __future__ import annotations
 
 import heapq
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 
-from veil.pipellm import Commit, PadThenCommit, Speculator, TransferKey, Wait
+from veil.pipellm import Commit, Decision, PadThenCommit, Speculator, TransferKey, Wait
 from veil.sim.hardware import HardwareProfile
 
 NOP_BYTES = 1  # the prototype burns an IV with a 1-byte copy
 
 
 class Wire:
-    """The host-to-device link: FIFO, one message at a time.
+    """A link: FIFO, one message at a time.
 
     Args:
         bytes_per_s: link bandwidth.
         record_ivs: keep every emitted IV (data and NOP) in `ivs`, in emission order.
+        crypto_bytes_per_s: the receiving (h2d) or sending (d2h) device side's AES-GCM rate when it
+            is not free (the emulated copy engine); it adds to each sealed message's time.
     """
 
-    def __init__(self, bytes_per_s: float, *, record_ivs: bool = False) -> None:
+    def __init__(
+        self, bytes_per_s: float, *, record_ivs: bool = False, crypto_bytes_per_s: float | None = None
+    ) -> None:
         self._bytes_per_s = bytes_per_s
+        self._crypto_bytes_per_s = crypto_bytes_per_s
         self.free_at = 0.0  # when the last emitted message has fully arrived
         self.ivs: list[int] | None = [] if record_ivs else None
 
-    def emit(self, iv: int, nbytes: int, ready_at: float) -> float:
+    def emit(self, iv: int, nbytes: int, ready_at: float, *, sealed: bool = True) -> float:
         """Send a message that is ready at `ready_at`; returns when it has arrived."""
-        self.free_at = max(ready_at, self.free_at) + nbytes / self._bytes_per_s
+        busy = nbytes / self._bytes_per_s
+        if sealed and self._crypto_bytes_per_s is not None:
+            busy += nbytes / self._crypto_bytes_per_s
+        self.free_at = max(ready_at, self.free_at) + busy
         if self.ivs is not None:
             self.ivs.append(iv)
         return self.free_at
 
 
 class Sender(ABC):
-    """Issues chunk transfers in program order on one host thread."""
+    """Issues chunk transfers in program order on one host thread.
 
-    def __init__(self, wire: Wire, hardware: HardwareProfile) -> None:
+    Args:
+        wire: the host-to-device link.
+        hardware: rates and costs.
+        d2h_wire: the device-to-host link (None: a duplex one is made from the profile).
+    """
+
+    def __init__(self, wire: Wire, hardware: HardwareProfile, d2h_wire: Wire | None = None) -> None:
         self._wire = wire
         self._hw = hardware
+        self._d2h = d2h_wire or Wire(hardware.pcie_d2h_bytes_per_s)
         self._host = 0.0  # when the host thread is next free
+        self._d2h_iv = 0
+
+    @property
+    def host_free(self) -> float:
+        """When the host thread is next free."""
+        return self._host
+
+    def occupy_host(self, until: float) -> None:
+        """The host thread is busy (computing, waiting) until `until`."""
+        self._host = max(self._host, until)
 
     def seal_s(self, nbytes: int) -> float:
         """Time one core takes to seal `nbytes`."""
         return nbytes / self._hw.seal_bytes_per_s
 
+    def open_s(self, nbytes: int) -> float:
+        """Time one core takes to open `nbytes`."""
+        return nbytes / self._hw.open_bytes_per_s
+
     @abstractmethod
-    def send(self, key: TransferKey, not_before: float) -> float:
-        """Issue `key` no earlier than `not_before`; returns when its bytes are on the device."""
+    def send(self, key: TransferKey, not_before: float, version: int = 0) -> float:
+        """Issue `key` no earlier than `not_before`; returns when its bytes are on the device.
+
+        `version` is the source buffer's write version at the request (what `Speculator.request`
+        validates pre-sealed chunks against).
+        """
+
+    def receive(self, key: TransferKey, not_before: float) -> float:
+        """Issue device-to-host `key` no earlier than `not_before`; returns when its plaintext is in
+        host memory (the base: no host-side work, as `plain`)."""
+        t = max(self._host, not_before) + self._hw.message_s
+        self._host = t
+        return self._emit_d2h(key, t)
+
+    def _emit_d2h(self, key: TransferKey, t: float) -> float:
+        iv, self._d2h_iv = self._d2h_iv, self._d2h_iv + 1
+        return self._d2h.emit(iv, key.length, t, sealed=self.seals)
+
+    @property
+    def seals(self) -> bool:
+        """True if messages are sealed (cc, pipellm)."""
+        return True
 
 
 class SyncSender(Sender):
-    """`plain` (seal=False) or `cc` (seal=True): the host seals, if at all, on its own path."""
+    """`plain` (seal=False) or `cc` (seal=True): the host seals and opens, if at all, on its own path."""
 
-    def __init__(self, wire: Wire, hardware: HardwareProfile, *, seal: bool) -> None:
-        super().__init__(wire, hardware)
+    def __init__(
+        self, wire: Wire, hardware: HardwareProfile, *, seal: bool, d2h_wire: Wire | None = None
+    ) -> None:
+        super().__init__(wire, hardware, d2h_wire)
         self._seal = seal
         self._next_iv = 0
 
-    def send(self, key: TransferKey, not_before: float) -> float:
+    @property
+    def seals(self) -> bool:
+        return self._seal
+
+    def send(self, key: TransferKey, not_before: float, version: int = 0) -> float:
         t = max(self._host, not_before) + self._hw.message_s
         if self._seal:
             t += self.seal_s(key.length)
         self._host = t
         iv, self._next_iv = self._next_iv, self._next_iv + 1
-        return self._wire.emit(iv, key.length, t)
+        return self._wire.emit(iv, key.length, t, sealed=self._seal)
+
+    def receive(self, key: TransferKey, not_before: float) -> float:
+        arrived = super().receive(key, not_before)
+        if not self._seal:
+            return arrived
+        self._host = max(self._host, arrived) + self.open_s(key.length)  # cc opens in the caller
+        return self._host
 
 
 class VirtualWorkers:
@@ -83,11 +151,15 @@ class VirtualWorkers:
     order, and re-plans at each end) and `feed(now)` after it (it plans for idle cores).
     """
 
-    def __init__(self, spec: Speculator, count: int, sender: Sender) -> None:
+    def __init__(
+        self, spec: Speculator, count: int, sender: Sender, version_of: Callable[[int], int] | None = None
+    ) -> None:
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         self._spec = spec
         self._sender = sender
+        self._version_of = version_of or (lambda source_id: 0)
+        self._versions: dict[int, int] = {}  # job id -> the source version read when it started
         self._idle = count
         self._running: list[tuple[float, int]] = []  # heap of (end time, job id)
         self._ends: dict[int, float] = {}
@@ -101,7 +173,8 @@ class VirtualWorkers:
         while self._running and self._running[0][0] <= now:
             end, job_id = heapq.heappop(self._running)
             del self._ends[job_id]
-            self._spec.sealed(job_id, 0)  # False (dropped meanwhile) needs nothing: no ciphertext kept
+            # False (dropped meanwhile) needs nothing: no ciphertext kept
+            self._spec.sealed(job_id, self._versions.pop(job_id))
             self._idle += 1
             self.feed(end)
 
@@ -112,6 +185,7 @@ class VirtualWorkers:
             seal_s = self._sender.seal_s(job.key.length)
             self.busy_s += seal_s
             self._ends[job.job_id] = now + seal_s
+            self._versions[job.job_id] = self._version_of(job.key.source_id)
             heapq.heappush(self._running, (now + seal_s, job.job_id))
             self._idle -= 1
 
@@ -119,13 +193,30 @@ class VirtualWorkers:
 class PipeLLMSender(Sender):
     """Every chunk is decided by `spec`; pre-sealed chunks skip the seal on the host's path.
 
-    Versions are all 0: the simulator has no host writes, so nothing is ever stale.
+    Args:
+        version_of: a source buffer's current write version (what a worker reads before sealing);
+            None: every version is 0 (no host writes, so nothing is ever stale).
+        on_decision: called with every final decision, in order (tests compare them).
     """
 
-    def __init__(self, wire: Wire, hardware: HardwareProfile, spec: Speculator, *, spare_cores: int) -> None:
-        super().__init__(wire, hardware)
+    def __init__(
+        self,
+        wire: Wire,
+        hardware: HardwareProfile,
+        spec: Speculator,
+        *,
+        spare_cores: int,
+        d2h_wire: Wire | None = None,
+        version_of: Callable[[int], int] | None = None,
+        on_decision: Callable[[Decision], None] | None = None,
+    ) -> None:
+        super().__init__(wire, hardware, d2h_wire)
         self._spec = spec
-        self.workers = VirtualWorkers(spec, spare_cores, self)
+        self.workers = VirtualWorkers(spec, spare_cores, self, version_of)
+        self._on_decision = on_decision
+        self._decrypted_at: dict[int, float] = {}  # host buffer -> when its pending d2h is opened
+        self._decrypt_lane = 0.0  # the background decryption thread is next free
+        self._quiet_ivs: Iterator[int] = iter(())  # IVs of a transfer decided at once
         self.wait_s = 0.0  # host time spent waiting for a job already sealing the wanted chunk
         self.waits = 0
 
@@ -133,17 +224,58 @@ class PipeLLMSender(Sender):
     def speculator(self) -> Speculator:
         return self._spec
 
-    def send(self, key: TransferKey, not_before: float) -> float:
-        t = max(self._host, not_before)
+    def receive(self, key: TransferKey, not_before: float) -> float:
+        arrived = super().receive(key, not_before)
+        self._decrypt_lane = max(self._decrypt_lane, arrived) + self.open_s(key.length)
+        self._decrypted_at[key.source_id] = self._decrypt_lane
+        return arrived  # on the host in ciphertext; an h2d of this buffer waits for its decryption
+
+    def observe_device_to_host(self, transfer: TransferKey) -> None:
+        """Report a whole device-to-host transfer (a swap-out predicts its swap-in), as the runtime
+        does once its chunks are issued; feeds idle workers."""
+        self._spec.observe_device_to_host(transfer)
+        self.workers.feed(self._host)
+
+    def hint(self, transfers: list[TransferKey], now: float) -> None:
+        """Pass an engine's hint (whole transfers) to the speculator and feed idle workers."""
+        self.workers.advance(max(self._host, now))
+        self._spec.hint(transfers)
+        self.workers.feed(max(self._host, now))
+
+    def begin(self, transfer: TransferKey, not_before: float) -> bool:
+        """Announce a host-to-device transfer before its chunks are sent, as the runtime's sealer does.
+
+        Returns:
+            True if the speculator was quiet and decided every chunk `SealNow` at once: send them with
+            `send_quiet`. False: send each chunk with `send`.
+        """
+        self.workers.advance(max(self._host, not_before))
+        if self._spec.quiet:
+            self._quiet_ivs = iter(self._spec.quiet_transfer(transfer))
+            return True
+        self._spec.begin_transfer(transfer)
+        return False
+
+    def send_quiet(self, key: TransferKey, not_before: float) -> float:
+        """Seal and send one chunk of a transfer `begin` decided at once (as `cc` does)."""
+        t = max(self._host, not_before, self._decrypted_at.get(key.source_id, 0.0)) + self._hw.message_s
+        t += self.seal_s(key.length)
+        self._host = t
+        return self._wire.emit(next(self._quiet_ivs), key.length, t)
+
+    def send(self, key: TransferKey, not_before: float, version: int = 0) -> float:
+        t = max(self._host, not_before, self._decrypted_at.get(key.source_id, 0.0))  # forced decrypt
         self.workers.advance(t)
-        decision = self._spec.request(key, 0)
+        decision = self._spec.request(key, version)
         while isinstance(decision, Wait):
             end = self.workers.end_of(decision.job_id)
             self.waits += 1
             self.wait_s += max(0.0, end - t)
             t = max(t, end)
             self.workers.advance(t)
-            decision = self._spec.request(key, 0)
+            decision = self._spec.request(key, version)
+        if self._on_decision is not None:
+            self._on_decision(decision)
         self.workers.feed(t)
         for iv in decision.nop_ivs:
             t += self._hw.message_s

@@ -14,17 +14,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 
-from veil.pipellm import MiB, Speculator, SpeculatorConfig, SpeculatorStats, TransferKey, default_predictor
-from veil.sim.hardware import HardwareProfile, ModelProfile, decode_layer_seconds
-from veil.sim.senders import PipeLLMSender, Sender, SyncSender, Wire
-
-
-class Mode(Enum):
-    PLAIN = "plain"  # no confidential computing: PCIe only
-    CC = "cc"  # the caller seals each chunk right before sending it
-    PIPELLM = "pipellm"  # the speculator decides; spare cores seal ahead
+from veil.pipellm import MiB, SpeculatorStats
+from veil.sim.hardware import HardwareProfile, ModelProfile, decode_layer_cost, decode_layer_seconds
+from veil.sim.replay import Mode, ReplayOptions, replay
+from veil.trace import Compute, Op, Step, Trace, Transfer
 
 
 @dataclass(frozen=True)
@@ -119,37 +113,40 @@ class ModeResult:
 def simulate(scenario: Scenario, mode: Mode, *, record_ivs: bool = False) -> ModeResult:
     """Run `scenario` under `mode` and measure its steady-state throughput."""
     lay = layout(scenario)
-    wire = Wire(scenario.hardware.pcie_h2d_bytes_per_s, record_ivs=record_ivs)
-    sender = _sender(scenario, mode, wire, lay)
-    keys = [
-        [TransferKey(layer, i * MiB, n) for i, n in enumerate(lay.chunk_lengths)]
-        for layer in range(lay.layers_in_cycle)
-    ]
-    compute_end = issue_at = start = 0.0
-    for step in range(scenario.warmup_steps + scenario.steps):
-        if step == scenario.warmup_steps:
-            start = compute_end
-        for layer_keys in keys:
-            arrived = max(sender.send(key, issue_at) for key in layer_keys)
-            compute_start = max(arrived, compute_end)
-            compute_end = compute_start + lay.compute_s
-            issue_at = compute_start  # the next layer loads while this one computes
-    layer_s = (compute_end - start) / (scenario.steps * lay.layers_in_cycle)
+    options = ReplayOptions(
+        depth=scenario.depth,
+        speculate=scenario.speculate,
+        recorded_compute=True,
+        warmup_steps=scenario.warmup_steps,
+        record_ivs=record_ivs,
+        max_period=max(lay.requests, 1),
+    )
+    result = replay(flexgen_trace(scenario, lay), scenario.hardware, mode, options)
+    layer_s = (result.step_ends[-1] - result.start_s) / (scenario.steps * lay.layers_in_cycle)
     tokens_per_s = scenario.batch / (layer_s * scenario.model.layers)
-    ivs = tuple(wire.ivs) if wire.ivs is not None else None
-    if isinstance(sender, PipeLLMSender):
-        spec_stats = sender.speculator.stats
-        return ModeResult(mode, tokens_per_s, layer_s, sender.wait_s, sender.workers.busy_s, spec_stats, ivs)
-    return ModeResult(mode, tokens_per_s, layer_s, ivs=ivs)
+    return ModeResult(
+        mode, tokens_per_s, layer_s, result.wait_s, result.worker_busy_s, result.stats, result.ivs
+    )
 
 
-def _sender(scenario: Scenario, mode: Mode, wire: Wire, lay: Layout) -> Sender:
-    hw = scenario.hardware
-    if mode is not Mode.PIPELLM:
-        return SyncSender(wire, hw, seal=mode is Mode.CC)
-    config = SpeculatorConfig(depth=scenario.depth, speculate=scenario.speculate)
-    spec = Speculator(default_predictor(max_period=max(lay.requests, 1)), config)
-    return PipeLLMSender(wire, hw, spec, spare_cores=hw.spare_cores)
+def flexgen_trace(scenario: Scenario, lay: Layout) -> Trace:
+    """FlexGen's schedule as a trace: per pass, each streamed layer's load, then its compute.
+
+    Layer j's load is issued when the host reaches it, right after it launched layer j-1 (double
+    buffering), and layer j computes once its load has landed and layer j-1 is done.
+    """
+    streamed = sum(lay.chunk_lengths)
+    model, batch = scenario.model, scenario.batch
+    flops, nbytes = decode_layer_cost(model, batch=batch, context_tokens=scenario.context_tokens)
+    steps, transfers = [], 0
+    for _ in range(scenario.warmup_steps + scenario.steps):
+        events: list[Transfer | Compute] = []
+        for layer in range(lay.layers_in_cycle):
+            events.append(Transfer(Op.H2D, layer, 0, streamed, 0))
+            transfers += 1
+            events.append(Compute(flops, nbytes, lay.compute_s, transfers))
+        steps.append(Step(events, tokens=batch))
+    return Trace(steps, {"workload": "offload", "model": model.name, "batch": batch})
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from veil.cc.device import Device, DeviceBuffer
 from veil.cc.host import HostBuffer
 from veil.cc.link import LinkConfig
 from veil.cc.stream import Event
+from veil.trace import Op, TraceRecorder
 
 if TYPE_CHECKING:  # the richer statistics of the sealed kinds (they import this module)
     from veil.pipellm.options import PipeLLMStats
@@ -134,6 +135,7 @@ class Transport(ABC):
     """
 
     kind: ClassVar[TransportKind]
+    recorder: TraceRecorder | None = None  # when set, every h2d / d2h / hint is recorded (veil.trace)
 
     def __init__(self, device: Device, options: TransportOptions | None = None) -> None:
         _ = device.copy_engine  # raises if the device is not started
@@ -175,6 +177,8 @@ class Transport(ABC):
         """
         self._check_open()
         span = Span.of(src.nbytes, dst.nbytes, src_offset, dst_offset, nbytes)
+        if self.recorder is not None:
+            self.recorder.transfer(Op.H2D, src.source_id, span.src_offset, span.nbytes, src.version)
         event = self._h2d(src, dst, span)
         self._counts[0] += 1
         self._counts[1] += span.nbytes
@@ -196,6 +200,8 @@ class Transport(ABC):
         """
         self._check_open()
         span = Span.of(src.nbytes, dst.nbytes, src_offset, dst_offset, nbytes)
+        if self.recorder is not None:
+            self.recorder.transfer(Op.D2H, dst.source_id, span.dst_offset, span.nbytes, dst.version)
         event = self._d2h(src, dst, span)
         self._counts[2] += 1
         self._counts[3] += span.nbytes
@@ -212,6 +218,8 @@ class Transport(ABC):
         """
         self._check_open()
         span = Span.of(src.nbytes, src.nbytes, src_offset, 0, nbytes)
+        if self.recorder is not None:
+            self.recorder.transfer(Op.HINT, src.source_id, span.src_offset, span.nbytes, src.version)
         self._hint(src, span)
 
     def _hint(self, src: HostBuffer, span: Span) -> None:  # noqa: B027 - optional: ignoring is valid

@@ -1,0 +1,190 @@
+"""`veil simulate`: PipeLLM's workloads on modelled hardware, and the simulator's check against this machine.
+
+Scenarios:
+- `paper`: FlexGen offloading, vLLM KV swapping and S-LoRA-like adapter swapping at 13B-175B on the
+  H100 profile: per workload and model the CC drop and PipeLLM's residual overhead beside the paper's
+  figures, the sealing cores PipeLLM needs for <= 5%, the overhead under injected mispredictions, and
+  a sensitivity sweep (sealing cores, PCIe bandwidth, batch) as a PNG.
+- `replay`: one recorded trace (`--trace`, from `LLMEngine(recorder=...)`), optionally scaled to a
+  bigger model and with mispredictions injected, under plain, cc and pipellm.
+
+Validation rows come from `--validate DIR` (records the benches' workloads now, minutes) or from a
+validation file written by an earlier `--validate` (`--validation FILE`, default
+out/validate/validation.json when it exists). See docs/sim.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from veil.bench.report import emit_json, print_table, progress
+from veil.errors import UsageError
+from veil.sim import H100_SXM_PCIE5, MODELS
+from veil.sim.paper import (
+    PAPER_PIPELLM_OVERHEAD_BELOW,
+    TARGET_OVERHEAD,
+    paper_rows,
+    plot_sensitivity,
+    sensitivity,
+    serving_options,
+    serving_trace,
+)
+from veil.sim.replay import Mode, ReplayOptions, inject_mispredictions, replay, scale_trace
+from veil.trace import Trace
+
+DEFAULT_VALIDATION = Path("out/validate/validation.json")
+MISPREDICT_RATES = (0.0, 0.05, 0.2)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("simulate", help="simulate PipeLLM's workloads on modelled hardware")
+    parser.add_argument("--scenario", choices=["paper", "replay"], default="paper")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--spare-cores", type=int, default=H100_SXM_PCIE5.spare_cores, help="sealing cores")
+    parser.add_argument("--vaes", action="store_true", help="seal at the VAES rate instead of AES-NI")
+    parser.add_argument("--png", type=Path, default=Path("out/simulate/sensitivity.png"), help="sweep plot")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the sensitivity sweep")
+    parser.add_argument("--validate", type=Path, metavar="DIR", help="bench results to validate against now")
+    parser.add_argument("--validation", type=Path, metavar="FILE", help="a validation file written earlier")
+    parser.add_argument(
+        "--traces",
+        type=Path,
+        metavar="DIR",
+        help="with --validate: replay traces recorded earlier (DIR/<bench>.json)",
+    )
+    parser.add_argument("--trace", type=Path, help="replay: the recorded trace")
+    parser.add_argument("--scale-bytes", type=float, default=1.0, help="replay: transfer bytes factor")
+    parser.add_argument("--scale-flops", type=float, default=1.0, help="replay: compute factor")
+    parser.add_argument(
+        "--mispredict", type=float, default=0.0, help="replay: share of h2d made unforeseeable"
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.spare_cores < 0:
+        raise UsageError("--spare-cores must be >= 0")
+    hw = dataclasses.replace(H100_SXM_PCIE5, spare_cores=args.spare_cores, vaes=args.vaes)
+    result: dict[str, Any] = {"hardware": dataclasses.asdict(hw)}
+    if args.scenario == "replay":
+        result["replay"] = _replay(args, hw)
+    else:
+        result.update(_paper(args, hw))
+    result.update(_validation(args))
+    if args.json:
+        emit_json(result)
+    else:
+        _print(result)
+    return 0
+
+
+def _paper(args: argparse.Namespace, hw: Any) -> dict[str, Any]:
+    progress("simulate: paper rows (3 workloads x 3-4 models, cores searched)")
+    rows = [r.to_json() for r in paper_rows(MODELS, hw)]
+    progress("simulate: injected mispredictions (KV swapping, OPT-13B)")
+    trace = serving_trace("kvswap", MODELS["opt-13b"], hw)
+    options = serving_options(trace)
+    plain = replay(trace, hw, Mode.PLAIN, options).tokens_per_s
+    mispredictions = []
+    for rate in MISPREDICT_RATES:
+        pipellm = replay(inject_mispredictions(trace, rate, seed=1), hw, Mode.PIPELLM, options)
+        assert pipellm.stats is not None
+        mispredictions.append({"workload": "kvswap", "model": "opt-13b", "rate": rate,
+                               "pipellm_overhead": 1 - pipellm.tokens_per_s / plain,
+                               "hits": pipellm.stats.hits, "requests": pipellm.stats.requests})  # fmt: skip
+    out: dict[str, Any] = {
+        "paper": {"pipellm_overhead_below": PAPER_PIPELLM_OVERHEAD_BELOW, "target_overhead": TARGET_OVERHEAD},
+        "rows": rows,
+        "mispredictions": mispredictions,
+    }
+    if not args.no_sweep:
+        progress("simulate: sensitivity sweep (FlexGen offloading, OPT-30B)")
+        sweeps = sensitivity(MODELS["opt-30b"], hw)
+        args.png.parent.mkdir(parents=True, exist_ok=True)
+        plot_sensitivity(sweeps, "FlexGen offloading, OPT-30B, H100 profile", args.png)
+        out["sensitivity"] = {
+            "model": "opt-30b",
+            "workload": "offload",
+            "png": str(args.png),
+            "sweeps": sweeps,
+        }
+    return out
+
+
+def _replay(args: argparse.Namespace, hw: Any) -> dict[str, Any]:
+    if args.trace is None:
+        raise UsageError("--scenario replay needs --trace FILE")
+    trace = Trace.load(args.trace)
+    if args.scale_bytes != 1.0 or args.scale_flops != 1.0:
+        trace = scale_trace(trace, bytes_factor=args.scale_bytes, flops_factor=args.scale_flops)
+    if args.mispredict:
+        trace = inject_mispredictions(trace, args.mispredict)
+    options = ReplayOptions(warmup_steps=int(trace.meta.get("warmup_steps", 0)))
+    figures = {mode.value: replay(trace, hw, mode, options).tokens_per_s for mode in Mode}
+    return {"trace": str(args.trace), "tokens_per_s": figures,
+            "cc_drop": 1 - figures["cc"] / figures["plain"],
+            "pipellm_overhead": 1 - figures["pipellm"] / figures["plain"]}  # fmt: skip
+
+
+def _validation(args: argparse.Namespace) -> dict[str, Any]:
+    if args.validate is not None:
+        from veil.bench.sim_validation import record_all, validate  # the real engine: minutes
+        from veil.model.loader import load_model
+
+        loaded = load_model(progress=False)
+        if args.traces is not None:
+            traces = {b: Trace.load(args.traces / f"{b}.json") for b in ("offload", "kvswap", "lora")}
+        else:
+            progress("simulate: recording the benches' workloads under plain")
+            traces = record_all(loaded)
+            (args.validate / "traces").mkdir(parents=True, exist_ok=True)
+            for name, trace in traces.items():
+                trace.save(args.validate / "traces" / f"{name}.json")
+        out = validate(args.validate, traces, loaded)
+        (args.validate / "validation.json").write_text(json.dumps(out, indent=2))
+        return {"validation": out["validation"], "validation_source": f"recorded now against {args.validate}"}
+    path = args.validation or (DEFAULT_VALIDATION if DEFAULT_VALIDATION.exists() else None)
+    if path is None:
+        return {"validation": [], "validation_source": None}
+    if not path.exists():
+        raise UsageError(f"no validation file at {path}; write one with --validate DIR")
+    out = json.loads(path.read_text())
+    return {"validation": out["validation"], "validation_source": str(path)}
+
+
+def _print(result: dict[str, Any]) -> None:
+    if "rows" in result:
+        headers = ["workload", "model", "cc drop", "paper cc drop", "pipellm overhead", "cores for 5%"]
+        table = [
+            [r["workload"], r["model"], _pct(r["cc_drop"]), _pct(r.get("paper_cc_drop")),
+             _pct(r["pipellm_overhead"]), r["cores_for_target"] or "-"]
+            for r in result["rows"]
+        ]  # fmt: skip
+        print_table(headers, table)
+    if "replay" in result:
+        print(json.dumps(result["replay"], indent=2))
+    if result["validation"]:
+        print(f"\nvalidation ({result['validation_source']}):")
+        headers = [
+            "bench",
+            "transport",
+            "measured tok/s",
+            "predicted",
+            "error",
+            "predicted (recorded compute)",
+            "error",
+        ]
+        table = [
+            [v["bench"], v["transport"], round(v["measured"], 2), round(v["predicted"], 2), _pct(v["error"]),
+             round(v.get("predicted_recorded_compute", 0.0), 2), _pct(v.get("error_recorded_compute"))]
+            for v in result["validation"]
+        ]  # fmt: skip
+        print_table(headers, table)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1%}" if value < 0 else f"{value:.1%}"

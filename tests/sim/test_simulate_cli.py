@@ -1,0 +1,65 @@
+"""`veil simulate`: the replay scenario on a trace file, the validation file, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from veil.cli.main import main
+from veil.pipellm import MiB
+from veil.trace import Op, TraceRecorder
+
+
+def _weight_streaming_trace(path: Path) -> Path:
+    """Three steps of 4 layers, each streaming 8 MiB before it computes."""
+    rec = TraceRecorder(workload="offload", warmup_steps=1)
+    for _ in range(3):
+        rec.begin_step()
+        for layer in range(4):
+            rec.transfer(Op.H2D, layer, 0, 8 * MiB, 0)
+            rec.compute(1e9, 8 * MiB, 0.0, rec.data_transfers)
+        rec.end_step(16, 0.0)
+    rec.trace.save(path)
+    return path
+
+
+def test_replay_prints_the_three_modes_and_the_validation_file(tmp_path: Path, capsys) -> None:
+    trace = _weight_streaming_trace(tmp_path / "t.json")
+    rows = [{"bench": "offload", "transport": "cc", "measured": 5.0, "predicted": 4.0, "error": -0.2}]
+    (tmp_path / "v.json").write_text(json.dumps({"validation": rows}))
+    argv = [
+        "simulate",
+        "--scenario",
+        "replay",
+        "--trace",
+        str(trace),
+        "--validation",
+        str(tmp_path / "v.json"),
+    ]
+    assert main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    figures = out["replay"]["tokens_per_s"]
+    assert figures["plain"] > figures["pipellm"] >= figures["cc"] > 0
+    assert out["replay"]["cc_drop"] > out["replay"]["pipellm_overhead"] >= 0
+    assert out["validation"] == rows and out["validation_source"] == str(tmp_path / "v.json")
+
+
+def test_more_sealing_cores_lower_the_replayed_overhead(tmp_path: Path, capsys) -> None:
+    trace = _weight_streaming_trace(tmp_path / "t.json")
+    overheads = []
+    for cores in ("1", "16"):
+        main(["simulate", "--scenario", "replay", "--trace", str(trace), "--spare-cores", cores, "--json"])
+        overheads.append(json.loads(capsys.readouterr().out)["replay"]["pipellm_overhead"])
+    assert overheads[1] < overheads[0]
+
+
+def test_bad_input_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    assert main(["simulate", "--scenario", "replay"]) == 2
+    assert "--trace" in capsys.readouterr().err
+    assert main(["simulate", "--scenario", "replay", "--trace", "x", "--spare-cores", "-1"]) == 2
+    trace = _weight_streaming_trace(tmp_path / "t.json")
+    assert main(["simulate", "--scenario", "replay", "--trace", str(trace), "--validation", "nope.json"]) == 2
+    with pytest.raises(SystemExit):
+        main(["simulate", "--scenario", "nope"])
