@@ -31,7 +31,7 @@ import threading
 import time
 from contextlib import ExitStack, suppress
 
-from veil.cc.channel import ReceiverChannel
+from veil.cc.channel import ReceiverChannel, message_count
 from veil.cc.device import Device, DeviceBuffer
 from veil.cc.errors import IntegrityError
 from veil.cc.host import HostBuffer
@@ -202,13 +202,14 @@ class PipeLLMTransport(SealedTransport):
             self._measure(span.nbytes)
             sender = self.link.host_tx
             transfer = TransferKey(src.source_id, span.src_offset, span.nbytes, Direction.H2D)
-            keys = chunks(transfer, sender.max_message_bytes)
+            count = message_count(span.nbytes, sender.max_message_bytes)
             options = self.pipellm
-            margin = len(keys) + (options.depth + 1) * (1 + options.max_pad)
-            self._prepare(sender, len(keys), used=self._sealer.reach(), margin=margin)
+            margin = count + (options.depth + 1) * (1 + options.max_pad)
+            self._prepare(sender, count, used=self._sealer.reach(), margin=margin)
             target = dst.memory()[span.dst]
             if self._sealer.begin(transfer, src):  # speculation off: exactly what `cc` does
                 return self._send_in_caller(src.memory()[span.src], target)
+            keys = chunks(transfer, sender.max_message_bytes)  # only now: the quiet path needs none
             schedule = DeviceSchedule(self.link.device_rx)
             event = self.device.copy_engine.submit(schedule.run)
             try:
