@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     privacy.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     privacy.add_argument(
-        "--quick", action="store_true", help="a smoke run: 80+48 sentences, the four main mechanisms"
+        "--quick", action="store_true", help="a smoke run: 80+40 sentences, the four main mechanisms"
     )
     privacy.add_argument(
         "--out",

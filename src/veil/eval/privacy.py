@@ -38,7 +38,7 @@ class Settings:
     cost_repeats: int = 20  # timed sanitizer calls for the cost figure (0: not measured)
 
 
-QUICK = Settings(num_train=80, num_test=48, num_zero_shot=48, num_calibration=32, cost_repeats=5)
+QUICK = Settings(num_train=80, num_test=40, num_zero_shot=40, num_calibration=32, cost_repeats=5)
 FULL = Settings(num_train=600, num_test=300, num_zero_shot=300, num_calibration=128)
 
 
