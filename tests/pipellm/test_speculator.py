@@ -357,3 +357,10 @@ def test_begin_transfer_refuses_device_to_host_keys() -> None:
     spec = Speculator(HintPredictor())
     with pytest.raises(ValueError):
         spec.begin_transfer(TransferKey(1, 0, MB, Direction.D2H))
+
+
+@pytest.mark.parametrize("length", [0, 1, MB - 1, MB, MB + 1, 3 * MB + 100])
+def test_chunk_count_is_the_number_of_chunks(length: int) -> None:
+    from veil.pipellm.keys import chunk_count
+
+    assert chunk_count(length, MB) == len(chunks_of(TransferKey(1, 0, length)))

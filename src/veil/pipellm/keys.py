@@ -48,6 +48,11 @@ class TransferKey:
         return TransferKey(self.source_id, self.offset, self.length, other)
 
 
+def chunk_count(length: int, chunk_bytes: int) -> int:
+    """How many chunks `chunks` makes of a transfer of `length` bytes (an empty one is one chunk)."""
+    return max(1, -(-length // chunk_bytes))
+
+
 def chunks(key: TransferKey, chunk_bytes: int, limit: int | None = None) -> list[TransferKey]:
     """The messages of transfer `key`: consecutive chunks of at most `chunk_bytes` (one empty chunk if
     the transfer is empty), only the first `limit` if given. The one chunking rule, shared by the

@@ -43,7 +43,7 @@ from veil.pipellm.decisions import (
     SpeculatorStats,
     Wait,
 )
-from veil.pipellm.keys import Direction, SizeClass, TransferKey, chunks
+from veil.pipellm.keys import Direction, SizeClass, TransferKey, chunk_count, chunks
 from veil.pipellm.predictors import default_predictor
 from veil.pipellm.predictors.base import Predictor
 
@@ -273,7 +273,7 @@ class Speculator:
         """
         if not self.quiet:
             raise ValueError("quiet_transfer() needs a quiet speculator (nothing in flight, speculation off)")
-        count = max(1, -(-key.length // self._config.chunk_bytes))  # len(chunks(key, ...)), not built
+        count = chunk_count(key.length, self._config.chunk_bytes)
         first = self._pipe.next_iv
         self._pipe.check_limit(first + count - 1)
         self.begin_transfer(key)

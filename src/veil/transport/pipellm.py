@@ -31,14 +31,14 @@ import threading
 import time
 from contextlib import ExitStack, suppress
 
-from veil.cc.channel import ReceiverChannel, message_count
+from veil.cc.channel import ReceiverChannel
 from veil.cc.device import Device, DeviceBuffer
 from veil.cc.errors import IntegrityError
 from veil.cc.host import HostBuffer
 from veil.cc.session import Direction
 from veil.cc.stream import Event
 from veil.pipellm.decryptor import Decryptor, PendingTransfer
-from veil.pipellm.keys import TransferKey, chunks
+from veil.pipellm.keys import TransferKey, chunk_count, chunks
 from veil.pipellm.options import PipeLLMOptions, PipeLLMStats
 from veil.pipellm.sealer import Sealer, SealFunction, seal_chunk
 from veil.transport.base import Span, TransportKind, TransportOptions, TransportStats
@@ -202,7 +202,7 @@ class PipeLLMTransport(SealedTransport):
             self._measure(span.nbytes)
             sender = self.link.host_tx
             transfer = TransferKey(src.source_id, span.src_offset, span.nbytes, Direction.H2D)
-            count = message_count(span.nbytes, sender.max_message_bytes)
+            count = chunk_count(span.nbytes, sender.max_message_bytes)
             options = self.pipellm
             margin = count + (options.depth + 1) * (1 + options.max_pad)
             self._prepare(sender, count, used=self._sealer.reach(), margin=margin)
