@@ -364,3 +364,42 @@ def test_chunk_count_is_the_number_of_chunks(length: int) -> None:
     from veil.pipellm.keys import chunk_count
 
     assert chunk_count(length, MB) == len(chunks_of(TransferKey(1, 0, length)))
+
+
+def test_held_transfers_are_learned_in_order_before_the_predictor_is_consulted() -> None:
+    """While held, transfers are queued, not shown to the predictor one by one; before anything
+    consults it (a hint, a swap-out, a refill) the queue is learned in order, slacks included."""
+    cycle = [TransferKey(source, 0, 2 * MB) for source in (1, 2, 3)]
+    held_predictor, reference = CountingPredictor(), CountingPredictor()
+    spec = Speculator(held_predictor, SpeculatorConfig(depth=6))
+    spec.hold(True)
+    immediate = Speculator(reference, SpeculatorConfig(depth=6, speculate=False))
+    for _ in range(5):
+        for slack, transfer in enumerate(cycle):
+            for s in (spec, immediate):
+                for _ in range(slack):
+                    s.request(CONTROL, 0)  # `slack` control messages before this transfer
+                s.quiet_transfer(transfer)
+    assert held_predictor.seen == [] and len(reference.seen) == 15  # queued while held
+    assert spec.next_iv == immediate.next_iv  # the IVs were decided at once all the same
+    spec.hint([])  # consults the predictor: the queue first, in order
+    assert held_predictor.seen == reference.seen == cycle * 5
+    spec.hold(False)  # the cycle (period 3) is predicted; each transfer's learned slack spaces it out
+    reserved = {r.key.source_id: r.iv for r in spec.pipeline if r.key.offset == 0}
+    first_ivs = [reserved[t.source_id] for t in cycle]
+    assert spec.config.min_slack == 0
+    assert first_ivs[0] == spec.next_iv  # no control message before the cycle's first transfer
+    assert first_ivs[1] - first_ivs[0] == 2 + 1  # two chunks, then one clean IV for one message
+    assert first_ivs[2] - first_ivs[1] == 2 + 2
+
+
+def test_held_transfers_are_learned_in_batches_and_before_a_rekey() -> None:
+    predictor = CountingPredictor()
+    spec = Speculator(predictor, SpeculatorConfig())
+    spec.hold(True)
+    keys = [TransferKey(source, 0, MB) for source in range(70)]
+    for key in keys:
+        spec.quiet_transfer(key)
+    assert predictor.seen == keys[:64]  # one batch of 64 learned at once
+    spec.disable()  # a re-key's successor shares the predictor: nothing queued may be lost
+    assert predictor.seen == keys

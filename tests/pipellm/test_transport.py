@@ -157,6 +157,20 @@ def test_rekeys_when_the_epoch_runs_out(device: Device) -> None:
             _cycle(transport, device, sources, rounds=12)
 
 
+def test_sealing_in_the_caller_uses_every_iv_of_an_epoch(device: Device) -> None:
+    """With speculation off, a transfer needs only its own IVs (as `cc`): 32 transfers of 2 chunks fill
+    a 64-IV epoch exactly, and the 33rd re-keys (the reserve for reservations and NOPs is only kept
+    while speculating)."""
+    small = TransportOptions(link=LinkConfig(chunk_bytes=CHUNK, ring_slots=64, counter_limit=64))
+    sources = [host(2 * CHUNK, seed) for seed in range(4)]
+    with PipeLLMTransport(device, small, options(speculate=False)) as transport:
+        _cycle(transport, device, sources, rounds=8)
+        assert transport.stats().pipellm.rekeys == 0
+        assert transport.link.host_tx.remaining() == 0
+        _cycle(transport, device, sources[:1], rounds=1)
+        assert transport.stats().pipellm.rekeys == 1
+
+
 def test_misuse() -> None:
     with Device(capacity_bytes=1 << 20) as dev:
         with pytest.raises(TypeError, match="TransportKind"):

@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import threading
 import time
 import weakref
@@ -46,12 +47,20 @@ from veil.pipellm.decisions import (
     Wait,
 )
 from veil.pipellm.governor import Governor, GovernorStats, Mode
-from veil.pipellm.keys import TransferKey
+from veil.pipellm.keys import TransferKey, chunk_count
 from veil.pipellm.options import PipeLLMOptions
 from veil.pipellm.speculator import Speculator
 
 UNSEALED_VERSION = -1  # reported for a job that sealed nothing: requests carry versions >= 0
 _LIVE = (ReservationState.SEALING, ReservationState.SEALED)
+
+
+class Start(enum.Enum):
+    """How the caller sends a transfer it has announced (`Sealer.begin`)."""
+
+    QUIET = "quiet"  # speculation off, nothing in flight: seal every chunk in the caller, as `cc`
+    DECIDE = "decide"  # ask `decide` for each chunk, in order
+    REKEY = "rekey"  # the epoch lacks the IVs speculation needs: re-key, then announce again
 
 
 def seal_chunk(reservation: Reservation, plaintext: memoryview, *, in_place: bool = False) -> None:
@@ -186,32 +195,42 @@ class Sealer:
             self._spec.hint(keys)
             self._feed()
 
-    def record(self, nbytes: int, seconds: float) -> None:
-        """Report `nbytes` of host-to-device traffic that took `seconds` end to end (the governor)."""
-        with self._cond:
-            mode = self.governor.record(nbytes, seconds)
-            held = mode is Mode.SEAL_IN_CALLER
-            if held != self._spec.held:
-                self._spec.hold(held)
-                self._feed()
+    def begin(
+        self,
+        transfer: TransferKey,
+        source: HostBuffer,
+        *,
+        previous: tuple[int, float] | None = None,
+        margin: int = 0,
+    ) -> Start:
+        """Announce a host-to-device transfer, in one acquisition of the sealer's lock.
 
-    def begin(self, transfer: TransferKey, source: HostBuffer) -> bool:
-        """Announce a host-to-device transfer; decide all of it at once if nothing is in flight.
+        First `previous` (bytes of the last transfer, and the seconds from its start to now) goes to
+        the governor, which may hold speculation off or let it run. Then, if nothing is in flight and
+        speculation is off, every chunk of `transfer` is decided `SealNow` at the next consecutive IVs
+        in one O(1) call (the caller has checked that the epoch has IVs for the transfer). Otherwise
+        the transfer is announced if the epoch leaves `margin` IVs beyond those already spoken for
+        (speculation's reservations and NOPs); if it does not, nothing is announced.
 
         Returns:
-            True if speculation is off and nothing is in flight: every chunk of `transfer` was
-            decided `SealNow` at the next consecutive IVs in one O(1) call (the caller then seals and
-            emits them in order, exactly as `cc` does). False otherwise: call `decide` for each
-            chunk, in order.
+            `Start.QUIET`: seal and emit the chunks in order, exactly as `cc` does.
+            `Start.DECIDE`: call `decide` for each chunk, in order.
+            `Start.REKEY`: re-key the channel, then call again (with `previous=None`).
         """
         with self._cond:
+            if previous is not None:
+                self._record(*previous)
             spec = self._spec
             if spec.quiet:
                 spec.quiet_transfer(transfer)
-                return True
+                return Start.QUIET
+            limit = self._sender.counter_limit
+            count = chunk_count(transfer.length, self._sender.max_message_bytes)
+            if limit - spec.reach < max(count, min(margin, limit)):
+                return Start.REKEY
             self._remember(source)
             spec.begin_transfer(transfer)
-            return False
+            return Start.DECIDE
 
     def decide(self, key: TransferKey, source: HostBuffer) -> Decision:
         """The speculator's final decision for `key`, waiting (lock released) for a sealing worker."""
@@ -257,6 +276,15 @@ class Sealer:
             spec.disable()
         spec.hold(self.governor.mode is Mode.SEAL_IN_CALLER)
         return spec
+
+    def _record(self, nbytes: int, seconds: float) -> None:
+        """Report `nbytes` of host-to-device traffic that took `seconds` end to end to the governor, and
+        hold speculation off or let it run as it says (caller holds `_cond`)."""
+        mode = self.governor.record(nbytes, seconds)
+        held = mode is Mode.SEAL_IN_CALLER
+        if held != self._spec.held:
+            self._spec.hold(held)
+            self._feed()
 
     def _remember(self, source: HostBuffer) -> None:
         """Let workers find `source` by id (caller holds `_cond`)."""

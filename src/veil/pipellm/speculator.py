@@ -47,6 +47,8 @@ from veil.pipellm.keys import Direction, SizeClass, TransferKey, chunk_count, ch
 from veil.pipellm.predictors import default_predictor
 from veil.pipellm.predictors.base import Predictor
 
+_LEARN_BATCH = 64  # queued held transfers learned at once (see `_learn`)
+
 
 class Speculator:
     """Owns the reservations of one host-to-device channel and decides every request on it.
@@ -67,6 +69,7 @@ class Speculator:
         self._synchronous = not self._config.speculate
         self._sync_run = 0  # synchronous messages since the last bulk request
         self._slack: dict[TransferKey, int] = {}  # learned: sync messages seen before this key
+        self._unlearned: list[tuple[TransferKey, int]] = []  # held: (transfer, its sync run), in order
         self._confidence = 1.0  # running share of bulk requests the predictor got right
         self._paused = False  # speculation paused for low confidence (resumes by itself)
         self._held = False  # speculation held off by the mechanism's governor (see `hold`)
@@ -81,6 +84,8 @@ class Speculator:
 
     @property
     def predictor(self) -> Predictor:
+        """The predictor, shown every transfer observed so far."""
+        self._catch_up()
         return self._predictor
 
     @property
@@ -292,12 +297,14 @@ class Speculator:
         if key.direction is not Direction.D2H:
             raise ValueError("observe_device_to_host() takes device-to-host keys")
         if self._config.sizes.classify(key.length) is SizeClass.BULK:
+            self._catch_up()
             self._predictor.observe(key)
             self._pipe.strip_reserved()
             self._refill()
 
     def hint(self, keys: Sequence[TransferKey]) -> None:
         """Explicit upcoming host-to-device transfers, in order (optional)."""
+        self._catch_up()
         self._predictor.hint(keys)
         self._pipe.strip_reserved()
         self._refill()
@@ -372,13 +379,38 @@ class Speculator:
         return False
 
     def _learn(self, key: TransferKey) -> None:
-        """A bulk transfer starts: learn its slack, score the paused guess, show it to the predictor."""
-        self._learn_slack(key)
+        """A bulk transfer starts: learn its slack, score the paused guess, show it to the predictor.
+
+        While speculation is held (and not paused, so no guess is scored), nothing consults the
+        predictor or the slacks: transfers are queued, with their sync runs, and learned in order in
+        batches (`_catch_up`) before either is next consulted, with the same result as one by one. A
+        held transfer then costs an append, not four predictors' bookkeeping on a cache that sealing
+        megabytes has just emptied.
+        """
+        run, self._sync_run = self._sync_run, 0
+        if self._held and not self._paused:
+            self._unlearned.append((key, run))
+            if len(self._unlearned) >= _LEARN_BATCH:
+                self._catch_up()
+            return
+        self._catch_up()
+        self._learn_now(key, run)
+
+    def _learn_now(self, key: TransferKey, run: int) -> None:
+        self._learn_slack(key, run)
         if self._paused and not self._synchronous:
             guess = self._predictor.peek()  # scored before the predictor sees the key
             if guess is not None:
                 self._update_confidence(guess == key)
         self._predictor.observe(key)
+
+    def _catch_up(self) -> None:
+        """Learn the queued transfers, in order (before the predictor or the slacks are consulted)."""
+        if self._unlearned:
+            queued, self._unlearned = self._unlearned, []
+            for key, run in queued:  # not paused when queued, and nothing has paused since
+                self._learn_slack(key, run)
+                self._predictor.observe(key)
 
     def _account(self, decision: Decision, size_class: SizeClass, announced: bool) -> None:
         s = self._stats
@@ -431,10 +463,9 @@ class Speculator:
             self._paused = True
             self._stats.pauses += 1
 
-    def _learn_slack(self, key: TransferKey) -> None:
+    def _learn_slack(self, key: TransferKey, run: int) -> None:
         self._slack.pop(key, None)
-        self._slack[key] = min(self._sync_run, self._config.max_slack)
-        self._sync_run = 0
+        self._slack[key] = min(run, self._config.max_slack)
         if len(self._slack) > self._config.max_remembered_keys:
             del self._slack[next(iter(self._slack))]
 
@@ -442,6 +473,7 @@ class Speculator:
         """Top the pipeline up to `depth` with provisional reservations for the predicted keys."""
         if self._synchronous or self._paused or self._held:
             return
+        self._catch_up()
         live = self._pipe.live()
         depth = self._config.depth
         if len(live) >= depth:
@@ -487,6 +519,7 @@ class Speculator:
         return out
 
     def _go_synchronous(self) -> list[Slot]:
+        self._catch_up()  # the predictor outlives this speculator (a re-key's successor shares it)
         self._synchronous = True
         self._pipe.strip_reserved()
         dropped = self._pipe.drop_live()

@@ -40,7 +40,7 @@ from veil.cc.stream import Event
 from veil.pipellm.decryptor import Decryptor, PendingTransfer
 from veil.pipellm.keys import TransferKey, chunk_count, chunks
 from veil.pipellm.options import PipeLLMOptions, PipeLLMStats
-from veil.pipellm.sealer import Sealer, SealFunction, seal_chunk
+from veil.pipellm.sealer import Sealer, SealFunction, Start, seal_chunk
 from veil.transport.base import Span, TransportKind, TransportOptions, TransportStats
 from veil.transport.sealed import SealedTransport, open_on_host
 
@@ -197,17 +197,23 @@ class PipeLLMTransport(SealedTransport):
 
     # transfers -------------------------------------------------------------------------------------
     def _h2d(self, src: HostBuffer, dst: DeviceBuffer, span: Span) -> Event:
-        self.ensure_host_ready(src)
+        if self._pending:  # a read of the dict, no lock: a d2h into `src` racing this h2d is the caller's bug
+            self.ensure_host_ready(src)
         with self._lock:
-            self._measure(span.nbytes)
+            previous = self._since_previous(span.nbytes)
             sender = self.link.host_tx
-            transfer = TransferKey(src.source_id, span.src_offset, span.nbytes, Direction.H2D)
             count = chunk_count(span.nbytes, sender.max_message_bytes)
+            self._prepare(sender, count)  # what `cc` checks: enough for the transfer itself
+            transfer = TransferKey(src.source_id, span.src_offset, span.nbytes, Direction.H2D)
             options = self.pipellm
             margin = count + (options.depth + 1) * (1 + options.max_pad)
-            self._prepare(sender, count, used=self._sealer.reach(), margin=margin)
+            start = self._sealer.begin(transfer, src, previous=previous, margin=margin)
+            if start is Start.REKEY:  # speculation needs IVs beyond the transfer's own
+                self._prepare(sender, count, used=self._sealer.reach(), margin=margin)
+                start = self._sealer.begin(transfer, src, margin=margin)
+                assert start is not Start.REKEY, "a fresh epoch has the IVs _prepare checked"
             target = dst.memory()[span.dst]
-            if self._sealer.begin(transfer, src):  # speculation off: exactly what `cc` does
+            if start is Start.QUIET:  # speculation off: exactly what `cc` does
                 return self._send_in_caller(src.memory()[span.src], target)
             keys = chunks(transfer, sender.max_message_bytes)  # only now: the quiet path needs none
             schedule = DeviceSchedule(self.link.device_rx)
@@ -217,8 +223,8 @@ class PipeLLMTransport(SealedTransport):
                     decision = self._sealer.decide(key, src)
                     for _ in decision.nop_ivs:
                         schedule.discard()
-                    start = key.offset - span.src_offset
-                    schedule.data(target[start : start + key.length])
+                    at = key.offset - span.src_offset
+                    schedule.data(target[at : at + key.length])
                     self._sealer.carry_out(decision, src)
             except BaseException:
                 self.link.h2d_ring.close()  # the device must not wait for messages that will not come
@@ -260,13 +266,12 @@ class PipeLLMTransport(SealedTransport):
             return job
 
     # internals ---------------------------------------------------------------------------------
-    def _measure(self, nbytes: int) -> None:
-        """Report the previous transfer's bytes and the wall time until this one to the governor."""
+    def _since_previous(self, nbytes: int) -> tuple[int, float] | None:
+        """The previous h2d's bytes and the wall time from its start until now (the governor's figure,
+        the caller's compute in between included); remembers this one's."""
         now = time.perf_counter()
-        if self._last_h2d is not None:
-            started, previous_bytes = self._last_h2d
-            self._sealer.record(previous_bytes, now - started)
-        self._last_h2d = (now, nbytes)
+        last, self._last_h2d = self._last_h2d, (now, nbytes)
+        return None if last is None else (last[1], now - last[0])
 
     def _ready_quietly(self, buffer: HostBuffer) -> None:
         """A worker's view of `ensure_host_ready`: a failed decryption left the buffer untouched, so
