@@ -115,3 +115,25 @@ def test_speculation_must_win_by_the_margin_from_the_start() -> None:
     clear = Governor(GovernorConfig(window_bytes=WINDOW, margin=0.10))
     used = _drive(clear, {Mode.SPECULATE: 0.8, Mode.SEAL_IN_CALLER: 1.0}, windows=40)
     assert used[-1] is Mode.SPECULATE
+
+
+def test_idle_gaps_are_left_out_and_a_real_jump_in_cost_is_measured_again() -> None:
+    """A server idle between requests reports one huge interval: it must not count against the mode
+    being measured. A workload whose cost really jumps (decode to long prefill) is measured after a
+    few reports."""
+    governor = Governor(GovernorConfig(window_bytes=4 * WINDOW, first_hold=4, max_hold=64))
+    cost = {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0}
+    for transfer in range(800):
+        if transfer % 10 == 9:  # ten seconds of idle before every tenth transfer
+            governor.record(WINDOW, 10_000.0 + WINDOW * cost[governor.mode])
+        else:
+            governor.record(WINDOW, WINDOW * cost[governor.mode])
+    assert governor.stats.idle_reports == 80  # every gap, and nothing else
+    assert governor.mode is Mode.SEAL_IN_CALLER and governor.stats.probes >= 2
+    assert governor.stats.speculate_s_per_gib == pytest.approx(1.5 * (1 << 30))
+    assert governor.stats.seal_in_caller_s_per_gib == pytest.approx(1.0 * (1 << 30))
+    idle = governor.stats.idle_reports
+    for _ in range(20):  # every report now 30x dearer: the first few are taken for idle time
+        governor.record(WINDOW, 30.0 * WINDOW)
+    assert 1 <= governor.stats.idle_reports - idle <= 6
+    assert governor.stats.seal_in_caller_s_per_gib == pytest.approx(30.0 * (1 << 30))

@@ -17,13 +17,23 @@ stationary workload pays for fewer and fewer probes while a changed one is still
 every switch, half a window is discarded while the new mode settles (a pipeline refilling or
 draining).
 
+Idle time is not a cost of either mode: a server between requests, or a benchmark running other
+engines, leaves a gap before its next transfer that would count against whichever mode is measured.
+A report whose seconds per byte exceed `idle_factor` times the running reference (an average of
+recent reports in log space) is left out of the windows; the reference still moves with it, so a
+workload whose cost really jumps that much (decode to a long prefill) is measured again after a few
+reports.
+
 Pure: no clock, no threads; the caller measures and reports.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
+
+_REFERENCE_REPORTS = 8  # the idle reference averages about this many recent reports
 
 
 class Mode(enum.Enum):
@@ -45,6 +55,8 @@ class GovernorConfig:
             flip costs a settle window.
         first_hold: windows the winner keeps before the first re-probe; grows on every repeat win.
         max_hold: cap on that hold.
+        idle_factor: a report this many times slower per byte than the recent reference is idle
+            time, left out of the windows.
         enabled: False pins SPECULATE (the governor then never switches; for experiments).
     """
 
@@ -52,6 +64,7 @@ class GovernorConfig:
     margin: float = 0.10
     first_hold: int = 8
     max_hold: int = 256
+    idle_factor: float = 8.0
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -61,6 +74,8 @@ class GovernorConfig:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
         if not 1 <= self.first_hold <= self.max_hold:
             raise ValueError("need 1 <= first_hold <= max_hold")
+        if not self.idle_factor > 1.0:
+            raise ValueError(f"idle_factor must be > 1, got {self.idle_factor}")
 
 
 @dataclass
@@ -70,6 +85,7 @@ class GovernorStats:
     windows: int = 0
     switches: int = 0
     probes: int = 0
+    idle_reports: int = 0  # reports left out as idle time
     speculate_s_per_gib: float | None = None  # latest measured cost of each mode
     seal_in_caller_s_per_gib: float | None = None
 
@@ -94,6 +110,8 @@ class Governor:
         self._probing = False  # the current MEASURE window is a probe of the non-incumbent
         self._bytes = 0
         self._seconds = 0.0
+        self._log_reference: float | None = None  # running mean of log(seconds per byte)
+        self._log_idle = math.log(self.config.idle_factor)
 
     @property
     def mode(self) -> Mode:
@@ -110,12 +128,24 @@ class Governor:
             raise ValueError("nbytes and seconds must be >= 0")
         if not self.config.enabled:
             return Mode.SPECULATE
+        if nbytes and seconds and self._idle(math.log(seconds / nbytes)):
+            self.stats.idle_reports += 1
+            return self._mode
         self._bytes += nbytes
         self._seconds += seconds
         if self._bytes >= self._window_bytes():
             self._close_window(self._seconds / self._bytes)
             self._bytes, self._seconds = 0, 0.0
         return self._mode
+
+    def _idle(self, log_cost: float) -> bool:
+        """True if a report of this cost is idle time; moves the reference either way."""
+        reference = self._log_reference
+        if reference is None:
+            self._log_reference = log_cost
+            return False
+        self._log_reference = reference + (log_cost - reference) / _REFERENCE_REPORTS
+        return log_cost - reference > self._log_idle
 
     def _window_bytes(self) -> int:
         window = self.config.window_bytes
