@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,9 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=2,
-        help="interleaved rounds over the transports; each one's best round counts (default 2: the "
-        "machine is shared, and interference only ever slows a round down)",
+        default=3,
+        help="interleaved rounds over the transports, whose engines live through all rounds; each "
+        "one's best round counts (default 3: the machine is shared, and interference only ever slows "
+        "a round down), and pipellm / cc is also reported per round",
     )
     parser.add_argument("--out", default="out/bench-offload", help="directory for result.json and the plot")
     parser.add_argument(
@@ -122,15 +125,17 @@ def _measure(
     loaded: LoadedModel, dtype: HostDtype, point: Point, core: CoreRates, layer_numel: int, repeats: int
 ) -> dict[str, Any]:
     prompt = _prompt_ids(loaded, point.prompt_tokens)
+    runs = [(mode.value, mode, False) for mode in MODES] + [(HINTED, TransportKind.PIPELLM, True)]
     rates: dict[str, float] = {}
+    rounds: dict[str, list[float]] = {label: [] for label, _, _ in runs}
     outputs: dict[str, list[list[int]]] = {}
     stats: dict[str, Any] = {}
     compute_per_layer = 0.0
     plain_outside_layers_s, plain_layers = 0.0, 0
-    runs = [(mode.value, mode, False) for mode in MODES] + [(HINTED, TransportKind.PIPELLM, True)]
     identical = True
-    for _ in range(repeats):  # interleaved rounds; each transport's best round counts
-        for label, mode, hints in runs:
+    with ExitStack() as stack:
+        engines: dict[str, LLMEngine] = {}
+        for label, mode, hints in runs:  # every transport's engine lives through all rounds, as a server's
             config = EngineConfig(
                 transport=mode,
                 num_device_blocks=point.batch_size * -(-(point.prompt_tokens + point.new_tokens) // 16),
@@ -139,36 +144,44 @@ def _measure(
                 max_num_batched_tokens=max(2048, point.batch_size * point.prompt_tokens),
                 offload=OffloadPolicy(host_dtype=dtype, batch_size=point.batch_size, hint_transport=hints),
             )
-            with LLMEngine(loaded.model, config) as engine:
-                # Three steps of warm-up: caches warm, the predictor sees a few cycles, and pipellm's
-                # governor makes its first choice between speculating and sealing in the caller (a
-                # server would have made it long before), so the timed run measures the steady state.
-                _generate(engine, [prompt[:4]] * point.batch_size, 3)
+            engines[label] = engine = stack.enter_context(LLMEngine(loaded.model, config))
+            # Three steps of warm-up: caches warm, the predictor sees a few cycles, and pipellm's
+            # governor makes its first choice between speculating and sealing in the caller (a server
+            # would have made it long before), so the rounds measure the steady state.
+            _generate(engine, [prompt[:4]] * point.batch_size, 3)
+        for round_index in range(repeats):
+            # Interleaved rounds, each starting one transport later, so that none always runs right
+            # after the same other one; each transport's best round counts.
+            shift = round_index % len(runs)
+            for label, mode, _ in runs[shift:] + runs[:shift]:
+                engine = engines[label]
                 streamed, runner = engine.runner.weights.stats, engine.runner.stats
                 before = (asdict(streamed), runner.layer_compute_s)
                 start = time.perf_counter()
                 out = _generate(engine, [prompt] * point.batch_size, point.new_tokens)
                 elapsed = time.perf_counter() - start
-                layers = streamed.layers_streamed - before[0]["layers_streamed"]
-                compute_s = runner.layer_compute_s - before[1]
-                wait_s = streamed.wait_s - before[0]["wait_s"]
+                identical = identical and outputs.setdefault(label, out) == out
+                rounds[label].append(point.tokens / elapsed)
+                if point.tokens / elapsed <= rates.get(label, 0.0):
+                    continue
+                rates[label] = point.tokens / elapsed
                 stats[label] = {
                     "streaming": asdict(streamed),
                     "layer_compute_s": runner.layer_compute_s,
                     "transport": asdict(engine.runner.transport.stats()),
                 }
-            identical = identical and outputs.setdefault(label, out) == out
-            if point.tokens / elapsed <= rates.get(label, 0.0):
-                continue
-            rates[label] = point.tokens / elapsed
-            if mode is TransportKind.PLAIN:
-                compute_per_layer = compute_s / max(layers, 1)
-                plain_outside_layers_s, plain_layers = elapsed - compute_s - wait_s, layers
+                if mode is TransportKind.PLAIN:
+                    layers = streamed.layers_streamed - before[0]["layers_streamed"]
+                    compute_s = runner.layer_compute_s - before[1]
+                    wait_s = streamed.wait_s - before[0]["wait_s"]
+                    compute_per_layer = compute_s / max(layers, 1)
+                    plain_outside_layers_s, plain_layers = elapsed - compute_s - wait_s, layers
     host_bytes = layer_numel * torch.empty((), dtype=dtype.torch).element_size()
     seal_per_layer = host_bytes / (core.seal * 1e9)
     bound_per_layer = sealed_layer_bound_s(compute_per_layer, host_bytes, core)
     bound = point.tokens / (max(plain_outside_layers_s, 0.0) + plain_layers * bound_per_layer)
     gap = rates["plain"] - rates["cc"]
+    paired = [p / c for p, c in zip(rounds["pipellm"], rounds["cc"], strict=True)]
     return {
         "host_dtype": dtype.value,
         "point": point.name,
@@ -177,6 +190,9 @@ def _measure(
         "new_tokens": point.new_tokens,
         **rates,
         "pipellm_vs_cc": rates["pipellm"] / rates["cc"],
+        "pipellm_vs_cc_rounds": paired,
+        "pipellm_vs_cc_median": statistics.median(paired),
+        "rounds": rounds,
         "bound": bound,
         "cc_vs_bound": rates["cc"] / bound,
         "pipellm_vs_bound": rates["pipellm"] / bound,
