@@ -10,7 +10,10 @@
 3. The prompt is sanitized inside the enclave (Report-Noisy-Max token replacement, epsilon per
    replaced token), embedded there, and only the embeddings are sent; the answer streams back.
 4. The same sanitized prompt goes to a second server identical but for its `plain` transport (nothing
-   sealed), to measure what confidentiality cost in this same job.
+   sealed), to measure what confidentiality cost in this same job. Each server first answers a short
+   untimed warm-up request of public text, as a running server would have long before: caches, the
+   allocator and PipeLLM's governor (its first comparison of speculating against sealing in the
+   caller) are then in their steady state when the timed request comes.
 5. Both servers shut down, and the job prints what protected what.
 
 The server trusts this machine's simulated enclave (DEMO ONLY, as `veil serve --allow-simulated`).
@@ -43,6 +46,8 @@ from veil.server.runner import ServerThread
 from veil.server.service import InferenceService, Limits
 from veil.transport.base import TransportKind, TransportStats
 
+WARMUP_TEXT = "Confidential computing protects data in use."  # public: sent unsanitized
+WARMUP_TOKENS = 4
 DEFAULT_PROMPT = (
     "Alice Smith lives at 42 Baker Street in London. She works as a nurse, and in her free time she"
 )
@@ -75,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 @dataclass
 class Served:
     answer: Answer
-    seconds: float  # from sending the embeddings to the last token
+    seconds: float  # from sending the embeddings to the last token (the warm-up request excluded)
     transport: TransportStats
     arena_bytes: int
 
@@ -150,6 +155,7 @@ def _serve(
                 )
                 _say("enclave attested (SIMULATED platform: no hardware isolation) and provisioned")
                 print("answer: ", end="", flush=True)
+            client.generate(WARMUP_TEXT, max_tokens=WARMUP_TOKENS, sanitize=False)  # untimed
             sent = time.perf_counter()
             answer = client.generate(
                 prompt,
@@ -205,7 +211,8 @@ def _report(loaded: LoadedModel, confidential: Served, baseline: Served, total_s
     same = confidential.answer.token_ids == baseline.answer.token_ids
     print(
         f"  cost: {conf_rate:.2f} tokens/s confidential vs {plain_rate:.2f} tokens/s with nothing sealed "
-        f"(same server otherwise, measured in this job): overhead {1 - conf_rate / plain_rate:.0%}; "
+        "(same server otherwise, measured in this job after an untimed warm-up request): "
+        f"overhead {1 - conf_rate / plain_rate:.0%}; "
         f"answers {'identical' if same else 'DIFFERENT'}",
         file=sys.stderr,
     )
