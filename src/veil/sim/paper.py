@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from veil.pipellm import MiB
+from veil.pipellm.governor import GovernorConfig
 from veil.sim.hardware import GB, HardwareProfile, ModelProfile
 from veil.sim.replay import Mode, ReplayOptions, replay
 from veil.sim.scenarios import Workload, adapter_trace, flexgen_offload_fraction, kvswap_trace
@@ -42,6 +43,7 @@ WORKLOADS = {
     "lora": Workload(batch=32, steps=80, requests=400, adapters=64, slots=8, rank=16),
 }
 SERVING_WARMUP = 20
+PAPER_GOVERNOR = GovernorConfig(enabled=False)  # the paper's PipeLLM always speculates (veil's may not)
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,10 @@ def serving_trace(
 
 def serving_options(trace: Trace) -> ReplayOptions:
     """KV blocks (13-28 MiB at these sizes) are replayed as one message each: the swap predictor's
-    cost grows with the square of the keys it holds (see docs/sim.md); depth stays 32 messages."""
+    cost grows with the square of the keys it holds (see docs/sim.md); depth stays 32 messages.
+    Speculation is pinned on, as the paper's PipeLLM (`PAPER_GOVERNOR`)."""
     chunk = max(MiB, int(trace.meta.get("block_bytes", MiB)))
-    return ReplayOptions(warmup_steps=SERVING_WARMUP, chunk_bytes=chunk)
+    return ReplayOptions(warmup_steps=SERVING_WARMUP, chunk_bytes=chunk, governor=PAPER_GOVERNOR)
 
 
 def paper_rows(
