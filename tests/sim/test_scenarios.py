@@ -9,7 +9,7 @@ import pytest
 
 from veil.pipellm import MiB
 from veil.sim import HardwareProfile, ModelProfile
-from veil.sim.calibrate import ModelShape, machine_profile
+from veil.sim.calibrate import HostRates, ModelShape, machine_profile
 from veil.sim.hardware import GB, MODELS
 from veil.sim.paper import MODELS_OF, paper_rows
 from veil.sim.replay import Mode, ReplayOptions, inject_mispredictions, replay, scale_trace
@@ -114,13 +114,17 @@ def test_paper_rows_cover_every_workload_and_model() -> None:
         assert "paper_cc_drop" in r.to_json() or r.paper_cc_drop is None
 
 
-def test_machine_profile_fits_the_model_benchmark() -> None:
+def test_machine_profile_fits_the_model_benchmark_and_the_core_rates() -> None:
     shape = ModelShape(params=100_000_000)  # 400 MB of fp32 weights
-    transfer = {"raw_aesgcm_gbps": 2.0, "memcpy_gbps": 5.0}
+    rates = HostRates.from_gbps({"seal": 2.0, "open": 2.5, "copy": 5.0, "parallel": 1.6}, cores=2)
     bench = {"batch": {"1": {"veil_tokens_per_s": 10.0}, "8": {"veil_tokens_per_s": 40.0}}}
-    hw = machine_profile(transfer, bench, shape)
+    hw = machine_profile(rates, bench, shape)
     assert hw.hbm_bytes_per_s == pytest.approx(4e9)  # 400 MB in 0.1 s
     assert hw.gpu_flops == pytest.approx(2 * 1e8 * 8 / 0.2)  # batch 8: 0.2 s, slower than memory allows
     assert hw.compute_seconds(*shape.step_cost(1)) == pytest.approx(0.1)
     assert hw.compute_seconds(*shape.step_cost(8)) == pytest.approx(0.2)
-    assert hw.compute_on_host and not hw.duplex and hw.seal_bytes_per_s == 2e9
+    assert hw.compute_on_host and not hw.duplex and (hw.host_cores, hw.host_parallel) == (2, 1.6)
+    gb = 1e9  # 1 GB: the host seals and copies it, the copy engine opens and copies it twice
+    assert gb / hw.seal_bytes_per_s == pytest.approx(1 / 2.0 + 1 / 5.0)
+    device_side = gb / hw.pcie_h2d_bytes_per_s + gb / hw.device_crypto_bytes_per_s
+    assert device_side == pytest.approx(1 / 2.5 + 2 / 5.0)

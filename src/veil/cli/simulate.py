@@ -132,19 +132,23 @@ def _replay(args: argparse.Namespace, hw: Any) -> dict[str, Any]:
 
 def _validation(args: argparse.Namespace) -> dict[str, Any]:
     if args.validate is not None:
-        from veil.bench.sim_validation import record_all, validate  # the real engine: minutes
+        from veil.bench.sim_validation import measure_host_rates, record_all, validate  # minutes
         from veil.model.loader import load_model
 
         loaded = load_model(progress=False)
         if args.traces is not None:
             traces = {b: Trace.load(args.traces / f"{b}.json") for b in ("offload", "kvswap", "lora")}
+            saved = args.traces / "host_rates.json"
+            rates = json.loads(saved.read_text()) if saved.exists() else measure_host_rates()
         else:
-            progress("simulate: recording the benches' workloads under plain")
+            progress("simulate: measuring per-core rates, recording the benches' workloads under plain")
+            rates = measure_host_rates()
             traces = record_all(loaded)
             (args.validate / "traces").mkdir(parents=True, exist_ok=True)
             for name, trace in traces.items():
                 trace.save(args.validate / "traces" / f"{name}.json")
-        out = validate(args.validate, traces, loaded)
+            (args.validate / "traces" / "host_rates.json").write_text(json.dumps(rates, indent=2))
+        out = validate(args.validate, traces, loaded, rates)
         (args.validate / "validation.json").write_text(json.dumps(out, indent=2))
         return {"validation": out["validation"], "validation_source": f"recorded now against {args.validate}"}
     path = args.validation or (DEFAULT_VALIDATION if DEFAULT_VALIDATION.exists() else None)
@@ -169,20 +173,19 @@ def _print(result: dict[str, Any]) -> None:
         print(json.dumps(result["replay"], indent=2))
     if result["validation"]:
         print(f"\nvalidation ({result['validation_source']}):")
-        headers = [
-            "bench",
-            "transport",
-            "measured tok/s",
-            "predicted",
-            "error",
-            "predicted (recorded compute)",
-            "error",
-        ]
-        table = [
-            [v["bench"], v["transport"], round(v["measured"], 2), round(v["predicted"], 2), _pct(v["error"]),
-             round(v.get("predicted_recorded_compute", 0.0), 2), _pct(v.get("error_recorded_compute"))]
-            for v in result["validation"]
-        ]  # fmt: skip
+        headers = ["bench", "transport", "measured tok/s", "predicted", "error"]
+        extra = [("predicted_own_cores", "own cores"), ("predicted_roofline", "roofline")]
+        extra = [(key, name) for key, name in extra if any(key in v for v in result["validation"])]
+        for _, name in extra:
+            headers += [f"predicted ({name})", "error"]
+        table = []
+        for v in result["validation"]:
+            row = [v["bench"], v["transport"], round(v["measured"], 2)]
+            row += [round(v["predicted"], 2), _pct(v["error"])]
+            for key, _ in extra:
+                figure = v.get(key)
+                row += ["-", "-"] if figure is None else [round(figure, 2), _pct(figure / v["measured"] - 1)]
+            table.append(row)
         print_table(headers, table)
 
 
