@@ -128,3 +128,15 @@ def test_machine_profile_fits_the_model_benchmark_and_the_core_rates() -> None:
     assert gb / hw.seal_bytes_per_s == pytest.approx(1 / 2.0 + 1 / 5.0)
     device_side = gb / hw.pcie_h2d_bytes_per_s + gb / hw.device_crypto_bytes_per_s
     assert device_side == pytest.approx(1 / 2.5 + 2 / 5.0)
+
+
+def test_a_decryption_pool_shortens_what_swap_ins_wait_for(kv_trace) -> None:
+    hw = dataclasses.replace(HW, spare_cores=64)
+    options = ReplayOptions(warmup_steps=5, chunk_bytes=4 * MiB)
+    one, pool = (
+        replay(kv_trace, hw, Mode.PIPELLM, dataclasses.replace(options, decrypt_threads=n)) for n in (1, 8)
+    )
+    plain = replay(kv_trace, hw, Mode.PLAIN, options).tokens_per_s
+    assert one.tokens_per_s < pool.tokens_per_s <= plain * (1 + 1e-9)
+    with pytest.raises(ValueError, match="decrypt_threads"):
+        replay(kv_trace, hw, Mode.PIPELLM, dataclasses.replace(options, decrypt_threads=0))

@@ -3,8 +3,9 @@
 Scenarios:
 - `paper`: FlexGen offloading, vLLM KV swapping and S-LoRA-like adapter swapping at 13B-175B on the
   H100 profile: per workload and model the CC drop and PipeLLM's residual overhead beside the paper's
-  figures, the sealing cores PipeLLM needs for <= 5%, the overhead under injected mispredictions, and
-  a sensitivity sweep (sealing cores, PCIe bandwidth, batch) as a PNG.
+  figures, the sealing cores PipeLLM needs for <= 5%, the overhead under injected mispredictions and
+  with a pool of swap-out decryption threads (KV swapping), and a sensitivity sweep (sealing cores,
+  PCIe bandwidth, batch) as a PNG.
 - `replay`: one recorded trace (`--trace`, from `LLMEngine(recorder=...)`), optionally scaled to a
   bigger model and with mispredictions injected, under plain, cc and pipellm.
 
@@ -27,6 +28,7 @@ from veil.sim import H100_SXM_PCIE5, MODELS
 from veil.sim.paper import (
     PAPER_PIPELLM_OVERHEAD_BELOW,
     TARGET_OVERHEAD,
+    decryption_pool,
     paper_rows,
     plot_sensitivity,
     sensitivity,
@@ -96,10 +98,12 @@ def _paper(args: argparse.Namespace, hw: Any) -> dict[str, Any]:
         mispredictions.append({"workload": "kvswap", "model": "opt-13b", "rate": rate,
                                "pipellm_overhead": 1 - pipellm.tokens_per_s / plain,
                                "hits": pipellm.stats.hits, "requests": pipellm.stats.requests})  # fmt: skip
+    progress("simulate: KV swapping with a decryption pool (the runtime has one thread)")
     out: dict[str, Any] = {
         "paper": {"pipellm_overhead_below": PAPER_PIPELLM_OVERHEAD_BELOW, "target_overhead": TARGET_OVERHEAD},
         "rows": rows,
         "mispredictions": mispredictions,
+        "decryption_pool": decryption_pool(MODELS, hw),
     }
     if not args.no_sweep:
         progress("simulate: sensitivity sweep (FlexGen offloading, OPT-30B)")

@@ -135,6 +135,28 @@ def paper_rows(
     return rows
 
 
+DECRYPT_THREADS = (1, 2, 4, 8)
+
+
+def decryption_pool(
+    models: dict[str, ModelProfile], hw: HardwareProfile, threads: tuple[int, ...] = DECRYPT_THREADS
+) -> list[dict[str, Any]]:
+    """KV swapping with PipeLLM's swap-out decryption on a pool of `threads` lanes (the runtime has
+    one thread; a pool is the change its KV-swapping overhead points to): the overhead per pool size,
+    for every KV-swapping model of `MODELS_OF`."""
+    out = []
+    for name in MODELS_OF["kvswap"]:
+        trace = serving_trace("kvswap", models[name], hw)
+        options = serving_options(trace)
+        plain = replay(trace, hw, Mode.PLAIN, options).tokens_per_s
+        for n in threads:
+            pool = dataclasses.replace(options, decrypt_threads=n)
+            pipellm = replay(trace, hw, Mode.PIPELLM, pool).tokens_per_s
+            out.append({"workload": "kvswap", "model": name, "decrypt_threads": n,
+                        "pipellm_overhead": 1 - pipellm / plain})  # fmt: skip
+    return out
+
+
 SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {
     "sealing cores": ("spare_cores", (1, 2, 4, 8, 16, 32)),
     "PCIe GB/s": ("pcie_h2d_bytes_per_s", (16 * GB, 32 * GB, 50 * GB, 64 * GB)),

@@ -57,6 +57,8 @@ class ReplayOptions:
         warmup_steps: steps replayed before the measured ones.
         record_ivs: keep every emitted h2d IV.
         max_period: the cyclic predictor's longest period (chunks); None: the runtime's default.
+        decrypt_threads: PipeLLM's background decryption lanes for device-to-host chunks (the
+            runtime has one thread; more model a pool).
         governor: PipeLLM's do-no-harm governor, as the runtime configures it (default: the
             runtime's default, which measures whether speculation pays and may seal in the caller
             instead); `GovernorConfig(enabled=False)` pins speculation on, as the paper's PipeLLM.
@@ -71,6 +73,7 @@ class ReplayOptions:
     warmup_steps: int = 0
     record_ivs: bool = False
     max_period: int | None = None
+    decrypt_threads: int = 1
     governor: GovernorConfig = field(default_factory=GovernorConfig)
 
 
@@ -183,7 +186,7 @@ class _Run:
         return PipeLLMSender(
             self.wire, self.hw, spec, spare_cores=self.hw.spare_cores, d2h_wire=d2h,
             version_of=lambda source_id: self.versions.get(source_id, 0), on_decision=on_decision,
-            governor=governor, cores=self.cores,
+            governor=governor, cores=self.cores, decrypt_threads=opts.decrypt_threads,
         )  # fmt: skip
 
     def step(self, step: Step) -> float:

@@ -11,8 +11,9 @@ GPU's copy engine is assumed to authenticate and decrypt at line rate, so it add
 
 Device-to-host chunks (`receive`) cross their own `Wire` (the same one when the hardware is not
 duplex); the device seals them (free on an H100, at `device_crypto_bytes_per_s` otherwise) and the
-host opens them: `plain` does nothing, `cc` opens on the host thread, `pipellm` on a background
-decryption lane (its runtime's decryption thread) that an h2d of the same buffer waits for.
+host opens them: `plain` does nothing, `cc` opens on the host thread, `pipellm` on background
+decryption lanes (the runtime has one decryption thread; the simulator can model a pool, each chunk
+to the lane free first) that an h2d of the same buffer waits for.
 
 PipeLLM's `Governor` (the runtime's, unchanged) is told each h2d's bytes and the virtual time until
 the next one, as the runtime's transport tells it the wall time; while it says to seal in the caller
@@ -238,6 +239,10 @@ class PipeLLMSender(Sender):
         governor: the runtime's do-no-harm governor, told every h2d's bytes and time (None: none,
             speculation always on).
         cores: the host cores every host lane shares (None: each lane has its own core).
+        decrypt_threads: background decryption lanes (the runtime has one).
+
+    Raises:
+        ValueError: if `decrypt_threads` < 1.
     """
 
     def __init__(
@@ -252,7 +257,10 @@ class PipeLLMSender(Sender):
         on_decision: Callable[[Decision], None] | None = None,
         governor: Governor | None = None,
         cores: HostCores | None = None,
+        decrypt_threads: int = 1,
     ) -> None:
+        if decrypt_threads < 1:
+            raise ValueError(f"decrypt_threads must be >= 1, got {decrypt_threads}")
         super().__init__(wire, hardware, d2h_wire, cores)
         self._spec = spec
         self.governor = governor
@@ -260,7 +268,7 @@ class PipeLLMSender(Sender):
         self.workers = VirtualWorkers(spec, spare_cores, self, version_of)
         self._on_decision = on_decision
         self._decrypted_at: dict[int, float] = {}  # host buffer -> when its pending d2h is opened
-        self._decrypt_lane = 0.0  # the background decryption thread is next free
+        self._decrypt_lanes = [0.0] * decrypt_threads  # when each background decryption lane is next free
         self._quiet_ivs: Iterator[int] = iter(())  # IVs of a transfer decided at once
         self.wait_s = 0.0  # host time spent waiting for a job already sealing the wanted chunk
         self.waits = 0
@@ -271,8 +279,10 @@ class PipeLLMSender(Sender):
 
     def receive(self, key: TransferKey, not_before: float) -> float:
         arrived = super().receive(key, not_before)
-        self._decrypt_lane = self.work(max(self._decrypt_lane, arrived), self.open_s(key.length))
-        self._decrypted_at[key.source_id] = self._decrypt_lane
+        lanes = self._decrypt_lanes
+        lane = lanes.index(min(lanes))
+        lanes[lane] = self.work(max(lanes[lane], arrived), self.open_s(key.length))
+        self._decrypted_at[key.source_id] = max(self._decrypted_at.get(key.source_id, 0.0), lanes[lane])
         return arrived  # on the host in ciphertext; an h2d of this buffer waits for its decryption
 
     def observe_device_to_host(self, transfer: TransferKey) -> None:
