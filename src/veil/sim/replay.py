@@ -2,7 +2,8 @@
 
 The host thread walks the trace's events in program order on a virtual clock:
 - a `Transfer` (h2d / d2h) is split into 1 MiB chunks, each one `TransferKey(source_id, offset,
-  length)` as the runtime's transport makes them, and issued through the mode's sender (`senders.py`);
+  length)` as the runtime's transport makes them (plain: one message per transfer, as veil's plain
+  transport copies), and issued through the mode's sender (`senders.py`);
   a hint goes to the speculator (PipeLLM) and costs nothing otherwise;
 - a `Compute` span starts once the host reaches it, the device is free, and the first `needs` data
   transfers have landed; it lasts its roofline time on the profile (or its recorded seconds). On a
@@ -150,7 +151,7 @@ class _Run:
         opts: ReplayOptions,
         on_decision: Callable[[Decision], None] | None,
     ) -> None:
-        self.hw, self.opts = hw, opts
+        self.hw, self.opts, self.mode = hw, opts, mode
         self.cores = HostCores(hw.host_cores, hw.host_parallel) if hw.host_cores is not None else None
         crypto = hw.device_crypto_bytes_per_s
         link_cores = self.cores if hw.compute_on_host else None  # the emulated copy engine: a host thread
@@ -202,7 +203,9 @@ class _Run:
         s, t = self.sender, self.sender.host_free
         direction = Direction.D2H if e.op is Op.D2H else Direction.H2D
         transfer = TransferKey(e.source_id, e.offset, e.nbytes, direction)
-        keys = chunks(transfer, self.opts.chunk_bytes)
+        # plain copies each transfer as one message (veil's plain transport, a cudaMemcpyAsync);
+        # sealed modes split it into chunks, one IV each, as the runtime's transports do
+        keys = [transfer] if self.mode is Mode.PLAIN else chunks(transfer, self.opts.chunk_bytes)
         if e.op is Op.HINT:
             self.versions[e.source_id] = max(self.versions.get(e.source_id, 0), e.version)
             if isinstance(s, PipeLLMSender):
