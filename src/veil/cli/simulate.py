@@ -8,6 +8,7 @@ Scenarios:
   PCIe bandwidth, batch) as a PNG.
 - `replay`: one recorded trace (`--trace`, from `LLMEngine(recorder=...)`), optionally scaled to a
   bigger model and with mispredictions injected, under plain, cc and pipellm.
+- `validation`: only the validation rows (below).
 
 Validation rows come from `--validate DIR` (records the benches' workloads now, minutes) or from a
 validation file written by an earlier `--validate` (`--validation FILE`, default
@@ -44,7 +45,7 @@ MISPREDICT_RATES = (0.0, 0.05, 0.2)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("simulate", help="simulate PipeLLM's workloads on modelled hardware")
-    parser.add_argument("--scenario", choices=["paper", "replay"], default="paper")
+    parser.add_argument("--scenario", choices=["paper", "replay", "validation"], default="paper")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--spare-cores", type=int, default=H100_SXM_PCIE5.spare_cores, help="sealing cores")
     parser.add_argument("--vaes", action="store_true", help="seal at the VAES rate instead of AES-NI")
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"hardware": dataclasses.asdict(hw)}
     if args.scenario == "replay":
         result["replay"] = _replay(args, hw)
-    else:
+    elif args.scenario == "paper":
         result.update(_paper(args, hw))
     result.update(_validation(args))
     if args.json:
