@@ -155,7 +155,8 @@ def _validation(args: argparse.Namespace) -> dict[str, Any]:
             (args.validate / "traces" / "host_rates.json").write_text(json.dumps(rates, indent=2))
         out = validate(args.validate, traces, loaded, rates)
         (args.validate / "validation.json").write_text(json.dumps(out, indent=2))
-        return {"validation": out["validation"], "validation_source": f"recorded now against {args.validate}"}
+        source = f"traces from {args.traces}" if args.traces is not None else "recorded now"
+        return {"validation": out["validation"], "validation_source": f"{source}, against {args.validate}"}
     path = args.validation or (DEFAULT_VALIDATION if DEFAULT_VALIDATION.exists() else None)
     if path is None:
         return {"validation": [], "validation_source": None}
