@@ -13,7 +13,10 @@ Columns of each row (`error` = predicted / measured - 1):
   a plain run of the same workload; `cc` and `pipellm` are predictions), every host lane sharing the
   machine's cores, PipeLLM's governor on the virtual clock;
 - `predicted_own_cores`: the same with no contention (every lane on a core of its own);
-- `predicted_roofline`: layers timed by the roofline fitted to `veil bench model` instead.
+- `predicted_engine_bench`: layers timed by `EngineCompute`, fitted to `veil bench model`'s timing of
+  the engine's own layers (when model.json has `engine_layers`): compute from the model benchmark,
+  not from the recording, so `plain` is a prediction too;
+- `predicted_roofline`: layers timed by the roofline fitted to `veil bench model`'s `generate`.
 Each step's "host" span (scheduling, embedding, head, sampling) is replayed at its recorded seconds.
 Warm-up steps the bench does not time are replayed but not measured.
 """
@@ -42,7 +45,7 @@ from veil.engine.weights import compute_threads_beside_device
 from veil.lora import random_adapter
 from veil.model.llama import LayerWeights
 from veil.model.loader import LoadedModel
-from veil.sim.calibrate import HostRates, ModelShape, machine_profile
+from veil.sim.calibrate import EngineCompute, HostRates, ModelShape, machine_profile
 from veil.sim.hardware import HardwareProfile
 from veil.sim.replay import Mode, ReplayOptions, replay
 from veil.trace import Trace, TraceRecorder
@@ -194,6 +197,8 @@ def validate(
     measured tokens/s; returns the profile and one row per (bench, transport) (see the module doc)."""
     hw = profile_of_this_machine(rates, results, loaded)
     own_cores = dataclasses.replace(hw, host_cores=None, host_parallel=None)
+    layers = json.loads((results / "model.json").read_text()).get("engine_layers")
+    engine = EngineCompute.from_layers(layers) if layers else None
     truth = measured(results)
     rows = []
     for bench, trace in traces.items():
@@ -204,11 +209,15 @@ def validate(
             value = truth[bench][mode.value]
             row = {"bench": bench, "transport": mode.value, "measured": value,
                    "recorded_plain": _tokens_per_s(trace), "predicted": main.tokens_per_s}  # fmt: skip
-            for name, figure in (
+            figures = [
                 ("", main.tokens_per_s),
                 ("_own_cores", replay(trace, own_cores, mode, recorded).tokens_per_s),
                 ("_roofline", replay(trace, hw, mode, roofline).tokens_per_s),
-            ):
+            ]
+            if engine is not None:
+                benched = dataclasses.replace(roofline, layer_seconds=engine)
+                figures.append(("_engine_bench", replay(trace, hw, mode, benched).tokens_per_s))
+            for name, figure in figures:
                 row[f"predicted{name}"] = figure
                 row[f"error{name}"] = figure / value - 1
             if main.governor is not None and main.stats is not None:

@@ -180,7 +180,11 @@ def _print(result: dict[str, Any]) -> None:
     if result["validation"]:
         print(f"\nvalidation ({result['validation_source']}):")
         headers = ["bench", "transport", "measured tok/s", "predicted", "error"]
-        extra = [("predicted_own_cores", "own cores"), ("predicted_roofline", "roofline")]
+        extra = [
+            ("predicted_own_cores", "own cores"),
+            ("predicted_engine_bench", "engine bench"),
+            ("predicted_roofline", "roofline"),
+        ]
         extra = [(key, name) for key, name in extra if any(key in v for v in result["validation"])]
         for _, name in extra:
             headers += [f"predicted ({name})", "error"]

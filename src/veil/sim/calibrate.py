@@ -13,17 +13,18 @@ model's shape. The emulated device differs from an H100 in ways the profile stat
 - compute runs on the host thread (`compute_on_host`); every lane (caller, copy engine, PipeLLM's
   sealing worker and decryption thread) shares the machine's cores at the measured parallel speed
   (`host_cores`, `host_parallel`; `veil.sim.cores`);
-- the roofline (`gpu_flops`, `hbm_bytes_per_s`) is fitted to the model benchmark: batch 1 decode is
-  taken as memory-bound (weights read once per token: bytes / time gives the bandwidth) and batch 8
-  as compute-bound where it is slower than that bandwidth allows (FLOPs / time). The validation
-  replays time layers by the engine's recorded seconds instead (the model benchmark runs another code
-  path), and reports this roofline's predictions beside them;
+- the roofline (`gpu_flops`, `hbm_bytes_per_s`) is fitted to the model benchmark's `generate` figures:
+  batch 1 decode is taken as memory-bound (weights read once per token: bytes / time gives the
+  bandwidth) and batch 8 as compute-bound where it is slower than that bandwidth allows (FLOPs /
+  time). `generate` is not the engine's path; `EngineCompute` is fitted to the model benchmark's
+  timing of the engine's own layers (`engine_layers`), and the validation reports both;
 - PipeLLM's sealing workers: the runtime's default, one thread (`default_workers()` on 2 cores);
 - a message's fixed host cost is assumed 100 us (Python transport, events, ring slot).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,46 @@ class ModelShape:
     def step_cost(self, batch: int) -> tuple[float, float]:
         """(FLOPs, bytes) of one decode step of `batch` sequences (short contexts: attention ignored)."""
         return 2.0 * self.params * batch, float(self.params * self.bytes_per_param)
+
+
+@dataclass(frozen=True)
+class EngineCompute:
+    """Seconds of one decoder-layer span on this machine, interpolated over its FLOPs between the
+    engine's measured layers (`veil bench model`'s `engine_layers`).
+
+    Piecewise linear between measured points; below the cheapest, that point's seconds (fixed costs
+    dominate there); above the costliest, at that point's FLOP rate. Bytes are not used: on the host
+    every layer reads the same fp32 weights and its KV reads are small.
+    """
+
+    flops: tuple[float, ...]
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.flops or len(self.flops) != len(self.seconds):
+            raise ValueError("need as many seconds as FLOPs, at least one")
+        if list(self.flops) != sorted(set(self.flops)) or min(self.flops) <= 0 or min(self.seconds) <= 0:
+            raise ValueError("FLOPs must be distinct, positive and increasing; seconds positive")
+
+    @classmethod
+    def from_layers(cls, layers: list[dict[str, Any]]) -> EngineCompute:
+        """From `engine_layers` rows (`flops`, `seconds`); rows of equal FLOPs are averaged."""
+        by_flops: dict[float, list[float]] = {}
+        for row in layers:
+            by_flops.setdefault(float(row["flops"]), []).append(float(row["seconds"]))
+        points = sorted((f, sum(s) / len(s)) for f, s in by_flops.items())
+        return cls(tuple(f for f, _ in points), tuple(s for _, s in points))
+
+    def __call__(self, flops: float, nbytes: float = 0.0) -> float:
+        """Seconds of a layer span of `flops` (`nbytes` unused: see the class docstring)."""
+        xs, ys = self.flops, self.seconds
+        if flops <= xs[0]:
+            return ys[0]
+        if flops >= xs[-1]:
+            return ys[-1] * flops / xs[-1]
+        i = bisect_right(xs, flops)
+        share = (flops - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[i - 1] + share * (ys[i] - ys[i - 1])
 
 
 def machine_profile(
