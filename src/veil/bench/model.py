@@ -23,7 +23,8 @@ from veil.bench.report import emit_json, median_seconds, print_table, progress
 from veil.engine.engine import EngineConfig, LLMEngine
 from veil.engine.weights import compute_threads_beside_device
 from veil.model.generate import GenerationRequest, generate
-from veil.model.loader import LoadedModel, load_model
+from veil.model.llama import Llama
+from veil.model.loader import load_model
 from veil.model.sampling import SamplingParams
 from veil.trace import Compute, TraceRecorder
 
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "batch": results,
-        "engine_layers": engine_layers(loaded),
+        "engine_layers": engine_layers(loaded.model, prompt),
     }
     if args.json:
         emit_json(result)
@@ -101,19 +102,20 @@ def _decode_rate(run_n: object, batch: int, new_tokens: int, repeats: int) -> fl
 
 
 def engine_layers(
-    loaded: LoadedModel, points: tuple[tuple[int, int, int], ...] = ENGINE_POINTS
+    model: Llama, prompt_ids: list[int], points: tuple[tuple[int, int, int], ...] = ENGINE_POINTS
 ) -> list[dict[str, Any]]:
     """Per distinct decoder-layer cost the engine ran at `points`: FLOPs, bytes, median seconds, count.
 
     Each point is one plain engine run (weights resident: nothing crosses during the steps) of `batch`
-    identical prompts; its trace's layer spans are grouped by their (FLOPs, bytes).
+    prompts (`prompt_ids` repeated to the point's length); its trace's layer spans are grouped by
+    their (FLOPs, bytes).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(compute_threads_beside_device())
     spans: dict[tuple[float, float], list[float]] = {}
     try:
         for batch, prompt_tokens, new_tokens in points:
-            prompt = (list(loaded.tokenizer(_PROMPT).input_ids) * prompt_tokens)[:prompt_tokens]
+            prompt = (prompt_ids * prompt_tokens)[:prompt_tokens]
             config = EngineConfig(
                 num_device_blocks=batch * -(-(prompt_tokens + new_tokens) // 16),
                 num_host_blocks=0,
@@ -121,7 +123,7 @@ def engine_layers(
                 max_num_batched_tokens=max(2048, batch * prompt_tokens),
             )
             recorder = TraceRecorder()
-            with LLMEngine(loaded.model, config, recorder=recorder) as engine:
+            with LLMEngine(model, config, recorder=recorder) as engine:
                 params = SamplingParams(max_tokens=new_tokens, stop_token_ids=())
                 for _ in range(batch):
                     engine.add_request(prompt, params)
