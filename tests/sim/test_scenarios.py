@@ -145,13 +145,18 @@ def test_a_decryption_pool_shortens_what_swap_ins_wait_for(kv_trace) -> None:
 def test_engine_compute_interpolates_the_measured_layers() -> None:
     layers = [
         {"flops": 1e7, "nbytes": 0.0, "seconds": 0.002},
-        {"flops": 5e7, "nbytes": 0.0, "seconds": 0.006},
-        {"flops": 5e7, "nbytes": 0.0, "seconds": 0.008},  # equal FLOPs are averaged: 7 ms
+        {"flops": 5e7, "nbytes": 0.0, "seconds": 0.006, "spans": 1},
+        {
+            "flops": 5.1e7,
+            "nbytes": 0.0,
+            "seconds": 0.0075,
+            "spans": 3,
+        },  # within 5%: one point, 5.075e7, 7.1 ms
         {"flops": 5e8, "nbytes": 0.0, "seconds": 0.025},
     ]
     layer = EngineCompute.from_layers(layers)
     assert layer(1e6) == pytest.approx(0.002)  # below the cheapest: its seconds
-    assert layer(3e7) == pytest.approx(0.0045)  # halfway between 2 ms and 7 ms
+    assert layer(3.0375e7) == pytest.approx(0.0045625)  # halfway between 2 ms and 7.125 ms
     assert layer(1e9) == pytest.approx(0.05)  # above the costliest: at its FLOP rate
     with pytest.raises(ValueError):
         EngineCompute((2.0, 1.0), (1.0, 1.0))

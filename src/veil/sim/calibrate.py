@@ -97,12 +97,24 @@ class EngineCompute:
             raise ValueError("FLOPs must be distinct, positive and increasing; seconds positive")
 
     @classmethod
-    def from_layers(cls, layers: list[dict[str, Any]]) -> EngineCompute:
-        """From `engine_layers` rows (`flops`, `seconds`); rows of equal FLOPs are averaged."""
-        by_flops: dict[float, list[float]] = {}
-        for row in layers:
-            by_flops.setdefault(float(row["flops"]), []).append(float(row["seconds"]))
-        points = sorted((f, sum(s) / len(s)) for f, s in by_flops.items())
+    def from_layers(cls, layers: list[dict[str, Any]], *, merge_within: float = 0.05) -> EngineCompute:
+        """From `engine_layers` rows (`flops`, `seconds`, `spans`): rows whose FLOPs are within
+        `merge_within` of a group's first are one point, their FLOPs and seconds averaged weighted by
+        spans (a decode batch's steps differ only by a few context positions, and their medians by
+        noise, which interpolating between them would turn into a jagged curve)."""
+        groups: list[list[dict[str, Any]]] = []
+        for row in sorted(layers, key=lambda r: float(r["flops"])):
+            if groups and float(row["flops"]) <= (1 + merge_within) * float(groups[-1][0]["flops"]):
+                groups[-1].append(row)
+            else:
+                groups.append([row])
+        points = []
+        for group in groups:
+            weights = [float(r.get("spans", 1)) for r in group]
+            total = sum(weights)
+            flops = sum(w * float(r["flops"]) for w, r in zip(weights, group, strict=True)) / total
+            seconds = sum(w * float(r["seconds"]) for w, r in zip(weights, group, strict=True)) / total
+            points.append((flops, seconds))
         return cls(tuple(f for f, _ in points), tuple(s for _, s in points))
 
     def __call__(self, flops: float, nbytes: float = 0.0) -> float:
