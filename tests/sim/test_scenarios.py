@@ -9,7 +9,7 @@ import pytest
 
 from veil.pipellm import MiB
 from veil.sim import HardwareProfile, ModelProfile
-from veil.sim.calibrate import ModelShape, machine_profile
+from veil.sim.calibrate import EngineCompute, HostRates, ModelShape, machine_profile
 from veil.sim.hardware import GB, MODELS
 from veil.sim.paper import MODELS_OF, paper_rows
 from veil.sim.replay import Mode, ReplayOptions, inject_mispredictions, replay, scale_trace
@@ -114,13 +114,57 @@ def test_paper_rows_cover_every_workload_and_model() -> None:
         assert "paper_cc_drop" in r.to_json() or r.paper_cc_drop is None
 
 
-def test_machine_profile_fits_the_model_benchmark() -> None:
+def test_machine_profile_fits_the_model_benchmark_and_the_core_rates() -> None:
     shape = ModelShape(params=100_000_000)  # 400 MB of fp32 weights
-    transfer = {"raw_aesgcm_gbps": 2.0, "memcpy_gbps": 5.0}
+    rates = HostRates.from_gbps({"seal": 2.0, "open": 2.5, "copy": 5.0, "parallel": 1.6}, cores=2)
     bench = {"batch": {"1": {"veil_tokens_per_s": 10.0}, "8": {"veil_tokens_per_s": 40.0}}}
-    hw = machine_profile(transfer, bench, shape)
+    hw = machine_profile(rates, bench, shape)
     assert hw.hbm_bytes_per_s == pytest.approx(4e9)  # 400 MB in 0.1 s
     assert hw.gpu_flops == pytest.approx(2 * 1e8 * 8 / 0.2)  # batch 8: 0.2 s, slower than memory allows
     assert hw.compute_seconds(*shape.step_cost(1)) == pytest.approx(0.1)
     assert hw.compute_seconds(*shape.step_cost(8)) == pytest.approx(0.2)
-    assert hw.compute_on_host and not hw.duplex and hw.seal_bytes_per_s == 2e9
+    assert hw.compute_on_host and not hw.duplex and (hw.host_cores, hw.host_parallel) == (2, 1.6)
+    gb = 1e9  # 1 GB: the host seals and copies it, the copy engine opens and copies it twice
+    assert gb / hw.seal_bytes_per_s == pytest.approx(1 / 2.0 + 1 / 5.0)
+    device_side = gb / hw.pcie_h2d_bytes_per_s + gb / hw.device_crypto_bytes_per_s
+    assert device_side == pytest.approx(1 / 2.5 + 2 / 5.0)
+
+
+def test_a_decryption_pool_shortens_what_swap_ins_wait_for(kv_trace) -> None:
+    hw = dataclasses.replace(HW, spare_cores=64)
+    options = ReplayOptions(warmup_steps=5, chunk_bytes=4 * MiB)
+    one, pool = (
+        replay(kv_trace, hw, Mode.PIPELLM, dataclasses.replace(options, decrypt_threads=n)) for n in (1, 8)
+    )
+    plain = replay(kv_trace, hw, Mode.PLAIN, options).tokens_per_s
+    assert one.tokens_per_s < pool.tokens_per_s <= plain * (1 + 1e-9)
+    with pytest.raises(ValueError, match="decrypt_threads"):
+        replay(kv_trace, hw, Mode.PIPELLM, dataclasses.replace(options, decrypt_threads=0))
+
+
+def test_engine_compute_interpolates_the_measured_layers() -> None:
+    layers = [
+        {"flops": 1e7, "nbytes": 0.0, "seconds": 0.002},
+        {"flops": 5e7, "nbytes": 0.0, "seconds": 0.006, "spans": 1},
+        {
+            "flops": 5.1e7,
+            "nbytes": 0.0,
+            "seconds": 0.0075,
+            "spans": 3,
+        },  # within 5%: one point, 5.075e7, 7.1 ms
+        {"flops": 5e8, "nbytes": 0.0, "seconds": 0.025},
+    ]
+    layer = EngineCompute.from_layers(layers)
+    assert layer(1e6) == pytest.approx(0.002)  # below the cheapest: its seconds
+    assert layer(3.0375e7) == pytest.approx(0.0045625)  # halfway between 2 ms and 7.125 ms
+    assert layer(1e9) == pytest.approx(0.05)  # above the costliest: at its FLOP rate
+    with pytest.raises(ValueError):
+        EngineCompute((2.0, 1.0), (1.0, 1.0))
+
+
+def test_a_layer_time_model_replaces_the_roofline_in_a_replay(kv_trace) -> None:
+    options = ReplayOptions(warmup_steps=5, chunk_bytes=4 * MiB, host_spans=False)
+    slow = dataclasses.replace(options, layer_seconds=lambda flops, nbytes: 0.01)
+    fast = dataclasses.replace(options, layer_seconds=lambda flops, nbytes: 0.001)
+    slow_tps, fast_tps = (replay(kv_trace, HW, Mode.PLAIN, o).tokens_per_s for o in (slow, fast))
+    assert slow_tps < fast_tps

@@ -63,3 +63,12 @@ def test_bad_input_is_a_usage_error(tmp_path: Path, capsys) -> None:
     assert main(["simulate", "--scenario", "replay", "--trace", str(trace), "--validation", "nope.json"]) == 2
     with pytest.raises(SystemExit):
         main(["simulate", "--scenario", "nope"])
+
+
+def test_the_validation_scenario_prints_only_the_validation_file(tmp_path: Path, capsys) -> None:
+    rows = [{"bench": "kvswap", "transport": "plain", "measured": 2.0, "predicted": 2.2, "error": 0.1}]
+    (tmp_path / "v.json").write_text(json.dumps({"validation": rows}))
+    argv = ["simulate", "--scenario", "validation", "--validation", str(tmp_path / "v.json"), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["validation"] == rows and "rows" not in out and "replay" not in out

@@ -19,7 +19,7 @@ from veil.pipellm import Decision, SpeculatorStats
 from veil.pipellm.governor import GovernorConfig
 from veil.pipellm.options import PipeLLMOptions
 from veil.sim import HardwareProfile
-from veil.sim.replay import Mode, replay
+from veil.sim.replay import Mode, ReplayOptions, replay
 from veil.trace import Compute, Op, Trace, TraceRecorder, Transfer
 from veil.transport.base import TransportKind
 
@@ -141,7 +141,8 @@ def test_runtime_and_simulator_make_the_same_speculator_decisions(model: Llama, 
     config = dataclasses.replace(config, transport=TransportKind.PIPELLM, pipellm=options)
     recorded = _record(model, config, requests, tokens)
     decisions: list[Decision] = []
-    sim = replay(recorded.trace, INSTANT, Mode.PIPELLM, on_decision=decisions.append)
+    same = ReplayOptions(governor=options.governor)  # the runtime's governor configuration
+    sim = replay(recorded.trace, INSTANT, Mode.PIPELLM, same, on_decision=decisions.append)
     assert sim.stats is not None and recorded.speculator is not None
     fields = ("requests", "hits", "padded_hits", "misses", "relinquishes", "nops", "stale", "sync_seals")
     assert {f: getattr(sim.stats, f) for f in fields} == {f: getattr(recorded.speculator, f) for f in fields}

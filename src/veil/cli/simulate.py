@@ -3,10 +3,12 @@
 Scenarios:
 - `paper`: FlexGen offloading, vLLM KV swapping and S-LoRA-like adapter swapping at 13B-175B on the
   H100 profile: per workload and model the CC drop and PipeLLM's residual overhead beside the paper's
-  figures, the sealing cores PipeLLM needs for <= 5%, the overhead under injected mispredictions, and
-  a sensitivity sweep (sealing cores, PCIe bandwidth, batch) as a PNG.
+  figures, the sealing cores PipeLLM needs for <= 5%, the overhead under injected mispredictions and
+  with a pool of swap-out decryption threads (KV swapping), and a sensitivity sweep (sealing cores,
+  PCIe bandwidth, batch) as a PNG.
 - `replay`: one recorded trace (`--trace`, from `LLMEngine(recorder=...)`), optionally scaled to a
   bigger model and with mispredictions injected, under plain, cc and pipellm.
+- `validation`: only the validation rows (below).
 
 Validation rows come from `--validate DIR` (records the benches' workloads now, minutes) or from a
 validation file written by an earlier `--validate` (`--validation FILE`, default
@@ -27,6 +29,7 @@ from veil.sim import H100_SXM_PCIE5, MODELS
 from veil.sim.paper import (
     PAPER_PIPELLM_OVERHEAD_BELOW,
     TARGET_OVERHEAD,
+    decryption_pool,
     paper_rows,
     plot_sensitivity,
     sensitivity,
@@ -42,7 +45,7 @@ MISPREDICT_RATES = (0.0, 0.05, 0.2)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("simulate", help="simulate PipeLLM's workloads on modelled hardware")
-    parser.add_argument("--scenario", choices=["paper", "replay"], default="paper")
+    parser.add_argument("--scenario", choices=["paper", "replay", "validation"], default="paper")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--spare-cores", type=int, default=H100_SXM_PCIE5.spare_cores, help="sealing cores")
     parser.add_argument("--vaes", action="store_true", help="seal at the VAES rate instead of AES-NI")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"hardware": dataclasses.asdict(hw)}
     if args.scenario == "replay":
         result["replay"] = _replay(args, hw)
-    else:
+    elif args.scenario == "paper":
         result.update(_paper(args, hw))
     result.update(_validation(args))
     if args.json:
@@ -96,10 +99,12 @@ def _paper(args: argparse.Namespace, hw: Any) -> dict[str, Any]:
         mispredictions.append({"workload": "kvswap", "model": "opt-13b", "rate": rate,
                                "pipellm_overhead": 1 - pipellm.tokens_per_s / plain,
                                "hits": pipellm.stats.hits, "requests": pipellm.stats.requests})  # fmt: skip
+    progress("simulate: KV swapping with a decryption pool (the runtime has one thread)")
     out: dict[str, Any] = {
         "paper": {"pipellm_overhead_below": PAPER_PIPELLM_OVERHEAD_BELOW, "target_overhead": TARGET_OVERHEAD},
         "rows": rows,
         "mispredictions": mispredictions,
+        "decryption_pool": decryption_pool(MODELS, hw),
     }
     if not args.no_sweep:
         progress("simulate: sensitivity sweep (FlexGen offloading, OPT-30B)")
@@ -132,21 +137,26 @@ def _replay(args: argparse.Namespace, hw: Any) -> dict[str, Any]:
 
 def _validation(args: argparse.Namespace) -> dict[str, Any]:
     if args.validate is not None:
-        from veil.bench.sim_validation import record_all, validate  # the real engine: minutes
+        from veil.bench.sim_validation import measure_host_rates, record_all, validate  # minutes
         from veil.model.loader import load_model
 
         loaded = load_model(progress=False)
         if args.traces is not None:
             traces = {b: Trace.load(args.traces / f"{b}.json") for b in ("offload", "kvswap", "lora")}
+            saved = args.traces / "host_rates.json"
+            rates = json.loads(saved.read_text()) if saved.exists() else measure_host_rates()
         else:
-            progress("simulate: recording the benches' workloads under plain")
+            progress("simulate: measuring per-core rates, recording the benches' workloads under plain")
+            rates = measure_host_rates()
             traces = record_all(loaded)
             (args.validate / "traces").mkdir(parents=True, exist_ok=True)
             for name, trace in traces.items():
                 trace.save(args.validate / "traces" / f"{name}.json")
-        out = validate(args.validate, traces, loaded)
+            (args.validate / "traces" / "host_rates.json").write_text(json.dumps(rates, indent=2))
+        out = validate(args.validate, traces, loaded, rates)
         (args.validate / "validation.json").write_text(json.dumps(out, indent=2))
-        return {"validation": out["validation"], "validation_source": f"recorded now against {args.validate}"}
+        source = f"traces from {args.traces}" if args.traces is not None else "recorded now"
+        return {"validation": out["validation"], "validation_source": f"{source}, against {args.validate}"}
     path = args.validation or (DEFAULT_VALIDATION if DEFAULT_VALIDATION.exists() else None)
     if path is None:
         return {"validation": [], "validation_source": None}
@@ -169,20 +179,23 @@ def _print(result: dict[str, Any]) -> None:
         print(json.dumps(result["replay"], indent=2))
     if result["validation"]:
         print(f"\nvalidation ({result['validation_source']}):")
-        headers = [
-            "bench",
-            "transport",
-            "measured tok/s",
-            "predicted",
-            "error",
-            "predicted (recorded compute)",
-            "error",
+        headers = ["bench", "transport", "measured tok/s", "predicted", "error"]
+        extra = [
+            ("predicted_own_cores", "own cores"),
+            ("predicted_engine_bench", "engine bench"),
+            ("predicted_roofline", "roofline"),
         ]
-        table = [
-            [v["bench"], v["transport"], round(v["measured"], 2), round(v["predicted"], 2), _pct(v["error"]),
-             round(v.get("predicted_recorded_compute", 0.0), 2), _pct(v.get("error_recorded_compute"))]
-            for v in result["validation"]
-        ]  # fmt: skip
+        extra = [(key, name) for key, name in extra if any(key in v for v in result["validation"])]
+        for _, name in extra:
+            headers += [f"predicted ({name})", "error"]
+        table = []
+        for v in result["validation"]:
+            row = [v["bench"], v["transport"], round(v["measured"], 2)]
+            row += [round(v["predicted"], 2), _pct(v["error"])]
+            for key, _ in extra:
+                figure = v.get(key)
+                row += ["-", "-"] if figure is None else [round(figure, 2), _pct(figure / v["measured"] - 1)]
+            table.append(row)
         print_table(headers, table)
 
 

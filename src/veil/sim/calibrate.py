@@ -1,27 +1,68 @@
 """A hardware profile of this machine's emulated device, calibrated from measurements.
 
-Inputs are the JSON outputs of `veil bench transfer` (one core's AES-GCM sealing rate and memcpy
-rate) and `veil bench model` (veil's decode tokens/s at batch 1 and 8), plus the model's shape. The
-emulated device differs from an H100 in ways the profile states:
-- its copy engine is one CPU thread that opens every h2d message and seals every d2h one in software
-  (`device_crypto_bytes_per_s` = the sealing rate; GCM opens as fast as it seals, within 10% here)
-  and copies both directions in turn (`duplex=False`), at the memcpy rate (the "link");
-- compute runs on the host thread (`compute_on_host`), at a roofline fitted to the model benchmark:
+Inputs: one core's rates at each piece of a sealed transfer (`HostRates`: AES-GCM seal and open, the
+byte copy, and what all cores deliver at once; measured by `veil.bench.transfer.core_rates`, the
+transfer benchmark's per-core figures), `veil bench model`'s decode tokens/s at batch 1 and 8, and the
+model's shape. The emulated device differs from an H100 in ways the profile states:
+- its copy engine is one host thread (`duplex=False`): a plain message costs it one copy (the
+  "link" rate); a sealed h2d message an open and two copies (out of the bounce slot, into the
+  destination), so `device_crypto_bytes_per_s` is the open and the extra copy together; a d2h message
+  the same work the other way (its seal taken at the open rate: they are within 15% here);
+- the host seals a chunk and copies it into the bounce slot (`aes_gcm_bytes_per_s` is the two
+  together), and opens a d2h chunk and copies it out (`aes_gcm_open_bytes_per_s`);
+- compute runs on the host thread (`compute_on_host`); every lane (caller, copy engine, PipeLLM's
+  sealing worker and decryption thread) shares the machine's cores at the measured parallel speed
+  (`host_cores`, `host_parallel`; `veil.sim.cores`);
+- the roofline (`gpu_flops`, `hbm_bytes_per_s`) is fitted to the model benchmark's `generate` figures:
   batch 1 decode is taken as memory-bound (weights read once per token: bytes / time gives the
-  bandwidth) and batch 8 as compute-bound where it is slower than that bandwidth allows (FLOPs / time);
-- PipeLLM's sealing workers: the runtime's default, one thread (`default_workers()` on 2 cores), with
-  no contention modelled against compute and the copy engine (all three share 2 cores here);
+  bandwidth) and batch 8 as compute-bound where it is slower than that bandwidth allows (FLOPs /
+  time). `generate` is not the engine's path; `EngineCompute` is fitted to the model benchmark's
+  timing of the engine's own layers (`engine_layers`), and the validation reports both;
+- PipeLLM's sealing workers: the runtime's default, one thread (`default_workers()` on 2 cores);
 - a message's fixed host cost is assumed 100 us (Python transport, events, ring slot).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
 from veil.sim.hardware import GB, HardwareProfile
 
 MESSAGE_S = 100e-6  # assumed fixed host cost of one message in veil's Python transport
+
+
+@dataclass(frozen=True)
+class HostRates:
+    """One core's speed at each piece of a sealed transfer's work, and the machine's parallelism.
+
+    Attributes:
+        seal: AES-GCM sealing, bytes/s.
+        open: AES-GCM opening (tag checked), bytes/s.
+        copy: the channel's byte copy, bytes/s.
+        parallel: single-core speeds all cores deliver at once (at most `cores`).
+        cores: the machine's cores.
+    """
+
+    seal: float
+    open: float
+    copy: float
+    parallel: float
+    cores: int
+
+    @classmethod
+    def from_gbps(cls, rates: dict[str, Any], cores: int) -> HostRates:
+        """From `veil.bench.transfer.CoreRates` as a dict (GB/s, `parallel` in cores)."""
+        return cls(
+            float(rates["seal"]) * GB, float(rates["open"]) * GB, float(rates["copy"]) * GB,
+            float(rates["parallel"]), cores,
+        )  # fmt: skip
+
+
+def _serial(*rates: float) -> float:
+    """The rate of doing each of `rates`' work in turn on one core."""
+    return 1.0 / sum(1.0 / r for r in rates)
 
 
 @dataclass(frozen=True)
@@ -36,37 +77,91 @@ class ModelShape:
         return 2.0 * self.params * batch, float(self.params * self.bytes_per_param)
 
 
+@dataclass(frozen=True)
+class EngineCompute:
+    """Seconds of one decoder-layer span on this machine, interpolated over its FLOPs between the
+    engine's measured layers (`veil bench model`'s `engine_layers`).
+
+    Piecewise linear between measured points; below the cheapest, that point's seconds (fixed costs
+    dominate there); above the costliest, at that point's FLOP rate. Bytes are not used: on the host
+    every layer reads the same fp32 weights and its KV reads are small.
+    """
+
+    flops: tuple[float, ...]
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.flops or len(self.flops) != len(self.seconds):
+            raise ValueError("need as many seconds as FLOPs, at least one")
+        if list(self.flops) != sorted(set(self.flops)) or min(self.flops) <= 0 or min(self.seconds) <= 0:
+            raise ValueError("FLOPs must be distinct, positive and increasing; seconds positive")
+
+    @classmethod
+    def from_layers(cls, layers: list[dict[str, Any]], *, merge_within: float = 0.05) -> EngineCompute:
+        """From `engine_layers` rows (`flops`, `seconds`, `spans`): rows whose FLOPs are within
+        `merge_within` of a group's first are one point, their FLOPs and seconds averaged weighted by
+        spans (a decode batch's steps differ only by a few context positions, and their medians by
+        noise, which interpolating between them would turn into a jagged curve)."""
+        groups: list[list[dict[str, Any]]] = []
+        for row in sorted(layers, key=lambda r: float(r["flops"])):
+            if groups and float(row["flops"]) <= (1 + merge_within) * float(groups[-1][0]["flops"]):
+                groups[-1].append(row)
+            else:
+                groups.append([row])
+        points = []
+        for group in groups:
+            weights = [float(r.get("spans", 1)) for r in group]
+            total = sum(weights)
+            flops = sum(w * float(r["flops"]) for w, r in zip(weights, group, strict=True)) / total
+            seconds = sum(w * float(r["seconds"]) for w, r in zip(weights, group, strict=True)) / total
+            points.append((flops, seconds))
+        return cls(tuple(f for f, _ in points), tuple(s for _, s in points))
+
+    def __call__(self, flops: float, nbytes: float = 0.0) -> float:
+        """Seconds of a layer span of `flops` (`nbytes` unused: see the class docstring)."""
+        xs, ys = self.flops, self.seconds
+        if flops <= xs[0]:
+            return ys[0]
+        if flops >= xs[-1]:
+            return ys[-1] * flops / xs[-1]
+        i = bisect_right(xs, flops)
+        share = (flops - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[i - 1] + share * (ys[i] - ys[i - 1])
+
+
 def machine_profile(
-    transfer: dict[str, Any], model_bench: dict[str, Any], shape: ModelShape, *, workers: int = 1
+    rates: HostRates, model_bench: dict[str, Any], shape: ModelShape, *, workers: int = 1
 ) -> HardwareProfile:
     """The emulated device on this machine.
 
     Args:
-        transfer: `veil bench transfer --json` output (`raw_aesgcm_gbps`, `memcpy_gbps`).
+        rates: measured per-core rates and parallelism.
         model_bench: `veil bench model --json` output with batches "1" and "8".
         shape: the benchmarked model.
         workers: PipeLLM sealing threads.
 
     Raises:
-        KeyError: if a figure is missing from the inputs.
+        KeyError: if a figure is missing from the model benchmark.
     """
-    seal = float(transfer["raw_aesgcm_gbps"]) * GB
-    copy = float(transfer["memcpy_gbps"]) * GB
     step_s = {int(b): int(b) / float(r["veil_tokens_per_s"]) for b, r in model_bench["batch"].items()}
     _, bytes_1 = shape.step_cost(1)
     bandwidth = bytes_1 / step_s[1]
     flops_8, bytes_8 = shape.step_cost(8)
     memory_bound_8 = bytes_8 / bandwidth
     flops_rate = flops_8 / step_s[8] if step_s[8] > memory_bound_8 else flops_8 / memory_bound_8
+    device_side = _serial(rates.open, rates.copy)  # on top of the link's copy: open + 2 copies
     return HardwareProfile(
         name="this machine (emulated device, calibrated)",
-        pcie_h2d_bytes_per_s=copy,
-        pcie_d2h_bytes_per_s=copy,
-        aes_gcm_bytes_per_s=seal,
-        aes_gcm_vaes_bytes_per_s=seal,
-        device_crypto_bytes_per_s=seal,
+        pcie_h2d_bytes_per_s=rates.copy,
+        pcie_d2h_bytes_per_s=rates.copy,
+        aes_gcm_bytes_per_s=_serial(rates.seal, rates.copy),
+        aes_gcm_vaes_bytes_per_s=_serial(rates.seal, rates.copy),
+        aes_gcm_open_bytes_per_s=_serial(rates.open, rates.copy),
+        device_crypto_bytes_per_s=device_side,
         duplex=False,
         compute_on_host=True,
+        host_cores=rates.cores,
+        host_parallel=min(rates.parallel, float(rates.cores)),
         spare_cores=workers,
         gpu_flops=flops_rate,
         flops_efficiency=1.0,

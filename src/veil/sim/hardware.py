@@ -49,6 +49,11 @@ class HardwareProfile:
         gpu_memory_bytes: device memory; H100 SXM has 80 GB HBM3 (datasheet).
         gpu_memory_usable: share of it a serving engine may fill with weights and KV cache
             (assumption: 0.9, vLLM's default `gpu_memory_utilization`).
+        host_cores: cores shared by every host lane (the caller, sealing workers, the decryption
+            thread and, with `compute_on_host`, the emulated copy engine and compute); None models
+            no contention (each lane has a core of its own: the H100 profile's `spare_cores`).
+        host_parallel: single-core speeds all `host_cores` deliver at once (measured; None:
+            `host_cores`). Only used with `host_cores`.
     """
 
     name: str
@@ -69,6 +74,8 @@ class HardwareProfile:
     compute_on_host: bool = False
     gpu_memory_bytes: float = 80 * GB
     gpu_memory_usable: float = 0.9
+    host_cores: int | None = None
+    host_parallel: float | None = None
 
     def __post_init__(self) -> None:
         rates = (self.pcie_h2d_bytes_per_s, self.aes_gcm_bytes_per_s, self.aes_gcm_vaes_bytes_per_s)
@@ -78,6 +85,10 @@ class HardwareProfile:
             raise ValueError("flops_efficiency and hbm_efficiency must be in (0, 1]")
         if self.spare_cores < 0 or self.message_s < 0:
             raise ValueError("spare_cores and message_s must be >= 0")
+        if self.host_cores is not None and self.host_cores < 1:
+            raise ValueError(f"host_cores must be >= 1 or None, got {self.host_cores}")
+        if self.host_parallel is not None and self.host_parallel <= 0:
+            raise ValueError(f"host_parallel must be > 0 or None, got {self.host_parallel}")
 
     @property
     def seal_bytes_per_s(self) -> float:

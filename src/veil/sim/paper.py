@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from veil.pipellm import MiB
+from veil.pipellm.governor import GovernorConfig
 from veil.sim.hardware import GB, HardwareProfile, ModelProfile
 from veil.sim.replay import Mode, ReplayOptions, replay
 from veil.sim.scenarios import Workload, adapter_trace, flexgen_offload_fraction, kvswap_trace
@@ -42,6 +43,7 @@ WORKLOADS = {
     "lora": Workload(batch=32, steps=80, requests=400, adapters=64, slots=8, rank=16),
 }
 SERVING_WARMUP = 20
+PAPER_GOVERNOR = GovernorConfig(enabled=False)  # the paper's PipeLLM always speculates (veil's may not)
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,10 @@ def serving_trace(
 
 def serving_options(trace: Trace) -> ReplayOptions:
     """KV blocks (13-28 MiB at these sizes) are replayed as one message each: the swap predictor's
-    cost grows with the square of the keys it holds (see docs/sim.md); depth stays 32 messages."""
+    cost grows with the square of the keys it holds (see docs/sim.md); depth stays 32 messages.
+    Speculation is pinned on, as the paper's PipeLLM (`PAPER_GOVERNOR`)."""
     chunk = max(MiB, int(trace.meta.get("block_bytes", MiB)))
-    return ReplayOptions(warmup_steps=SERVING_WARMUP, chunk_bytes=chunk)
+    return ReplayOptions(warmup_steps=SERVING_WARMUP, chunk_bytes=chunk, governor=PAPER_GOVERNOR)
 
 
 def paper_rows(
@@ -130,6 +133,28 @@ def paper_rows(
                 )
             )
     return rows
+
+
+DECRYPT_THREADS = (1, 2, 4, 8)
+
+
+def decryption_pool(
+    models: dict[str, ModelProfile], hw: HardwareProfile, threads: tuple[int, ...] = DECRYPT_THREADS
+) -> list[dict[str, Any]]:
+    """KV swapping with PipeLLM's swap-out decryption on a pool of `threads` lanes (the runtime has
+    one thread; a pool is the change its KV-swapping overhead points to): the overhead per pool size,
+    for every KV-swapping model of `MODELS_OF`."""
+    out = []
+    for name in MODELS_OF["kvswap"]:
+        trace = serving_trace("kvswap", models[name], hw)
+        options = serving_options(trace)
+        plain = replay(trace, hw, Mode.PLAIN, options).tokens_per_s
+        for n in threads:
+            pool = dataclasses.replace(options, decrypt_threads=n)
+            pipellm = replay(trace, hw, Mode.PIPELLM, pool).tokens_per_s
+            out.append({"workload": "kvswap", "model": name, "decrypt_threads": n,
+                        "pipellm_overhead": 1 - pipellm / plain})  # fmt: skip
+    return out
 
 
 SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {

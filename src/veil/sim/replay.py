@@ -2,13 +2,17 @@
 
 The host thread walks the trace's events in program order on a virtual clock:
 - a `Transfer` (h2d / d2h) is split into 1 MiB chunks, each one `TransferKey(source_id, offset,
-  length)` as the runtime's transport makes them, and issued through the mode's sender (`senders.py`);
+  length)` as the runtime's transport makes them (plain: one message per transfer, as veil's plain
+  transport copies), and issued through the mode's sender (`senders.py`);
   a hint goes to the speculator (PipeLLM) and costs nothing otherwise;
 - a `Compute` span starts once the host reaches it, the device is free, and the first `needs` data
   transfers have landed; it lasts its roofline time on the profile (or its recorded seconds). On a
   GPU the host launches it and moves on; with `compute_on_host` the host is busy until it ends.
-PipeLLM runs the real `Speculator` and `default_predictor()`; the workers' seal jobs read the source
-version the trace says the buffer has at that point, so a stale pre-sealed chunk is never committed.
+PipeLLM runs the real `Speculator` and `default_predictor()`, and the runtime's `Governor` on the
+virtual clock (`ReplayOptions.governor`); the workers' seal jobs read the source version the trace
+says the buffer has at that point, so a stale pre-sealed chunk is never committed.
+With `HardwareProfile.host_cores` every host lane (host thread and its compute, copy engine, sealing
+workers, decryption lane) shares those cores (`cores.py`).
 
 Deterministic: no threads, no wall clock, no randomness (misprediction injection is seeded).
 """
@@ -18,13 +22,16 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from veil.pipellm import Decision, Direction, MiB, Speculator, SpeculatorConfig, SpeculatorStats, TransferKey
 from veil.pipellm import default_predictor as _default_predictor
+from veil.pipellm.governor import Governor, GovernorConfig, GovernorStats
+from veil.pipellm.governor import Mode as GovernorMode
 from veil.pipellm.keys import chunks
 from veil.pipellm.options import PipeLLMOptions
+from veil.sim.cores import HostCores
 from veil.sim.hardware import HardwareProfile
 from veil.sim.senders import PipeLLMSender, Sender, SyncSender, Wire
 from veil.trace import Compute, Op, Step, Trace, Transfer
@@ -48,9 +55,16 @@ class ReplayOptions:
         host_spans: replay the trace's "host" spans (engine work outside layers) at their recorded
             seconds; False drops them (a trace scaled to another machine).
         recorded_compute: time every span by its recorded seconds instead of the roofline.
+        layer_seconds: times each layer span from its (FLOPs, bytes) instead of the profile's
+            roofline (e.g. `calibrate.EngineCompute`); ignored with `recorded_compute`.
         warmup_steps: steps replayed before the measured ones.
         record_ivs: keep every emitted h2d IV.
         max_period: the cyclic predictor's longest period (chunks); None: the runtime's default.
+        decrypt_threads: PipeLLM's background decryption lanes for device-to-host chunks (the
+            runtime has one thread; more model a pool).
+        governor: PipeLLM's do-no-harm governor, as the runtime configures it (default: the
+            runtime's default, which measures whether speculation pays and may seal in the caller
+            instead); `GovernorConfig(enabled=False)` pins speculation on, as the paper's PipeLLM.
     """
 
     depth: int = 32
@@ -59,9 +73,12 @@ class ReplayOptions:
     chunk_bytes: int = MiB
     host_spans: bool = True
     recorded_compute: bool = False
+    layer_seconds: Callable[[float, float], float] | None = None
     warmup_steps: int = 0
     record_ivs: bool = False
     max_period: int | None = None
+    decrypt_threads: int = 1
+    governor: GovernorConfig = field(default_factory=GovernorConfig)
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,8 @@ class ReplayResult:
         worker_busy_s: modelled sealing time of the spare cores (pipellm).
         stats: the speculator's counters (pipellm).
         ivs: every emitted h2d IV in emission order, if recorded.
+        governor: what the governor measured and did (pipellm).
+        host_work_s: single-core seconds placed on the shared host cores (with `host_cores`).
     """
 
     mode: Mode
@@ -86,6 +105,8 @@ class ReplayResult:
     worker_busy_s: float = 0.0
     stats: SpeculatorStats | None = None
     ivs: tuple[int, ...] | None = None
+    governor: GovernorStats | None = None
+    host_work_s: float = 0.0
 
 
 def replay(
@@ -113,12 +134,13 @@ def replay(
         raise ValueError("the measured steps generate no tokens or take no time")
     ivs = tuple(run.wire.ivs) if run.wire.ivs is not None else None
     sender = run.sender
+    work = run.cores.work_s if run.cores is not None else 0.0
     if isinstance(sender, PipeLLMSender):
         return ReplayResult(
             mode, tokens / elapsed, tuple(ends), start, sender.wait_s, sender.workers.busy_s,
-            sender.speculator.stats, ivs,
+            sender.speculator.stats, ivs, sender.governor_stats, work,
         )  # fmt: skip
-    return ReplayResult(mode, tokens / elapsed, tuple(ends), start, ivs=ivs)
+    return ReplayResult(mode, tokens / elapsed, tuple(ends), start, ivs=ivs, host_work_s=work)
 
 
 class _Run:
@@ -132,10 +154,18 @@ class _Run:
         opts: ReplayOptions,
         on_decision: Callable[[Decision], None] | None,
     ) -> None:
-        self.hw, self.opts = hw, opts
+        self.hw, self.opts, self.mode = hw, opts, mode
+        self.cores = HostCores(hw.host_cores, hw.host_parallel) if hw.host_cores is not None else None
         crypto = hw.device_crypto_bytes_per_s
-        self.wire = Wire(hw.pcie_h2d_bytes_per_s, record_ivs=opts.record_ivs, crypto_bytes_per_s=crypto)
-        d2h = Wire(hw.pcie_d2h_bytes_per_s, crypto_bytes_per_s=crypto) if hw.duplex else self.wire
+        link_cores = self.cores if hw.compute_on_host else None  # the emulated copy engine: a host thread
+        self.wire = Wire(
+            hw.pcie_h2d_bytes_per_s, record_ivs=opts.record_ivs, crypto_bytes_per_s=crypto, cores=link_cores
+        )
+        d2h = (
+            Wire(hw.pcie_d2h_bytes_per_s, crypto_bytes_per_s=crypto, cores=link_cores)
+            if hw.duplex
+            else self.wire
+        )
         self.versions: dict[int, int] = {}
         self.sender = self._sender(trace, mode, d2h, on_decision)
         self.arrivals: list[float] = []  # when each data transfer (h2d, d2h) landed
@@ -145,7 +175,7 @@ class _Run:
         self, trace: Trace, mode: Mode, d2h: Wire, on_decision: Callable[[Decision], None] | None
     ) -> Sender:
         if mode is not Mode.PIPELLM:
-            return SyncSender(self.wire, self.hw, seal=mode is Mode.CC, d2h_wire=d2h)
+            return SyncSender(self.wire, self.hw, seal=mode is Mode.CC, d2h_wire=d2h, cores=self.cores)
         opts = self.opts
         pipellm = PipeLLMOptions(depth=opts.depth, max_pad=opts.max_pad, speculate=opts.speculate)
         config = pipellm.speculator_config(iv_limit=SpeculatorConfig().iv_limit, chunk_bytes=opts.chunk_bytes)
@@ -155,9 +185,12 @@ class _Run:
             else _default_predictor(max_period=opts.max_period)
         )
         spec = Speculator(predictor, config)
+        governor = Governor(opts.governor)
+        spec.hold(governor.mode is GovernorMode.SEAL_IN_CALLER)  # as the runtime's sealer starts it
         return PipeLLMSender(
             self.wire, self.hw, spec, spare_cores=self.hw.spare_cores, d2h_wire=d2h,
             version_of=lambda source_id: self.versions.get(source_id, 0), on_decision=on_decision,
+            governor=governor, cores=self.cores, decrypt_threads=opts.decrypt_threads,
         )  # fmt: skip
 
     def step(self, step: Step) -> float:
@@ -173,7 +206,9 @@ class _Run:
         s, t = self.sender, self.sender.host_free
         direction = Direction.D2H if e.op is Op.D2H else Direction.H2D
         transfer = TransferKey(e.source_id, e.offset, e.nbytes, direction)
-        keys = chunks(transfer, self.opts.chunk_bytes)
+        # plain copies each transfer as one message (veil's plain transport, a cudaMemcpyAsync);
+        # sealed modes split it into chunks, one IV each, as the runtime's transports do
+        keys = [transfer] if self.mode is Mode.PLAIN else chunks(transfer, self.opts.chunk_bytes)
         if e.op is Op.HINT:
             self.versions[e.source_id] = max(self.versions.get(e.source_id, 0), e.version)
             if isinstance(s, PipeLLMSender):
@@ -197,12 +232,18 @@ class _Run:
             return
         if self.opts.recorded_compute or e.label == "host":
             duration = e.seconds
+        elif self.opts.layer_seconds is not None:
+            duration = self.opts.layer_seconds(e.flops, e.nbytes)
         else:
             duration = self.hw.compute_seconds(e.flops, e.nbytes)
         ready = self.arrivals[e.needs - 1] if e.needs else 0.0
         start = max(self.sender.host_free, ready, self.device_free)
-        self.device_free = start + duration
-        self.sender.occupy_host(self.device_free if self.hw.compute_on_host else start)
+        if self.hw.compute_on_host:  # the emulated device computes on the host thread, on the host cores
+            self.device_free = self.sender.work(start, duration)
+            self.sender.occupy_host(self.device_free)
+        else:
+            self.device_free = start + duration
+            self.sender.occupy_host(start)
 
 
 def scale_trace(trace: Trace, *, bytes_factor: float, flops_factor: float, host_spans: bool = False) -> Trace:

@@ -11,8 +11,17 @@ GPU's copy engine is assumed to authenticate and decrypt at line rate, so it add
 
 Device-to-host chunks (`receive`) cross their own `Wire` (the same one when the hardware is not
 duplex); the device seals them (free on an H100, at `device_crypto_bytes_per_s` otherwise) and the
-host opens them: `plain` does nothing, `cc` opens on the host thread, `pipellm` on a background
-decryption lane (its runtime's decryption thread) that an h2d of the same buffer waits for.
+host opens them: `plain` does nothing, `cc` opens on the host thread, `pipellm` on background
+decryption lanes (the runtime has one decryption thread; the simulator can model a pool, each chunk
+to the lane free first) that an h2d of the same buffer waits for.
+
+PipeLLM's `Governor` (the runtime's, unchanged) is told each h2d's bytes and the virtual time until
+the next one, as the runtime's transport tells it the wall time; while it says to seal in the caller
+the speculator is held (`Speculator.hold`), exactly as the runtime's sealer holds it.
+
+With `HostCores` (the emulated device, whose every lane is a host thread), each lane's busy period
+(the host's message costs, seals, opens; the copy engine's work; each worker's seal; the decryption
+lane) is placed on the shared cores and lasts longer while other lanes are busy (`cores.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +31,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 from veil.pipellm import Commit, Decision, PadThenCommit, Speculator, TransferKey, Wait
+from veil.pipellm.governor import Governor, GovernorStats
+from veil.pipellm.governor import Mode as GovernorMode
+from veil.sim.cores import HostCores
 from veil.sim.hardware import HardwareProfile
 
 NOP_BYTES = 1  # the prototype burns an IV with a 1-byte copy
@@ -35,13 +47,21 @@ class Wire:
         record_ivs: keep every emitted IV (data and NOP) in `ivs`, in emission order.
         crypto_bytes_per_s: the receiving (h2d) or sending (d2h) device side's AES-GCM rate when it
             is not free (the emulated copy engine); it adds to each sealed message's time.
+        cores: the host cores the link's work runs on (the emulated copy engine is a host thread);
+            None: the link is hardware.
     """
 
     def __init__(
-        self, bytes_per_s: float, *, record_ivs: bool = False, crypto_bytes_per_s: float | None = None
+        self,
+        bytes_per_s: float,
+        *,
+        record_ivs: bool = False,
+        crypto_bytes_per_s: float | None = None,
+        cores: HostCores | None = None,
     ) -> None:
         self._bytes_per_s = bytes_per_s
         self._crypto_bytes_per_s = crypto_bytes_per_s
+        self._cores = cores
         self.free_at = 0.0  # when the last emitted message has fully arrived
         self.ivs: list[int] | None = [] if record_ivs else None
 
@@ -50,7 +70,8 @@ class Wire:
         busy = nbytes / self._bytes_per_s
         if sealed and self._crypto_bytes_per_s is not None:
             busy += nbytes / self._crypto_bytes_per_s
-        self.free_at = max(ready_at, self.free_at) + busy
+        start = max(ready_at, self.free_at)
+        self.free_at = self._cores.run(start, busy) if self._cores is not None else start + busy
         if self.ivs is not None:
             self.ivs.append(iv)
         return self.free_at
@@ -63,12 +84,20 @@ class Sender(ABC):
         wire: the host-to-device link.
         hardware: rates and costs.
         d2h_wire: the device-to-host link (None: a duplex one is made from the profile).
+        cores: the host cores every host lane shares (None: each lane has its own core).
     """
 
-    def __init__(self, wire: Wire, hardware: HardwareProfile, d2h_wire: Wire | None = None) -> None:
+    def __init__(
+        self,
+        wire: Wire,
+        hardware: HardwareProfile,
+        d2h_wire: Wire | None = None,
+        cores: HostCores | None = None,
+    ) -> None:
         self._wire = wire
         self._hw = hardware
         self._d2h = d2h_wire or Wire(hardware.pcie_d2h_bytes_per_s)
+        self.cores = cores
         self._host = 0.0  # when the host thread is next free
         self._d2h_iv = 0
 
@@ -80,6 +109,10 @@ class Sender(ABC):
     def occupy_host(self, until: float) -> None:
         """The host thread is busy (computing, waiting) until `until`."""
         self._host = max(self._host, until)
+
+    def work(self, start: float, seconds: float) -> float:
+        """When `seconds` of one lane's single-core work started at `start` ends (on the shared cores)."""
+        return self.cores.run(start, seconds) if self.cores is not None else start + seconds
 
     def seal_s(self, nbytes: int) -> float:
         """Time one core takes to seal `nbytes`."""
@@ -100,7 +133,7 @@ class Sender(ABC):
     def receive(self, key: TransferKey, not_before: float) -> float:
         """Issue device-to-host `key` no earlier than `not_before`; returns when its plaintext is in
         host memory (the base: no host-side work, as `plain`)."""
-        t = max(self._host, not_before) + self._hw.message_s
+        t = self.work(max(self._host, not_before), self._hw.message_s)
         self._host = t
         return self._emit_d2h(key, t)
 
@@ -118,9 +151,15 @@ class SyncSender(Sender):
     """`plain` (seal=False) or `cc` (seal=True): the host seals and opens, if at all, on its own path."""
 
     def __init__(
-        self, wire: Wire, hardware: HardwareProfile, *, seal: bool, d2h_wire: Wire | None = None
+        self,
+        wire: Wire,
+        hardware: HardwareProfile,
+        *,
+        seal: bool,
+        d2h_wire: Wire | None = None,
+        cores: HostCores | None = None,
     ) -> None:
-        super().__init__(wire, hardware, d2h_wire)
+        super().__init__(wire, hardware, d2h_wire, cores)
         self._seal = seal
         self._next_iv = 0
 
@@ -129,9 +168,8 @@ class SyncSender(Sender):
         return self._seal
 
     def send(self, key: TransferKey, not_before: float, version: int = 0) -> float:
-        t = max(self._host, not_before) + self._hw.message_s
-        if self._seal:
-            t += self.seal_s(key.length)
+        work = self._hw.message_s + (self.seal_s(key.length) if self._seal else 0.0)
+        t = self.work(max(self._host, not_before), work)
         self._host = t
         iv, self._next_iv = self._next_iv, self._next_iv + 1
         return self._wire.emit(iv, key.length, t, sealed=self._seal)
@@ -140,7 +178,7 @@ class SyncSender(Sender):
         arrived = super().receive(key, not_before)
         if not self._seal:
             return arrived
-        self._host = max(self._host, arrived) + self.open_s(key.length)  # cc opens in the caller
+        self._host = self.work(max(self._host, arrived), self.open_s(key.length))  # cc opens in the caller
         return self._host
 
 
@@ -184,9 +222,10 @@ class VirtualWorkers:
         for job in self._spec.plan(self._idle):
             seal_s = self._sender.seal_s(job.key.length)
             self.busy_s += seal_s
-            self._ends[job.job_id] = now + seal_s
+            end = self._sender.work(now, seal_s)
+            self._ends[job.job_id] = end
             self._versions[job.job_id] = self._version_of(job.key.source_id)
-            heapq.heappush(self._running, (now + seal_s, job.job_id))
+            heapq.heappush(self._running, (end, job.job_id))
             self._idle -= 1
 
 
@@ -197,6 +236,13 @@ class PipeLLMSender(Sender):
         version_of: a source buffer's current write version (what a worker reads before sealing);
             None: every version is 0 (no host writes, so nothing is ever stale).
         on_decision: called with every final decision, in order (tests compare them).
+        governor: the runtime's do-no-harm governor, told every h2d's bytes and time (None: none,
+            speculation always on).
+        cores: the host cores every host lane shares (None: each lane has its own core).
+        decrypt_threads: background decryption lanes (the runtime has one).
+
+    Raises:
+        ValueError: if `decrypt_threads` < 1.
     """
 
     def __init__(
@@ -209,13 +255,20 @@ class PipeLLMSender(Sender):
         d2h_wire: Wire | None = None,
         version_of: Callable[[int], int] | None = None,
         on_decision: Callable[[Decision], None] | None = None,
+        governor: Governor | None = None,
+        cores: HostCores | None = None,
+        decrypt_threads: int = 1,
     ) -> None:
-        super().__init__(wire, hardware, d2h_wire)
+        if decrypt_threads < 1:
+            raise ValueError(f"decrypt_threads must be >= 1, got {decrypt_threads}")
+        super().__init__(wire, hardware, d2h_wire, cores)
         self._spec = spec
+        self.governor = governor
+        self._last_h2d: tuple[float, int] | None = None  # (when, bytes) of the previous h2d
         self.workers = VirtualWorkers(spec, spare_cores, self, version_of)
         self._on_decision = on_decision
         self._decrypted_at: dict[int, float] = {}  # host buffer -> when its pending d2h is opened
-        self._decrypt_lane = 0.0  # the background decryption thread is next free
+        self._decrypt_lanes = [0.0] * decrypt_threads  # when each background decryption lane is next free
         self._quiet_ivs: Iterator[int] = iter(())  # IVs of a transfer decided at once
         self.wait_s = 0.0  # host time spent waiting for a job already sealing the wanted chunk
         self.waits = 0
@@ -226,8 +279,10 @@ class PipeLLMSender(Sender):
 
     def receive(self, key: TransferKey, not_before: float) -> float:
         arrived = super().receive(key, not_before)
-        self._decrypt_lane = max(self._decrypt_lane, arrived) + self.open_s(key.length)
-        self._decrypted_at[key.source_id] = self._decrypt_lane
+        lanes = self._decrypt_lanes
+        lane = lanes.index(min(lanes))
+        lanes[lane] = self.work(max(lanes[lane], arrived), self.open_s(key.length))
+        self._decrypted_at[key.source_id] = max(self._decrypted_at.get(key.source_id, 0.0), lanes[lane])
         return arrived  # on the host in ciphertext; an h2d of this buffer waits for its decryption
 
     def observe_device_to_host(self, transfer: TransferKey) -> None:
@@ -249,17 +304,37 @@ class PipeLLMSender(Sender):
             True if the speculator was quiet and decided every chunk `SealNow` at once: send them with
             `send_quiet`. False: send each chunk with `send`.
         """
-        self.workers.advance(max(self._host, not_before))
+        now = max(self._host, not_before, self._decrypted_at.get(transfer.source_id, 0.0))
+        self.workers.advance(now)
+        self._govern(transfer.length, now)
         if self._spec.quiet:
             self._quiet_ivs = iter(self._spec.quiet_transfer(transfer))
             return True
         self._spec.begin_transfer(transfer)
         return False
 
+    @property
+    def governor_stats(self) -> GovernorStats | None:
+        """What the governor measured and did (None without one)."""
+        return None if self.governor is None else self.governor.stats
+
+    def _govern(self, nbytes: int, now: float) -> None:
+        """Report the previous h2d's bytes and the time until this one, as the runtime's transport
+        does on every h2d, and hold the speculator while the governor says to seal in the caller."""
+        if self.governor is None:
+            return
+        if self._last_h2d is not None:
+            started, previous = self._last_h2d
+            held = self.governor.record(previous, now - started) is GovernorMode.SEAL_IN_CALLER
+            if held != self._spec.held:
+                self._spec.hold(held)
+                self.workers.feed(now)
+        self._last_h2d = (now, nbytes)
+
     def send_quiet(self, key: TransferKey, not_before: float) -> float:
         """Seal and send one chunk of a transfer `begin` decided at once (as `cc` does)."""
-        t = max(self._host, not_before, self._decrypted_at.get(key.source_id, 0.0)) + self._hw.message_s
-        t += self.seal_s(key.length)
+        start = max(self._host, not_before, self._decrypted_at.get(key.source_id, 0.0))
+        t = self.work(start, self._hw.message_s + self.seal_s(key.length))
         self._host = t
         return self._wire.emit(next(self._quiet_ivs), key.length, t)
 
@@ -278,11 +353,12 @@ class PipeLLMSender(Sender):
             self._on_decision(decision)
         self.workers.feed(t)
         for iv in decision.nop_ivs:
-            t += self._hw.message_s
+            t = self.work(t, self._hw.message_s)
             self._wire.emit(iv, NOP_BYTES, t)
-        t += self._hw.message_s
+        work = self._hw.message_s
         if not isinstance(decision, Commit | PadThenCommit):  # Relinquish | SealNow: seal now
-            t += self.seal_s(key.length)
+            work += self.seal_s(key.length)
+        t = self.work(t, work)
         self._host = t
         assert self._spec.next_iv == decision.iv + 1, "the channel counter must follow the speculator"
         return self._wire.emit(decision.iv, key.length, t)

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 from veil.pipellm import MiB, SpeculatorStats
+from veil.pipellm.governor import GovernorConfig
 from veil.sim.hardware import HardwareProfile, ModelProfile, decode_layer_cost, decode_layer_seconds
 from veil.sim.replay import Mode, ReplayOptions, replay
 from veil.trace import Compute, Op, Step, Trace, Transfer
@@ -120,6 +121,7 @@ def simulate(scenario: Scenario, mode: Mode, *, record_ivs: bool = False) -> Mod
         warmup_steps=scenario.warmup_steps,
         record_ivs=record_ivs,
         max_period=max(lay.requests, 1),
+        governor=GovernorConfig(enabled=False),  # the paper's PipeLLM always speculates
     )
     result = replay(flexgen_trace(scenario, lay), scenario.hardware, mode, options)
     layer_s = (result.step_ends[-1] - result.start_s) / (scenario.steps * lay.layers_in_cycle)
