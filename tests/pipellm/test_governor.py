@@ -137,3 +137,32 @@ def test_idle_gaps_are_left_out_and_a_real_jump_in_cost_is_measured_again() -> N
         governor.record(WINDOW, 30.0 * WINDOW)
     assert 1 <= governor.stats.idle_reports - idle <= 6
     assert governor.stats.seal_in_caller_s_per_gib == pytest.approx(30.0 * (1 << 30))
+
+
+@pytest.mark.parametrize(("loss", "reports"), [(1.5, 4 + 2), (1.15, 4 + 8)])
+def test_a_clearly_losing_probe_ends_a_quarter_of_the_way_into_its_window(loss: float, reports: int) -> None:
+    """Reports of an eighth of a window: a probe settles for half a window (4 reports) and measures
+    for a whole one (8), unless it is dearer than the incumbent by twice the margin after a quarter."""
+    governor = Governor(GovernorConfig(window_bytes=8 * WINDOW, first_hold=4, max_hold=64))
+    cost = {Mode.SPECULATE: loss, Mode.SEAL_IN_CALLER: 1.0}
+    used = []
+    while governor.stats.probes < 3:
+        used.append(governor.mode)
+        governor.record(WINDOW, WINDOW * cost[governor.mode])
+    first_comparison = 4 + 8  # speculation's settle and full window: nothing to compare it with yet
+    probes = governor.stats.probes - 1  # the third has only begun
+    assert used.count(Mode.SPECULATE) == first_comparison + probes * reports
+    assert governor.stats.speculate_s_per_gib == pytest.approx(loss * (1 << 30))
+
+
+def test_a_winning_probe_measures_its_whole_window_and_takes_over() -> None:
+    governor = Governor(GovernorConfig(window_bytes=8 * WINDOW, first_hold=2, max_hold=64))
+    slow = {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0}
+    while governor.stats.probes < 1:
+        governor.record(WINDOW, WINDOW * slow[governor.mode])
+    fast = {Mode.SPECULATE: 0.5, Mode.SEAL_IN_CALLER: 1.0}  # the workload changed: speculation pays
+    for _ in range(4 + 8):
+        governor.record(WINDOW, WINDOW * fast[governor.mode])
+    assert governor.mode is Mode.SPECULATE and governor.stats.speculate_s_per_gib == pytest.approx(
+        0.5 * (1 << 30)
+    )

@@ -15,7 +15,9 @@ from prefill to decode). Each probe the incumbent wins, the first comparison inc
 multiplies the hold, by more the clearer the win (2x within 25%, 4x within 50%, 8x beyond), so a
 stationary workload pays for fewer and fewer probes while a changed one is still noticed. After
 every switch, half a window is discarded while the new mode settles (a pipeline refilling or
-draining).
+draining). A probe that is already clearly losing a quarter of the way into its window (dearer than
+the incumbent by twice the margin) ends there: a loser is what most probes find, and a probe's
+window, spent in the worse mode, is what exploration costs.
 
 Idle time is not a cost of either mode: a server between requests, or a benchmark running other
 engines, leaves a gap before its next transfer that would count against whichever mode is measured.
@@ -133,7 +135,7 @@ class Governor:
             return self._mode
         self._bytes += nbytes
         self._seconds += seconds
-        if self._bytes >= self._window_bytes():
+        if self._bytes >= self._window_bytes() or self._probe_lost():
             self._close_window(self._seconds / self._bytes)
             self._bytes, self._seconds = 0, 0.0
         return self._mode
@@ -146,6 +148,16 @@ class Governor:
             return False
         self._log_reference = reference + (log_cost - reference) / _REFERENCE_REPORTS
         return log_cost - reference > self._log_idle
+
+    def _probe_lost(self) -> bool:
+        """True once a probe's measurement, a quarter window or more, is clearly worse than the
+        incumbent's (by twice the margin): the rest of its window need not be paid for."""
+        if not self._probing or self._phase is not _Phase.MEASURE:
+            return False
+        if 4 * self._bytes < self.config.window_bytes:
+            return False
+        incumbent = self._cost[_other(self._mode)]
+        return self._seconds / self._bytes > incumbent * (1 + 2 * self.config.margin)
 
     def _window_bytes(self) -> int:
         window = self.config.window_bytes
