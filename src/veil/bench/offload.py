@@ -73,10 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=3,
-        help="interleaved rounds over the transports, whose engines live through all rounds; each "
-        "one's best round counts (default 3: the machine is shared, and interference only ever slows "
-        "a round down), and pipellm / cc is also reported per round",
+        default=4,
+        help="interleaved rounds over the transports (every other one reversed), whose engines live "
+        "through all rounds; each one's best round counts (default 4: the machine is shared, and "
+        "interference only ever slows a round down), and pipellm / cc is also reported per round",
     )
     parser.add_argument("--out", default="out/bench-offload", help="directory for result.json and the plot")
     parser.add_argument(
@@ -150,10 +150,10 @@ def _measure(
             # would have made it long before), so the rounds measure the steady state.
             _generate(engine, [prompt[:4]] * point.batch_size, 3)
         for round_index in range(repeats):
-            # Interleaved rounds, each starting one transport later, so that none always runs right
-            # after the same other one; each transport's best round counts.
-            shift = round_index % len(runs)
-            for label, mode, _ in runs[shift:] + runs[:shift]:
+            # Interleaved rounds, every other one in reverse order (plain, cc, pipellm, hinted, then
+            # hinted, pipellm, cc, plain): cc and pipellm always run side by side, each first in half
+            # the rounds; each transport's best round counts.
+            for label, mode, _ in runs if round_index % 2 == 0 else runs[::-1]:
                 engine = engines[label]
                 streamed, runner = engine.runner.weights.stats, engine.runner.stats
                 before = (asdict(streamed), runner.layer_compute_s)

@@ -57,7 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--compute", choices=("busy", "sleep"), default="busy", help="see the module doc")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="interleaved rounds; each transport's best counts (default 3)"
+        "--repeats",
+        type=int,
+        default=4,
+        help="interleaved rounds, every other one reversed; each transport's best counts (default 4)",
     )
     parser.add_argument("--mispredict", type=float, default=0.3, help="deviation probability (default 0.3)")
     defaults = PipeLLMOptions()
@@ -146,16 +149,16 @@ def _best_of(
     """Every transport over `sequence` in `repeats` interleaved rounds; each keeps its best round.
 
     Each transport (with its device and sources) lives through all rounds and warms up once, as a
-    server's would; each round starts one transport later, so that none always runs right after the
-    same other one. The figures also hold every round's throughput (`rounds`).
+    server's would; every other round runs them in reverse order, so that cc and pipellm always run
+    side by side, each first in half the rounds. The figures also hold every round's throughput
+    (`rounds`).
     """
     best: dict[str, dict[str, Any]] = {}
     kinds = list(TransportKind)
     with ExitStack() as stack:
         setups = {kind: _setup(stack, kind, spec, pipellm) for kind in kinds}
         for round_index in range(repeats):
-            shift = round_index % len(kinds)
-            for kind in kinds[shift:] + kinds[:shift]:
+            for kind in kinds if round_index % 2 == 0 else kinds[::-1]:
                 figures = _measure(setups[kind], spec, sequence)
                 rounds = [*best.get(kind.value, {}).get("rounds", []), figures["gbps"]]
                 if kind.value not in best or figures["gbps"] > best[kind.value]["gbps"]:
