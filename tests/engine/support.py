@@ -1,4 +1,4 @@
-"""A tiny random Llama for engine tests where the real model is not the point."""
+"""A tiny random Llama for tests where the real model is not the point (engine, simulator, eval)."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**(fields | overrides))
 
 
-def random_llama(config: ModelConfig, seed: int = 0) -> Llama:
+def random_llama(config: ModelConfig, seed: int = 0, std: float = 0.2) -> Llama:
     model = Llama(config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
     return model

@@ -5,36 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine.support import random_llama, tiny_config
 from veil.eval.utility import ZeroShot
-from veil.model.config import ModelConfig
 from veil.model.llama import Llama
 
-CONFIG = ModelConfig(
-    vocab_size=50,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    rope_scaling=None,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-    bos_token_id=None,
-    eos_token_ids=(0,),
+CONFIG = tiny_config(
+    vocab_size=50, hidden_size=32, intermediate_size=48, head_dim=8, max_position_embeddings=256
 )
 PREFIX, SUFFIX, POSITIVE, NEGATIVE = [3, 4, 5, 6], [7, 8], 11, 12
-
-
-def random_llama(seed: int = 0) -> Llama:
-    model = Llama(CONFIG)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return model
 
 
 @torch.inference_mode()
@@ -44,7 +22,7 @@ def plain_score(model: Llama, sentence: list[int]) -> float:
 
 
 def test_scores_match_a_plain_forward_pass_per_prompt():
-    model = random_llama()
+    model = random_llama(CONFIG, std=0.3)
     scorer = ZeroShot(model, prefix=PREFIX, suffix=SUFFIX, positive=POSITIVE, negative=NEGATIVE, batch_size=3)
     rng = np.random.default_rng(0)
     sentences = [rng.integers(13, 50, size=n).tolist() for n in (1, 7, 3, 12, 5, 2, 9)]  # ragged batches
@@ -56,7 +34,7 @@ def test_scores_match_a_plain_forward_pass_per_prompt():
 
 
 def test_threshold_is_the_median_clean_score():
-    model = random_llama(1)
+    model = random_llama(CONFIG, 1, std=0.3)
     scorer = ZeroShot(model, prefix=PREFIX, suffix=SUFFIX, positive=POSITIVE, negative=NEGATIVE)
     sentences = [[13 + i, 20 + i] for i in range(9)]
     scorer.calibrate(sentences)

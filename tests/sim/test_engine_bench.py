@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import torch
-
+from engine.support import random_llama, tiny_config
 from veil.bench.model import engine_layers
-from veil.model.config import ModelConfig
 from veil.model.llama import Llama
 from veil.sim.calibrate import EngineCompute
 
 
 def _tiny() -> Llama:
-    config = ModelConfig(
-        vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-        num_kv_heads=4, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
-        max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=None, eos_token_ids=(0,),
-    )  # fmt: skip
-    llama = Llama(config)
-    with torch.no_grad():
-        for param in llama.parameters():
-            param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 0.2)
-    return llama.eval()
+    return random_llama(
+        tiny_config(intermediate_size=128, num_kv_heads=4, max_position_embeddings=256)
+    ).eval()
 
 
 def test_engine_layers_cover_decode_and_prefill_costs_and_feed_the_compute_model() -> None:

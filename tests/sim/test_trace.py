@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
+from engine.support import random_llama, tiny_config
 from veil.engine.engine import EngineConfig, EngineStats, LLMEngine
 from veil.engine.offload_policy import OffloadPolicy
-from veil.model.config import ModelConfig
 from veil.model.llama import Llama
 from veil.model.sampling import SamplingParams
 from veil.pipellm import Decision, SpeculatorStats
@@ -30,17 +29,10 @@ PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
 def model() -> Llama:
     """A random Llama big enough that a layer (2.6 MB fp32) and a KV block (6 layers x 16 tokens:
     192 KiB) are bulk transfers, which PipeLLM speculates on; small enough to run in a second."""
-    config = ModelConfig(
-        vocab_size=101, hidden_size=256, intermediate_size=512, num_layers=6, num_heads=8,
-        num_kv_heads=8, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
-        max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None, eos_token_ids=(0,),
-    )  # fmt: skip
-    llama = Llama(config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in llama.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return llama
+    config = tiny_config(
+        hidden_size=256, intermediate_size=512, num_layers=6, num_heads=8, num_kv_heads=8, head_dim=32
+    )
+    return random_llama(config)
 
 
 @dataclass
