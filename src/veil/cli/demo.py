@@ -12,8 +12,10 @@
 4. The same sanitized prompt goes to a second server identical but for its `plain` transport (nothing
    sealed), to measure what confidentiality cost in this same job. Each server first answers a short
    untimed warm-up request of public text, as a running server would have long before: caches, the
-   allocator and PipeLLM's governor (its first comparison of speculating against sealing in the
-   caller) are then in their steady state when the timed request comes.
+   allocator and PipeLLM's governor are then in their steady state when the timed request comes. Its
+   12 tokens cover the governor's first comparison of speculating against sealing in the caller and
+   its first probe (about 70 windows of 32 MiB with half the layers streamed): a server pays for
+   those once, and a 32-token request would otherwise pay for both.
 5. Both servers shut down, and the job prints what protected what.
 
 The server trusts this machine's simulated enclave (DEMO ONLY, as `veil serve --allow-simulated`).
@@ -47,7 +49,7 @@ from veil.server.service import InferenceService, Limits
 from veil.transport.base import TransportKind, TransportStats
 
 WARMUP_TEXT = "Confidential computing protects data in use."  # public: sent unsanitized
-WARMUP_TOKENS = 4
+WARMUP_TOKENS = 12
 DEFAULT_PROMPT = (
     "Alice Smith lives at 42 Baker Street in London. She works as a nurse, and in her free time she"
 )
