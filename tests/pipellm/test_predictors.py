@@ -1,4 +1,4 @@
-"""Predictors: cyclic period detection, swap LIFO/FIFO, adapter queue, hints, composite."""
+"""Predictors: cyclic period detection, swap order, adapter queue, hints, composite."""
 
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ def test_cyclic_memory_stays_bounded_on_a_stream_of_new_keys() -> None:
     assert len(p._seen) <= 4 * (16 + 16 + 1)
 
 
-def test_swap_lifo_by_group_fifo_within() -> None:
+def test_swap_groups_come_back_oldest_first_and_fifo_within() -> None:
+    """As veil's scheduler brings swapped requests back: the oldest first, each block by block."""
     p = SwapPredictor()
     a = [out(1, i) for i in range(3)]
     b = [out(2, i) for i in range(2)]
@@ -99,12 +100,12 @@ def test_swap_lifo_by_group_fifo_within() -> None:
     p.observe(k(50))  # any host-to-device transfer closes the group
     for key in b:
         p.observe(key)
-    want = [x.mirrored() for x in b + a]
-    assert p.predict(10) == want
+    want = [x.mirrored() for x in a + b]
+    assert p.predict(10) == want and p.peek() == want[0]
     p.observe(want[0])
     assert p.predict(10) == want[1:]
-    p.observe(want[2])  # consumes from the older group; the newer group's rest stays first
-    assert p.predict(10) == [want[1], *want[3:]]
+    p.observe(want[3])  # consumes from the newer group; the older group's rest stays first
+    assert p.predict(10) == [want[1], want[2], want[4]]
 
 
 def test_swap_explicit_group_boundary_and_rewrite() -> None:
@@ -148,7 +149,7 @@ class _SwapReference:
         self.groups = [g for g in self.groups if g]
 
     def predict(self) -> list[TransferKey]:
-        return [key for group in reversed(self.groups) for key in group]
+        return [key for group in self.groups for key in group]  # the oldest group first
 
 
 @pytest.mark.parametrize("seed", range(20))

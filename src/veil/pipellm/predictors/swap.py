@@ -1,8 +1,10 @@
 """Swap predictor: a swap-in mirrors an earlier swap-out (vLLM-style KV-cache preemption).
 
 When device blocks run out, the engine swaps out the newest requests' KV blocks (device to host);
-later it swaps requests back in. Requests come back LIFO (the group swapped out last returns first)
-and, inside a request, blocks come back in the order they left (FIFO by layer). The swap-in of a chunk
+later it swaps requests back in. Requests come back in the order they left: the oldest swapped-out
+request first, as veil's scheduler (`engine/scheduler.py`, "swapped sequences come back, oldest
+first") and vLLM's bring them back; inside a request, blocks come back in the order they left (FIFO
+by layer). The swap-in of a chunk
 reads the very host range its swap-out wrote, so the predicted key is the swap-out key mirrored.
 """
 
@@ -20,7 +22,8 @@ class SwapPredictor(Predictor):
 
     Groups: consecutive swap-outs form one group (one preempted request). A group ends when any
     host-to-device transfer is observed, or when the engine calls `new_group()` (explicit boundary; the
-    transparent rule needs no call). Each group is a FIFO; the stack of groups is LIFO.
+    transparent rule needs no call). Each group is a FIFO, and so is the queue of groups: the oldest
+    group is predicted first.
 
     Args:
         max_groups: groups remembered; the oldest are forgotten first.
@@ -46,7 +49,7 @@ class SwapPredictor(Predictor):
 
     def predict(self, n: int) -> list[TransferKey]:
         out: list[TransferKey] = []
-        for group in reversed(self._groups):
+        for group in self._groups:
             for key in group:
                 if len(out) >= n:
                     return out
@@ -54,7 +57,7 @@ class SwapPredictor(Predictor):
         return out
 
     def peek(self) -> TransferKey | None:
-        return self._groups[-1][0] if self._groups else None
+        return self._groups[0][0] if self._groups else None
 
     def hint(self, keys: Sequence[TransferKey]) -> None:
         """Hints are not used: swap-ins are predicted from swap-outs."""
