@@ -166,3 +166,12 @@ def test_a_winning_probe_measures_its_whole_window_and_takes_over() -> None:
     assert governor.mode is Mode.SPECULATE and governor.stats.speculate_s_per_gib == pytest.approx(
         0.5 * (1 << 30)
     )
+
+
+def test_h2d_started_reports_the_previous_transfer_and_the_time_since_it_began() -> None:
+    governor = Governor(GovernorConfig(window_bytes=2 * WINDOW))
+    assert governor.h2d_started(10.0, WINDOW) is Mode.SPECULATE  # nothing before it: nothing measured
+    governor.h2d_started(10.5, 3 * WINDOW)  # the first: WINDOW bytes in 0.5 s closes the settle window
+    assert governor.stats.windows == 1
+    governor.h2d_started(12.0, WINDOW)  # the second: 3 * WINDOW bytes in 1.5 s, a measured window
+    assert governor.stats.speculate_s_per_gib == pytest.approx(1.5 / (3 * WINDOW) * (1 << 30))

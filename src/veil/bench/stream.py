@@ -24,7 +24,7 @@ import time
 import zlib
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -177,11 +177,13 @@ def _paired(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
 class _Setup:
     """One transport on its own device, its sources and its two destination buffers."""
 
-    def __init__(self, transport: Transport, sources: list[HostBuffer], buffers: list[Any]) -> None:
-        self.transport, self.sources, self.buffers = transport, sources, buffers
+    transport: Transport
+    sources: list[HostBuffer]
+    buffers: list[Any]
 
 
 def _setup(stack: ExitStack, kind: TransportKind, spec: _Spec, pipellm: PipeLLMOptions) -> _Setup:

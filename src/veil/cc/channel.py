@@ -143,6 +143,12 @@ class SenderChannel(_Endpoint):
         """IVs that can still be reserved in this epoch."""
         return self.counter_limit - self._counter
 
+    def lacks_ivs(self, messages: int, *, used: int | None = None, margin: int = 0) -> bool:
+        """True if this epoch cannot serve `messages` more, keeping `margin` IVs (capped at the epoch's
+        size) beyond the `used` ones already spoken for (default: the counters reserved)."""
+        left = self.remaining() if used is None else self.counter_limit - used
+        return left < max(messages, min(margin, self.counter_limit))
+
     def reserve(self) -> Reservation:
         """Reserve the next IV.
 

@@ -113,12 +113,20 @@ class Governor:
         self._bytes = 0
         self._seconds = 0.0
         self._log_reference: float | None = None  # running mean of log(seconds per byte)
+        self._last_h2d: tuple[float, int] | None = None  # start time and bytes of the previous h2d
         self._log_idle = math.log(self.config.idle_factor)
 
     @property
     def mode(self) -> Mode:
         """The mode the caller should use now."""
         return self._mode if self.config.enabled else Mode.SPECULATE
+
+    def h2d_started(self, now: float, nbytes: int) -> Mode:
+        """A host-to-device transfer of `nbytes` starts at `now` (seconds, on any one clock): reports
+        the previous transfer's bytes and the time from its start until now, the caller's work in
+        between included (`record`), and returns the mode for this one."""
+        last, self._last_h2d = self._last_h2d, (now, nbytes)
+        return self.mode if last is None else self.record(last[1], now - last[0])
 
     def record(self, nbytes: int, seconds: float) -> Mode:
         """Report `nbytes` moved in `seconds` of wall time under the current mode; returns the mode.

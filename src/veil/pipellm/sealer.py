@@ -200,13 +200,13 @@ class Sealer:
         transfer: TransferKey,
         source: HostBuffer,
         *,
-        previous: tuple[int, float] | None = None,
+        now: float | None = None,
         margin: int = 0,
     ) -> Start:
         """Announce a host-to-device transfer, in one acquisition of the sealer's lock.
 
-        First `previous` (bytes of the last transfer, and the seconds from its start to now) goes to
-        the governor, which may hold speculation off or let it run. Then, if nothing is in flight and
+        First the governor is told the transfer starts at `now` (`Governor.h2d_started`; None: not
+        told again, on a retry), and may hold speculation off or let it run. Then, if nothing is in flight and
         speculation is off, every chunk of `transfer` is decided `SealNow` at the next consecutive IVs
         in one O(1) call (the caller has checked that the epoch has IVs for the transfer). Otherwise
         the transfer is announced if the epoch leaves `margin` IVs beyond those already spoken for
@@ -215,18 +215,17 @@ class Sealer:
         Returns:
             `Start.QUIET`: seal and emit the chunks in order, exactly as `cc` does.
             `Start.DECIDE`: call `decide` for each chunk, in order.
-            `Start.REKEY`: re-key the channel, then call again (with `previous=None`).
+            `Start.REKEY`: re-key the channel, then call again (with `now=None`).
         """
         with self._cond:
-            if previous is not None:
-                self._record(*previous)
+            if now is not None:
+                self._follow(self.governor.h2d_started(now, transfer.length))
             spec = self._spec
             if spec.quiet:
                 spec.quiet_transfer(transfer)
                 return Start.QUIET
-            limit = self._sender.counter_limit
             count = chunk_count(transfer.length, self._sender.max_message_bytes)
-            if limit - spec.reach < max(count, min(margin, limit)):
+            if self._sender.lacks_ivs(count, used=spec.reach, margin=margin):
                 return Start.REKEY
             self._remember(source)
             spec.begin_transfer(transfer)
@@ -277,10 +276,8 @@ class Sealer:
         spec.hold(self.governor.mode is Mode.SEAL_IN_CALLER)
         return spec
 
-    def _record(self, nbytes: int, seconds: float) -> None:
-        """Report `nbytes` of host-to-device traffic that took `seconds` end to end to the governor, and
-        hold speculation off or let it run as it says (caller holds `_cond`)."""
-        mode = self.governor.record(nbytes, seconds)
+    def _follow(self, mode: Mode) -> None:
+        """Hold speculation off or let it run as the governor says (caller holds `_cond`)."""
         held = mode is Mode.SEAL_IN_CALLER
         if held != self._spec.held:
             self._spec.hold(held)

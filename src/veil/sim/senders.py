@@ -264,7 +264,6 @@ class PipeLLMSender(Sender):
         super().__init__(wire, hardware, d2h_wire, cores)
         self._spec = spec
         self.governor = governor
-        self._last_h2d: tuple[float, int] | None = None  # (when, bytes) of the previous h2d
         self.workers = VirtualWorkers(spec, spare_cores, self, version_of)
         self._on_decision = on_decision
         self._decrypted_at: dict[int, float] = {}  # host buffer -> when its pending d2h is opened
@@ -323,13 +322,10 @@ class PipeLLMSender(Sender):
         does on every h2d, and hold the speculator while the governor says to seal in the caller."""
         if self.governor is None:
             return
-        if self._last_h2d is not None:
-            started, previous = self._last_h2d
-            held = self.governor.record(previous, now - started) is GovernorMode.SEAL_IN_CALLER
-            if held != self._spec.held:
-                self._spec.hold(held)
-                self.workers.feed(now)
-        self._last_h2d = (now, nbytes)
+        held = self.governor.h2d_started(now, nbytes) is GovernorMode.SEAL_IN_CALLER
+        if held != self._spec.held:
+            self._spec.hold(held)
+            self.workers.feed(now)
 
     def send_quiet(self, key: TransferKey, not_before: float) -> float:
         """Seal and send one chunk of a transfer `begin` decided at once (as `cc` does)."""

@@ -102,7 +102,6 @@ class PipeLLMTransport(SealedTransport):
         self._pending_lock = threading.Lock()
         self._d2h_async = 0
         self._rekeys = 0
-        self._last_h2d: tuple[float, int] | None = None  # start time and bytes of the previous h2d
 
     # lifecycle -------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -200,14 +199,14 @@ class PipeLLMTransport(SealedTransport):
         if self._pending:  # a read of the dict, no lock: a d2h into `src` racing this h2d is the caller's bug
             self.ensure_host_ready(src)
         with self._lock:
-            previous = self._since_previous(span.nbytes)
+            now = time.perf_counter()  # the governor's clock: from one h2d to the next
             sender = self.link.host_tx
             count = chunk_count(span.nbytes, sender.max_message_bytes)
             self._prepare(sender, count)  # what `cc` checks: enough for the transfer itself
             transfer = TransferKey(src.source_id, span.src_offset, span.nbytes, Direction.H2D)
             options = self.pipellm
             margin = count + (options.depth + 1) * (1 + options.max_pad)
-            start = self._sealer.begin(transfer, src, previous=previous, margin=margin)
+            start = self._sealer.begin(transfer, src, now=now, margin=margin)
             if start is Start.REKEY:  # speculation needs IVs beyond the transfer's own
                 self._prepare(sender, count, used=self._sealer.reach(), margin=margin)
                 start = self._sealer.begin(transfer, src, margin=margin)
@@ -266,13 +265,6 @@ class PipeLLMTransport(SealedTransport):
             return job
 
     # internals ---------------------------------------------------------------------------------
-    def _since_previous(self, nbytes: int) -> tuple[int, float] | None:
-        """The previous h2d's bytes and the wall time from its start until now (the governor's figure,
-        the caller's compute in between included); remembers this one's."""
-        now = time.perf_counter()
-        last, self._last_h2d = self._last_h2d, (now, nbytes)
-        return None if last is None else (last[1], now - last[0])
-
     def _ready_quietly(self, buffer: HostBuffer) -> None:
         """A worker's view of `ensure_host_ready`: a failed decryption left the buffer untouched, so
         its current bytes and version are still what a later request would send."""

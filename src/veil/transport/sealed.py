@@ -90,11 +90,9 @@ class SealedTransport(Transport):
         """
         if self.link.poisoned:
             raise IntegrityError(POISONED_MESSAGE)
-        limit = sender.counter_limit
-        if messages > limit:
+        if messages > sender.counter_limit:
             raise ValueError(f"a transfer of {messages} messages needs more IVs than one epoch has")
-        left = sender.remaining() if used is None else limit - used
-        if left < max(messages, min(margin, limit)):
+        if sender.lacks_ivs(messages, used=used, margin=margin):
             if not self.options.auto_rekey:
                 raise RekeyRequired("not enough IVs left in this epoch; call rekey()")
             self.rekey()
