@@ -155,17 +155,81 @@ def test_a_clearly_losing_probe_ends_a_quarter_of_the_way_into_its_window(loss: 
     assert governor.stats.speculate_s_per_gib == pytest.approx(loss * (1 << 30))
 
 
-def test_a_winning_probe_measures_its_whole_window_and_takes_over() -> None:
+def test_a_winning_probe_measures_its_whole_window_and_takes_over_once_bracketed() -> None:
     governor = Governor(GovernorConfig(window_bytes=8 * WINDOW, first_hold=2, max_hold=64))
     slow = {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0}
     while governor.stats.probes < 1:
         governor.record(WINDOW, WINDOW * slow[governor.mode])
     fast = {Mode.SPECULATE: 0.5, Mode.SEAL_IN_CALLER: 1.0}  # the workload changed: speculation pays
-    for _ in range(4 + 8):
+    for _ in range(4 + 8):  # the probe settles and measures its whole window
+        assert governor.mode is Mode.SPECULATE
         governor.record(WINDOW, WINDOW * fast[governor.mode])
-    assert governor.mode is Mode.SPECULATE and governor.stats.speculate_s_per_gib == pytest.approx(
-        0.5 * (1 << 30)
-    )
+    assert governor.stats.speculate_s_per_gib == pytest.approx(0.5 * (1 << 30))
+    for _ in range(4 + 8):  # the incumbent's window after it: the bracket's other side
+        assert governor.mode is Mode.SEAL_IN_CALLER
+        governor.record(WINDOW, WINDOW * fast[governor.mode])
+    assert governor.mode is Mode.SPECULATE and governor.stats.overturned == 0
+
+
+def _report(governor: Governor, cost: dict[Mode, float], reports: int, scale: float = 1.0) -> None:
+    """`reports` reports of a window each, at `scale` times the cost of the mode in force."""
+    for _ in range(reports):
+        governor.record(WINDOW, WINDOW * scale * cost[governor.mode])
+
+
+SLOWER = {Mode.SPECULATE: 1.15, Mode.SEAL_IN_CALLER: 1.0}  # speculation 15% dearer in every phase
+
+
+def test_a_probe_that_only_met_a_cheaper_phase_is_overturned() -> None:
+    """A prefill (3x dearer per byte) ends as the probe begins: the probe, still 15% dearer than the
+    incumbent within each phase, beats the incumbent's prefill window. The incumbent's window after
+    the probe, in the same decode phase, sets the apparent win aside."""
+    governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=2, max_hold=64))
+    while governor.stats.probes < 1:  # the first comparison, then the hold, all in the prefill phase
+        _report(governor, SLOWER, 1, scale=3.0)
+    assert governor.mode is Mode.SPECULATE  # the probe settles
+    _report(governor, SLOWER, 2)  # decode from here on: settle, measure (3.45 against 1.15)
+    assert governor.mode is Mode.SEAL_IN_CALLER and governor.stats.overturned == 0  # the bracket
+    _report(governor, SLOWER, 2)  # settle, measure the incumbent in decode: 1.0 against 1.15
+    assert governor.stats.overturned == 1 and governor.mode is Mode.SEAL_IN_CALLER
+    switches = governor.stats.switches
+    _report(governor, SLOWER, 2)
+    assert governor.mode is Mode.SEAL_IN_CALLER and governor.stats.switches == switches  # holding
+
+
+def test_the_first_comparison_brackets_speculation_with_a_second_window() -> None:
+    """Speculation is measured in decode and sealing in the caller in a prefill 3x dearer per byte:
+    speculation appears to win; its second window, in the same prefill, shows it 15% dearer."""
+    governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=2, max_hold=64))
+    _report(governor, SLOWER, 2)  # speculation settles and measures in decode
+    _report(governor, SLOWER, 2, scale=3.0)  # sealing in the caller, in the prefill
+    assert governor.mode is Mode.SPECULATE  # an apparent win, to be bracketed
+    _report(governor, SLOWER, 2, scale=3.0)
+    assert governor.mode is Mode.SEAL_IN_CALLER and governor.stats.overturned == 1
+    clear = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=2, max_hold=64))
+    _report(clear, {Mode.SPECULATE: 0.5, Mode.SEAL_IN_CALLER: 1.0}, 6)  # a true win is kept
+    assert clear.mode is Mode.SPECULATE and clear.stats.overturned == 0 and clear.stats.switches == 2
+
+
+def test_a_loss_grows_the_hold_only_if_the_incumbent_did_not_move() -> None:
+    """Two identical runs of probes that lose 1.5x; in one the cost per byte of both modes doubles
+    during the first probe, so the incumbent's windows before and after it disagree."""
+    holds = []
+    for jump in (1.0, 2.0):
+        governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=2, max_hold=64))
+        cost = {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0}
+        while governor.stats.probes < 1:
+            _report(governor, cost, 1)
+        _report(governor, cost, 2, scale=jump)  # the probe: settle, measure; it loses either way
+        held = 0
+        while governor.stats.probes < 2:
+            _report(governor, cost, 1, scale=jump)
+            held += 1
+        holds.append(held)
+        assert governor.stats.unsettled == (1 if jump != 1.0 else 0)
+    # the first comparison lost 1.5x: hold 2 -> 16; the first probe: 16 -> 128 capped at 64 unless
+    # the incumbent moved; one settle window precedes the held ones
+    assert holds == [1 + 64, 1 + 16]
 
 
 def test_h2d_started_reports_the_previous_transfer_and_the_time_since_it_began() -> None:

@@ -9,15 +9,25 @@ The governor is an A/B test run online. The mechanism reports, for each stretch 
 traffic, the bytes moved and the wall time they took *including everything the caller did in
 between* (compute, waiting): end-to-end seconds per byte, the only figure that captures contention.
 The governor measures both modes over windows of `window_bytes`, keeps sealing in the caller unless
-speculation is faster by a margin, and probes the other mode again after a hold. The probe is
-compared with the incumbent's latest window (not a figure from long ago: the workload drifts, e.g.
-from prefill to decode). Each probe the incumbent wins, the first comparison included,
-multiplies the hold, by more the clearer the win (2x within 25%, 4x within 50%, 8x beyond), so a
-stationary workload pays for fewer and fewer probes while a changed one is still noticed. After
-every switch, half a window is discarded while the new mode settles (a pipeline refilling or
-draining). A probe that is already clearly losing a quarter of the way into its window (dearer than
-the incumbent by twice the margin) ends there: a loser is what most probes find, and a probe's
-window, spent in the worse mode, is what exploration costs.
+speculation is faster by a margin, and probes the other mode again after a hold. Each probe the
+incumbent wins, the first comparison included, multiplies the hold, by more the clearer the win (2x
+within 25%, 4x within 50%, 8x beyond), so a stationary workload pays for fewer and fewer probes while
+a changed one is still noticed. After every switch, half a window is discarded while the new mode
+settles (a pipeline refilling or draining). A probe that is already clearly losing a quarter of the
+way into its window (dearer than the incumbent by twice the margin) ends there: a loser is what most
+probes find, and a probe's window, spent in the worse mode, is what exploration costs.
+
+A workload has phases that differ several-fold per byte (a long prefill, then decode steps), and a
+window can be shorter than a phase, so a window of one mode compared with the window of the other
+before it may compare two phases rather than two modes. A challenger therefore wins only *bracketed*:
+it must beat the incumbent's windows on both sides of it. A probe that beats the incumbent's window
+before it is confirmed against a new window of the incumbent measured right after it; the first
+comparison (speculation, then sealing in the caller) confirms an apparent win of speculation with a
+second window of speculation. A win the bracket does not confirm is set aside (`overturned`) and the
+incumbent holds on. Likewise a loss grows the hold only if the incumbent's first window after the
+probe agrees, within the margin, with its window before: otherwise the phase moved under the probe
+and the hold stays as it was (`unsettled`). One phase change inside a bracket cannot make a loser
+win: whichever side of the challenger the change falls, one of the two comparisons is within a phase.
 
 Idle time is not a cost of either mode: a server between requests, or a benchmark running other
 engines, leaves a gap before its next transfer that would count against whichever mode is measured.
@@ -88,12 +98,14 @@ class GovernorStats:
     switches: int = 0
     probes: int = 0
     idle_reports: int = 0  # reports left out as idle time
+    overturned: int = 0  # wins set aside: the challenger did not beat the incumbent's other window
+    unsettled: int = 0  # losses that left the hold as it was: the incumbent's windows disagreed
     speculate_s_per_gib: float | None = None  # latest measured cost of each mode
     seal_in_caller_s_per_gib: float | None = None
 
 
 class _Phase(enum.Enum):
-    SETTLE = "settle"  # discard this window (the mode just changed)
+    SETTLE = "settle"  # discard this half window (the mode just changed), then MEASURE or HOLD
     MEASURE = "measure"  # this window's cost is the mode's figure
     HOLD = "hold"  # exploit the winner
 
@@ -106,10 +118,14 @@ class Governor:
         self.stats = GovernorStats()
         self._mode = Mode.SPECULATE
         self._phase = _Phase.SETTLE
+        self._after_settle = _Phase.MEASURE  # what the settle window leads to
         self._cost: dict[Mode, float] = {}
         self._hold = self.config.first_hold
         self._held_windows = 0
         self._probing = False  # the current MEASURE window is a probe of the non-incumbent
+        self._challenger: Mode | None = None  # an apparent winner whose bracket window is being measured
+        self._pending_growth: tuple[int, float] | None = None  # a loss's hold growth, and the incumbent's cost
+        # before the probe: applied at the first held window if that agrees with it
         self._bytes = 0
         self._seconds = 0.0
         self._log_reference: float | None = None  # running mean of log(seconds per byte)
@@ -174,12 +190,15 @@ class Governor:
     def _close_window(self, cost: float) -> None:
         self.stats.windows += 1
         if self._phase is _Phase.SETTLE:
-            self._phase = _Phase.MEASURE
+            self._phase = self._after_settle
+            self._held_windows = 0
             return
         if self._phase is _Phase.MEASURE:
             self._measured(cost)
             return
         self._record_cost(cost)  # the incumbent's latest figure, for the next probe to beat
+        if self._pending_growth is not None:
+            self._settle_growth(cost)
         self._held_windows += 1
         if self._held_windows >= self._hold:
             self._probe()
@@ -192,45 +211,84 @@ class Governor:
         else:
             self.stats.seal_in_caller_s_per_gib = gib
 
+    def _beats(self, mode: Mode) -> bool:
+        """True if `mode`'s latest window is cheaper than the other mode's latest by the margin."""
+        return self._cost[mode] < self._cost[_other(mode)] * (1 - self.config.margin)
+
     def _measured(self, cost: float) -> None:
         self._record_cost(cost)
         other = _other(self._mode)
         if other not in self._cost:  # first measurement of this mode: measure the other one too
-            self._switch(other, _Phase.SETTLE)
+            self._switch(other, _Phase.MEASURE)
+            return
+        if self._challenger is not None:  # the bracket's second window
+            self._bracketed(self._challenger)
             return
         if self._probing:
             self._probing = False
-            if cost < self._cost[other] * (1 - self.config.margin):
-                self._hold = self.config.first_hold  # the probe won: a new incumbent
-                self._begin_hold()
+            if self._beats(self._mode):  # against the incumbent's window before: now the one after
+                self._challenger = self._mode
+                self._switch(other, _Phase.MEASURE)
                 return
-            self._hold = min(_growth(cost / self._cost[other]) * self._hold, self.config.max_hold)
-            self._switch(other, _Phase.HOLD)  # the incumbent won again
+            self._lost(incumbent=other)
             return
         # The first comparison: speculation must win by the margin (do no harm), as any challenger.
         # It is a probe of speculation too: the clearer its loss, the longer the first hold.
-        speculate, seal = self._cost[Mode.SPECULATE], self._cost[Mode.SEAL_IN_CALLER]
-        best = Mode.SPECULATE if speculate < seal * (1 - self.config.margin) else Mode.SEAL_IN_CALLER
-        if best is Mode.SEAL_IN_CALLER:
-            self._hold = min(_growth(speculate / seal) * self._hold, self.config.max_hold)
-        if best is not self._mode:
-            self._switch(best, _Phase.HOLD)
+        if self._beats(Mode.SPECULATE):  # speculation came first: a second window of it brackets
+            self._challenger = Mode.SPECULATE
+            self._switch(Mode.SPECULATE, _Phase.MEASURE)
+            return
+        self._lost(incumbent=Mode.SEAL_IN_CALLER)
+
+    def _bracketed(self, challenger: Mode) -> None:
+        """The window on the challenger's other side is measured: it wins if it beat both."""
+        self._challenger = None
+        if self._beats(challenger):
+            self._hold = self.config.first_hold  # a new incumbent
+            winner = challenger
         else:
+            self.stats.overturned += 1
+            winner = _other(challenger)
+        if winner is self._mode:
             self._begin_hold()
+        else:
+            self._switch(winner, _Phase.HOLD)
+
+    def _lost(self, *, incumbent: Mode) -> None:
+        """The challenger lost to `incumbent`: hold it, growing the hold once its next window agrees."""
+        loss = self._cost[_other(incumbent)] / self._cost[incumbent]
+        self._pending_growth = (_growth(loss), self._cost[incumbent])
+        if incumbent is self._mode:
+            self._begin_hold()
+        else:
+            self._switch(incumbent, _Phase.HOLD)
+
+    def _settle_growth(self, cost: float) -> None:
+        """Grow the hold by the last loss's factor if the incumbent's window now agrees with its
+        window before that loss, within the margin; otherwise the phase moved: leave the hold."""
+        assert self._pending_growth is not None
+        growth, before = self._pending_growth
+        self._pending_growth = None
+        if abs(math.log(cost / before)) <= -math.log(1 - self.config.margin):
+            self._hold = min(growth * self._hold, self.config.max_hold)
+        else:
+            self.stats.unsettled += 1
 
     def _probe(self) -> None:
         self.stats.probes += 1
         self._probing = True
-        self._switch(_other(self._mode), _Phase.SETTLE)
+        self._switch(_other(self._mode), _Phase.MEASURE)
 
     def _begin_hold(self) -> None:
         self._phase = _Phase.HOLD
         self._held_windows = 0
 
     def _switch(self, mode: Mode, phase: _Phase) -> None:
+        """Change to `mode`: half a window settles, then `phase` (MEASURE or HOLD) begins."""
         self.stats.switches += 1
         self._mode = mode
-        self._phase = phase
+        self._phase = _Phase.SETTLE
+        self._after_settle = phase
         self._held_windows = 0
 
 
