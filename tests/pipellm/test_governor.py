@@ -211,24 +211,24 @@ def test_the_first_comparison_brackets_speculation_with_a_second_window() -> Non
     assert clear.mode is Mode.SPECULATE and clear.stats.overturned == 0 and clear.stats.switches == 2
 
 
-def test_a_loss_grows_the_hold_only_if_the_incumbent_did_not_move() -> None:
-    """Two identical runs of probes that lose 1.5x; in one the cost per byte of both modes doubles
-    during the first probe, so the incumbent's windows before and after it disagree."""
+def test_a_loss_grows_the_hold_only_if_the_incumbent_after_it_bracketed_it() -> None:
+    """Two runs of probes that lose 1.5x; in one the cost per byte of both modes doubles right after
+    the first probe, so that probe would have beaten the incumbent's window after it: no growth."""
     holds = []
     for jump in (1.0, 2.0):
         governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=2, max_hold=64))
         cost = {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0}
         while governor.stats.probes < 1:
             _report(governor, cost, 1)
-        _report(governor, cost, 2, scale=jump)  # the probe: settle, measure; it loses either way
+        _report(governor, cost, 2)  # the probe: settle, measure; it loses to the window before it
         held = 0
         while governor.stats.probes < 2:
             _report(governor, cost, 1, scale=jump)
             held += 1
         holds.append(held)
         assert governor.stats.unsettled == (1 if jump != 1.0 else 0)
-    # the first comparison lost 1.5x: hold 2 -> 16; the first probe: 16 -> 128 capped at 64 unless
-    # the incumbent moved; one settle window precedes the held ones
+    # the first comparison lost 1.5x: hold 2 -> 16; the first probe: 16 -> 128, capped at 64, unless
+    # unsettled; one settle window precedes the held ones
     assert holds == [1 + 64, 1 + 16]
 
 

@@ -24,9 +24,10 @@ it must beat the incumbent's windows on both sides of it. A probe that beats the
 before it is confirmed against a new window of the incumbent measured right after it; the first
 comparison (speculation, then sealing in the caller) confirms an apparent win of speculation with a
 second window of speculation. A win the bracket does not confirm is set aside (`overturned`) and the
-incumbent holds on. Likewise a loss grows the hold only if the incumbent's first window after the
-probe agrees, within the margin, with its window before: otherwise the phase moved under the probe
-and the hold stays as it was (`unsettled`). One phase change inside a bracket cannot make a loser
+incumbent holds on. Likewise a loss is bracketed by the incumbent's first window after it: the hold
+grows by how clearly the challenger lost to the dearer of the incumbent's two windows, and not at all
+if the challenger would have beaten the window after it by the margin (`unsettled`: the phase moved
+under it). One phase change inside a bracket cannot make a loser
 win: whichever side of the challenger the change falls, one of the two comparisons is within a phase.
 
 Idle time is not a cost of either mode: a server between requests, or a benchmark running other
@@ -99,7 +100,7 @@ class GovernorStats:
     probes: int = 0
     idle_reports: int = 0  # reports left out as idle time
     overturned: int = 0  # wins set aside: the challenger did not beat the incumbent's other window
-    unsettled: int = 0  # losses that left the hold as it was: the incumbent's windows disagreed
+    unsettled: int = 0  # losses that left the hold as it was: the challenger beat the window after it
     speculate_s_per_gib: float | None = None  # latest measured cost of each mode
     seal_in_caller_s_per_gib: float | None = None
 
@@ -124,8 +125,7 @@ class Governor:
         self._held_windows = 0
         self._probing = False  # the current MEASURE window is a probe of the non-incumbent
         self._challenger: Mode | None = None  # an apparent winner whose bracket window is being measured
-        self._pending_growth: tuple[int, float] | None = None  # a loss's hold growth, and the incumbent's cost
-        # before the probe: applied at the first held window if that agrees with it
+        self._pending_growth: tuple[float, float] | None = None  # a loser's cost and the incumbent's before
         self._bytes = 0
         self._seconds = 0.0
         self._log_reference: float | None = None  # running mean of log(seconds per byte)
@@ -255,24 +255,23 @@ class Governor:
             self._switch(winner, _Phase.HOLD)
 
     def _lost(self, *, incumbent: Mode) -> None:
-        """The challenger lost to `incumbent`: hold it, growing the hold once its next window agrees."""
-        loss = self._cost[_other(incumbent)] / self._cost[incumbent]
-        self._pending_growth = (_growth(loss), self._cost[incumbent])
+        """The challenger lost to `incumbent`: hold it, and grow the hold at its next window."""
+        self._pending_growth = (self._cost[_other(incumbent)], self._cost[incumbent])
         if incumbent is self._mode:
             self._begin_hold()
         else:
             self._switch(incumbent, _Phase.HOLD)
 
     def _settle_growth(self, cost: float) -> None:
-        """Grow the hold by the last loss's factor if the incumbent's window now agrees with its
-        window before that loss, within the margin; otherwise the phase moved: leave the hold."""
+        """The incumbent's first window after a loss brackets it: if the challenger would have beaten
+        this window by the margin, the phase moved under it and the hold stays (`unsettled`);
+        otherwise the hold grows by how clearly it lost to the dearer of the two windows."""
         assert self._pending_growth is not None
-        growth, before = self._pending_growth
-        self._pending_growth = None
-        if abs(math.log(cost / before)) <= -math.log(1 - self.config.margin):
-            self._hold = min(growth * self._hold, self.config.max_hold)
-        else:
+        (challenger, before), self._pending_growth = self._pending_growth, None
+        if challenger < cost * (1 - self.config.margin):
             self.stats.unsettled += 1
+            return
+        self._hold = min(_growth(challenger / max(cost, before)) * self._hold, self.config.max_hold)
 
     def _probe(self) -> None:
         self.stats.probes += 1
