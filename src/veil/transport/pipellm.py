@@ -30,11 +30,16 @@ import queue
 import threading
 import time
 from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from typing import Any
 
-from veil.cc.channel import ReceiverChannel
+from cryptography.exceptions import InvalidTag
+
+from veil.cc.bounce import POISONED_MESSAGE
+from veil.cc.channel import TAG_BYTES, ReceiverChannel, iv_for
 from veil.cc.device import Device, DeviceBuffer
 from veil.cc.errors import IntegrityError
-from veil.cc.host import HostBuffer
+from veil.cc.host import HostBuffer, copy_bytes
 from veil.cc.session import Direction
 from veil.cc.stream import Event
 from veil.pipellm.decryptor import Decryptor, PendingTransfer
@@ -73,6 +78,152 @@ class DeviceSchedule:
             self._receiver.receive(item)
 
 
+class Staging:
+    """Free private buffers of one ring slot each, reused across device-to-host transfers.
+
+    Holds at most what the lanes had in flight at once (each lane opens one transfer at a time).
+    """
+
+    def __init__(self, slot_bytes: int) -> None:
+        self.slot_bytes = slot_bytes
+        self._free: list[memoryview] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> memoryview:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return memoryview(bytearray(self.slot_bytes))
+
+    def give(self, buffer: memoryview) -> None:
+        with self._lock:
+            self._free.append(buffer)
+
+
+@dataclass
+class _Message:
+    """One device-to-host message taken from the ring: its counter and epoch keys are fixed."""
+
+    counter: int
+    keys: Any  # the receiver's epoch keys when it was taken (`cc.channel._EpochKeys`)
+    buffer: memoryview  # private staging of a whole slot
+    length: int | None  # ciphertext + tag in `buffer`; None if malformed (it will not authenticate)
+
+
+class HostOpening:
+    """The host's half of one device-to-host transfer, in the decryptor's phases (an `Opening`).
+
+    Same guarantees as `ReceiverChannel.receive_chunked` (one opening at a time), with the work split
+    so that lanes can open transfers in parallel:
+    - `take` (one transfer at a time, in ring order), per message and under the receiver's lock:
+      refuse if poisoned; pop the next descriptor; bind the receiver's own counter and the epoch's keys
+      to it and advance the counter; copy the message out of the untrusted slot exactly once into
+      private staging; only then release the slot. Nothing carried with the data chooses the IV.
+    - `open` (any lane): decrypt each message in place in staging with IV(its counter) under its
+      epoch's key. Any failure poisons the receiver (which closes the ring) and raises IntegrityError.
+    - `commit` (in order, only if nothing failed before): copy every plaintext into the destination.
+      A transfer's destination is written only after *all* its messages authenticated.
+    - `finish` (always): return the staging, end the destination's `write()` (it is no longer
+      pending), poison the receiver on any failure, and report a device-side failure as itself.
+
+    It reads the receiver's counter, keys and lock directly: `ReceiverChannel` offers only the
+    sequential `receive`; this split belongs in `cc/channel.py` (left to its owner).
+    """
+
+    def __init__(
+        self,
+        receiver: ReceiverChannel,
+        target: memoryview,
+        device_event: Event,
+        writing: ExitStack,
+        staging: Staging,
+    ) -> None:
+        self._receiver = receiver
+        self._target = target
+        self._device_event = device_event
+        self._writing = writing
+        self._staging = staging
+        self._messages: list[_Message] = []
+
+    def pieces(self) -> list[memoryview]:
+        """The destination slice of each message (one empty slice for an empty transfer: a NOP)."""
+        step, target = self._receiver.max_message_bytes, self._target
+        return [target[i : i + step] for i in range(0, len(target), step)] or [target]
+
+    def take(self) -> None:
+        for piece in self.pieces():
+            self._messages.append(self._take_one(len(piece)))
+
+    def open(self) -> None:
+        aad = self._receiver._aad
+        for message in self._messages:
+            if message.length is None or not _decrypt(message, aad):
+                with self._receiver._lock:
+                    self._receiver._poison()
+                raise IntegrityError()
+        self._device_event.wait()
+
+    def commit(self) -> None:
+        for message, piece in zip(self._messages, self.pieces(), strict=True):
+            assert message.length is not None
+            copy_bytes(piece, message.buffer[: message.length - TAG_BYTES])
+        stats = self._receiver.stats
+        with self._receiver._lock:
+            stats.messages += len(self._messages)
+            stats.nops += len(self._target) == 0
+            stats.plaintext_bytes += len(self._target)
+
+    def finish(self, error: BaseException | None) -> BaseException | None:
+        for message in self._messages:
+            self._staging.give(message.buffer)
+        self._messages.clear()
+        self._writing.close()
+        if error is None:
+            return None
+        receiver = self._receiver
+        with receiver._lock:  # fail closed: whatever failed, nothing after it opens until a re-key
+            receiver._poisoned = True
+            receiver.ring.close()  # the device stops, so its event below completes
+        if isinstance(error, IntegrityError):
+            try:
+                self._device_event.wait()
+            except IntegrityError:
+                pass
+            except BaseException as device_error:
+                device_error.__cause__ = error
+                return device_error
+        return error
+
+    def _take_one(self, expected: int) -> _Message:
+        receiver = self._receiver
+        with receiver._lock:
+            if receiver._poisoned:
+                receiver.stats.refused_messages += 1
+                raise IntegrityError(POISONED_MESSAGE)
+            descriptor = receiver.ring.pop()
+            counter, buffer, length = receiver._counter, self._staging.take(), None
+            try:
+                if descriptor.length == expected + TAG_BYTES and counter < receiver.counter_limit:
+                    length = descriptor.length
+                    copy_bytes(buffer[:length], receiver.ring.slot(descriptor.slot)[:length])
+            finally:
+                receiver.ring.release(descriptor.slot)  # its ciphertext is consumed (or refused)
+            receiver._counter += 1
+            return _Message(counter, receiver._keys, buffer, length)
+
+
+def _decrypt(message: _Message, aad: bytes | None) -> bool:
+    """Authenticate and decrypt `message` in place with IV(its counter); False if it is forged."""
+    assert message.length is not None
+    sealed = message.buffer[: message.length]
+    keys = message.keys
+    try:
+        keys.aead.decrypt_into(iv_for(message.counter, keys.mask), sealed, aad, sealed[:-TAG_BYTES])
+    except InvalidTag:
+        return False
+    return True
+
+
 class PipeLLMTransport(SealedTransport):
     """Seals ahead on worker threads, decrypts device-to-host traffic in the background.
 
@@ -96,7 +247,8 @@ class PipeLLMTransport(SealedTransport):
         super().__init__(device, options)
         self.pipellm = pipellm or PipeLLMOptions()
         self._sealer = Sealer(self.link.host_tx, self.pipellm, prepare_source=self._ready_quietly, seal=_seal)
-        self._decryptor = Decryptor(f"{device.name}-pipellm-decrypt")
+        self._decryptor = Decryptor(f"{device.name}-pipellm-decrypt", lanes=self.pipellm.decrypt_threads)
+        self._staging = Staging(self.link.d2h_ring.slot_bytes)  # the lanes' private copies of messages
         self._pending: dict[int, PendingTransfer] = {}  # latest async d2h into each host buffer
         self._unreported: list[Event] = []  # async d2h events since the last synchronize()
         self._pending_lock = threading.Lock()
@@ -138,9 +290,10 @@ class PipeLLMTransport(SealedTransport):
         This is the only way to lift the poison after an `IntegrityError`.
         """
         with self._lock:
-            self._decryptor.drain()
+            self._decryptor.drain()  # every lane idle: no message of this epoch is left to open
             self._sealer.new_epoch()
             super().rekey()
+            self._decryptor.reset()
             self._rekeys += 1
 
     # asynchronous device-to-host: the readers' contract ----------------------------------------------
@@ -246,15 +399,12 @@ class PipeLLMTransport(SealedTransport):
                 writing.close()
                 raise
             target = dst.memory()[span.dst]
-
-            def open_in_background() -> None:
+            if not self.pipellm.async_d2h:
                 with writing:
                     open_on_host(self.link.host_rx, target, device_event)
-
-            if not self.pipellm.async_d2h:
-                open_in_background()
                 return device_event
-            job = self._decryptor.submit(open_in_background)
+            opening = HostOpening(self.link.host_rx, target, device_event, writing, self._staging)
+            job = self._decryptor.submit(opening)
             with self._pending_lock:
                 self._pending[dst.source_id] = job
                 self._unreported.append(job)
