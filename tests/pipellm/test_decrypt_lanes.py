@@ -8,6 +8,7 @@ epoch each message was opened under, and to hold or fail one message's lane on p
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from .support import CHUNK, SMALL_LINK, options
 
 FILL = 0x5A
 LANES = 4
+pytestmark = pytest.mark.timeout(60)  # a deadlock fails the test instead of hanging the run
 
 
 @dataclass
@@ -243,7 +245,10 @@ def test_rekey_while_lanes_are_busy_opens_each_epoch_under_its_own_keys(device: 
     source = torch.randint(0, 256, (count * chunks * CHUNK,), dtype=torch.uint8)
     with PipeLLMTransport(device, SMALL_LINK, _pipellm()) as transport:
         on_device = transport.upload(source)
+        until = time.monotonic() + 0.3
+        lanes.held[0] = lambda: time.monotonic() > until  # transfer 0 opens late: the rest queue up
         old = _queue(transport, on_device, source, count, chunks)
+        assert not old.events[-1].query()
         transport.rekey()  # while the lanes are still opening epoch 0
         with lanes.lock:
             opened_before_rekey = len(lanes.opened)
