@@ -121,8 +121,8 @@ class PipeLLMStats:
             their IV; the channel never seals a second message under a sealed IV (docs/pipellm.md).
         worker_error: the first sealing worker failure (the transport is then synchronous), if any.
         synchronous: True once speculation is off.
-        d2h_async: device-to-host transfers decrypted in the background.
-        d2h_forced: of those, how many a reader forced before the background thread reached them.
+        d2h_async: device-to-host transfers decrypted in the background (on the lanes or forced).
+        d2h_forced: of those, how many a reader opened itself before a lane took them.
         rekeys: epochs started by this transport.
     """
 

@@ -11,15 +11,17 @@ data goes into the destination). `h2d` returns once every message is emitted, li
 from one `h2d` to the next (the caller's compute included) is reported to the sealer's governor,
 which keeps speculation only while it measures faster than sealing in the caller.
 
-Device to host (`async_d2h`, default): the copy engine seals; the host half (open, copy into the
-destination) runs on a background thread. Until it has run, the destination `HostBuffer` is *pending*:
+Device to host (`async_d2h`, default): the copy engine seals; the host half (`HostOpening`: take
+the messages in ring order, binding each to the receiver's counter; open them on one of
+`decrypt_threads` lanes; copy into the destination in counter order) runs in the background
+(`Decryptor`). Until it has run, the destination `HostBuffer` is *pending*:
 its `write()` context is held open (so `writing` is True and `stable_version()` is None: nothing
 speculates on it), and any read through veil must call `ensure_host_ready(buffer)` first, which
-decrypts it now if the background thread has not. Waiting on the returned event does the same.
+decrypts it now if no lane has. Waiting on the returned event does the same.
 An `h2d` from a pending buffer, and a worker about to seal one, force it first.
 
 Lifecycle: enter the transport (`with make_transport(...) as t`) to start its workers and decryption
-thread; `close()` drains and stops them. A sealing worker that fails turns the transport synchronous
+lanes; `close()` drains and stops them. A sealing worker that fails turns the transport synchronous
 (every chunk sealed in the caller, as `cc`) and records the error in `stats().pipellm.worker_error`.
 """
 
