@@ -104,7 +104,7 @@ class Decryptor:
         self._next_commit = 0  # the turn whose commit is next
         self._failed = False  # a transfer failed; every later one fails until reset()
         self._pool: ThreadPoolExecutor | None = None
-        self._tasks: list[Future[None]] = []
+        self._tasks: list[Future[bool]] = []
 
     def __enter__(self) -> Decryptor:
         if self._running:

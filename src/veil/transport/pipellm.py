@@ -33,12 +33,11 @@ import threading
 import time
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
-from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
 from veil.cc.bounce import POISONED_MESSAGE
-from veil.cc.channel import TAG_BYTES, ReceiverChannel, iv_for
+from veil.cc.channel import TAG_BYTES, ReceiverChannel, _EpochKeys, iv_for
 from veil.cc.device import Device, DeviceBuffer
 from veil.cc.errors import IntegrityError
 from veil.cc.host import HostBuffer, copy_bytes
@@ -107,7 +106,7 @@ class _Message:
     """One device-to-host message taken from the ring: its counter and epoch keys are fixed."""
 
     counter: int
-    keys: Any  # the receiver's epoch keys when it was taken (`cc.channel._EpochKeys`)
+    keys: _EpochKeys  # the receiver's epoch keys when it was taken
     buffer: memoryview  # private staging of a whole slot
     length: int | None  # ciphertext + tag in `buffer`; None if malformed (it will not authenticate)
 
