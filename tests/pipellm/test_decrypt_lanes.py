@@ -1,8 +1,9 @@
 """The pool of decryption lanes, attacked: counters bound in ring order, in-order commits, fail-closed.
 
 Every test runs the real channel, ring and AES-GCM with 4 lanes. The only seam is
-`veil.transport.pipellm._decrypt` (the lanes' call into AES-GCM), wrapped to record which counter and
-epoch each message was opened under, and to hold or fail one message's lane on purpose.
+`ReceiverChannel.open` (the lanes' call into AES-GCM; the device's own opening of host-to-device
+messages passes through untouched), wrapped to record which counter and epoch each message was opened
+under, and to hold or fail one message's lane on purpose.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-import veil.transport.pipellm as pipellm_transport
 from veil.cc.bounce import Descriptor
+from veil.cc.channel import ReceiverChannel, TakenMessage
 from veil.cc.device import Device, DeviceBuffer
 from veil.cc.errors import IntegrityError
 from veil.cc.host import HostBuffer
@@ -51,9 +52,11 @@ class Lanes:
             return [c for e, c, ok in self.opened if e == epoch and ok == authentic]
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        real = pipellm_transport._decrypt
+        real = ReceiverChannel.open
 
-        def wrapped(message: pipellm_transport._Message, aad: bytes | None) -> bool:
+        def wrapped(receiver: ReceiverChannel, message: TakenMessage) -> memoryview:
+            if threading.current_thread().name.endswith("copy-engine"):  # the device opening h2d
+                return real(receiver, message)
             until = self.held.get(message.counter)
             if until is not None:
                 for _ in range(3000):
@@ -63,12 +66,19 @@ class Lanes:
                     threading.Event().wait(0.001)
             if message.counter in self.failing:
                 raise RuntimeError("injected lane failure")
-            ok = real(message, aad)
-            with self.lock:
-                self.opened.append((message.keys.epoch, message.counter, ok))
-            return ok
+            try:
+                plaintext = real(receiver, message)
+            except IntegrityError:
+                self._record(message, authentic=False)
+                raise
+            self._record(message, authentic=True)
+            return plaintext
 
-        monkeypatch.setattr(pipellm_transport, "_decrypt", wrapped)
+        monkeypatch.setattr(ReceiverChannel, "open", wrapped)
+
+    def _record(self, message: TakenMessage, *, authentic: bool) -> None:
+        with self.lock:
+            self.opened.append((message.keys.epoch, message.counter, authentic))
 
 
 @pytest.fixture

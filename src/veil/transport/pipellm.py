@@ -32,12 +32,8 @@ import queue
 import threading
 import time
 from contextlib import ExitStack, suppress
-from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidTag
-
-from veil.cc.bounce import POISONED_MESSAGE
-from veil.cc.channel import TAG_BYTES, ReceiverChannel, _EpochKeys, iv_for
+from veil.cc.channel import ReceiverChannel, StagingPool, TakenMessage
 from veil.cc.device import Device, DeviceBuffer
 from veil.cc.errors import IntegrityError
 from veil.cc.host import HostBuffer, copy_bytes
@@ -79,56 +75,20 @@ class DeviceSchedule:
             self._receiver.receive(item)
 
 
-class Staging:
-    """Free private buffers of one ring slot each, reused across device-to-host transfers.
-
-    Holds at most what the lanes had in flight at once (each lane opens one transfer at a time).
-    """
-
-    def __init__(self, slot_bytes: int) -> None:
-        self.slot_bytes = slot_bytes
-        self._free: list[memoryview] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> memoryview:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return memoryview(bytearray(self.slot_bytes))
-
-    def give(self, buffer: memoryview) -> None:
-        with self._lock:
-            self._free.append(buffer)
-
-
-@dataclass
-class _Message:
-    """One device-to-host message taken from the ring: its counter and epoch keys are fixed."""
-
-    counter: int
-    keys: _EpochKeys  # the receiver's epoch keys when it was taken
-    buffer: memoryview  # private staging of a whole slot
-    length: int | None  # ciphertext + tag in `buffer`; None if malformed (it will not authenticate)
-
-
 class HostOpening:
     """The host's half of one device-to-host transfer, in the decryptor's phases (an `Opening`).
 
-    Same guarantees as `ReceiverChannel.receive_chunked` (one opening at a time), with the work split
-    so that lanes can open transfers in parallel:
-    - `take` (one transfer at a time, in ring order), per message and under the receiver's lock:
-      refuse if poisoned; pop the next descriptor; bind the receiver's own counter and the epoch's keys
-      to it and advance the counter; copy the message out of the untrusted slot exactly once into
-      private staging; only then release the slot. Nothing carried with the data chooses the IV.
-    - `open` (any lane): decrypt each message in place in staging with IV(its counter) under its
-      epoch's key. Any failure poisons the receiver (which closes the ring) and raises IntegrityError.
-    - `commit` (in order, only if nothing failed before): copy every plaintext into the destination.
-      A transfer's destination is written only after *all* its messages authenticated.
+    Same guarantees as `ReceiverChannel.receive_chunked`, with the work split (`ReceiverChannel.take`
+    and `open`) so that lanes can open transfers in parallel:
+    - `take` (one transfer at a time, in ring order): each message is bound to the receiver's own
+      next counter and the epoch's keys, copied out of its untrusted slot exactly once into private
+      staging, and only then its slot released. Nothing carried with the data chooses the IV.
+    - `open` (any lane): authenticate and decrypt each message in place; any failure poisons the
+      receiver (which closes the ring) and raises IntegrityError.
+    - `commit` (in counter order, only if nothing failed before): copy every plaintext into the
+      destination. A transfer's destination is written only after *all* its messages authenticated.
     - `finish` (always): return the staging, end the destination's `write()` (it is no longer
-      pending), poison the receiver on any failure, and report a device-side failure as itself.
-
-    It reads the receiver's counter, keys and lock directly: `ReceiverChannel` offers only the
-    sequential `receive`; this split belongs in `cc/channel.py` (left to its owner).
+      pending), fail closed on any failure, and report a device-side failure as itself.
     """
 
     def __init__(
@@ -137,14 +97,16 @@ class HostOpening:
         target: memoryview,
         device_event: Event,
         writing: ExitStack,
-        staging: Staging,
+        staging: StagingPool,
     ) -> None:
         self._receiver = receiver
         self._target = target
         self._device_event = device_event
         self._writing = writing
         self._staging = staging
-        self._messages: list[_Message] = []
+        self._buffers: list[memoryview] = []  # staging taken, returned at finish
+        self._messages: list[TakenMessage] = []
+        self._plaintexts: list[memoryview] = []
 
     def pieces(self) -> list[memoryview]:
         """The destination slice of each message (one empty slice for an empty transfer: a NOP)."""
@@ -153,39 +115,30 @@ class HostOpening:
 
     def take(self) -> None:
         for piece in self.pieces():
-            self._messages.append(self._take_one(len(piece)))
+            buffer = self._staging.take()
+            self._buffers.append(buffer)
+            self._messages.append(self._receiver.take(len(piece), buffer))
 
     def open(self) -> None:
-        aad = self._receiver._aad
-        for message in self._messages:
-            if message.length is None or not _decrypt(message, aad):
-                with self._receiver._lock:
-                    self._receiver._poison()
-                raise IntegrityError()
+        self._plaintexts = [self._receiver.open(message) for message in self._messages]
         self._device_event.wait()
 
     def commit(self) -> None:
-        for message, piece in zip(self._messages, self.pieces(), strict=True):
-            assert message.length is not None
-            copy_bytes(piece, message.buffer[: message.length - TAG_BYTES])
-        stats = self._receiver.stats
-        with self._receiver._lock:
-            stats.messages += len(self._messages)
-            stats.nops += len(self._target) == 0
-            stats.plaintext_bytes += len(self._target)
+        for plaintext, piece in zip(self._plaintexts, self.pieces(), strict=True):
+            copy_bytes(piece, plaintext)
+        self._receiver.delivered([len(p) for p in self._plaintexts])
 
     def finish(self, error: BaseException | None) -> BaseException | None:
-        for message in self._messages:
-            self._staging.give(message.buffer)
+        for buffer in self._buffers:
+            self._staging.give(buffer)
+        self._buffers.clear()
         self._messages.clear()
+        self._plaintexts.clear()
         self._writing.close()
         if error is None:
             return None
-        receiver = self._receiver
-        with receiver._lock:  # fail closed: whatever failed, nothing after it opens until a re-key
-            receiver._poisoned = True
-            receiver.ring.close()  # the device stops, so its event below completes
-        if isinstance(error, IntegrityError):
+        self._receiver.fail_closed()  # whatever failed, nothing after it opens until a re-key
+        if isinstance(error, IntegrityError):  # the ring is closed: the device's event completes
             try:
                 self._device_event.wait()
             except IntegrityError:
@@ -194,35 +147,6 @@ class HostOpening:
                 device_error.__cause__ = error
                 return device_error
         return error
-
-    def _take_one(self, expected: int) -> _Message:
-        receiver = self._receiver
-        with receiver._lock:
-            if receiver._poisoned:
-                receiver.stats.refused_messages += 1
-                raise IntegrityError(POISONED_MESSAGE)
-            descriptor = receiver.ring.pop()
-            counter, buffer, length = receiver._counter, self._staging.take(), None
-            try:
-                if descriptor.length == expected + TAG_BYTES and counter < receiver.counter_limit:
-                    length = descriptor.length
-                    copy_bytes(buffer[:length], receiver.ring.slot(descriptor.slot)[:length])
-            finally:
-                receiver.ring.release(descriptor.slot)  # its ciphertext is consumed (or refused)
-            receiver._counter += 1
-            return _Message(counter, receiver._keys, buffer, length)
-
-
-def _decrypt(message: _Message, aad: bytes | None) -> bool:
-    """Authenticate and decrypt `message` in place with IV(its counter); False if it is forged."""
-    assert message.length is not None
-    sealed = message.buffer[: message.length]
-    keys = message.keys
-    try:
-        keys.aead.decrypt_into(iv_for(message.counter, keys.mask), sealed, aad, sealed[:-TAG_BYTES])
-    except InvalidTag:
-        return False
-    return True
 
 
 class PipeLLMTransport(SealedTransport):
@@ -249,7 +173,7 @@ class PipeLLMTransport(SealedTransport):
         self.pipellm = pipellm or PipeLLMOptions()
         self._sealer = Sealer(self.link.host_tx, self.pipellm, prepare_source=self._ready_quietly, seal=_seal)
         self._decryptor = Decryptor(f"{device.name}-pipellm-decrypt", lanes=self.pipellm.decrypt_threads)
-        self._staging = Staging(self.link.d2h_ring.slot_bytes)  # the lanes' private copies of messages
+        self._staging = StagingPool(self.link.d2h_ring.slot_bytes)  # the lanes' private copies of messages
         self._pending: dict[int, PendingTransfer] = {}  # latest async d2h into each host buffer
         self._unreported: list[Event] = []  # async d2h events since the last synchronize()
         self._pending_lock = threading.Lock()
