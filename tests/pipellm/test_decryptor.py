@@ -23,34 +23,130 @@ def device() -> Iterator[Device]:
         yield dev
 
 
+class Recorded:
+    """An `Opening` that records its phases (thread, order) into a shared log; `open` may block on a
+    gate or raise, to play a slow or failing lane."""
+
+    def __init__(
+        self,
+        i: int,
+        log: list[tuple[str, int, str]],
+        gate: threading.Event | None = None,
+        fail: BaseException | None = None,
+    ) -> None:
+        self.i, self.log, self.gate, self.fail = i, log, gate, fail
+        self.committed = False
+
+    def _note(self, phase: str) -> None:
+        self.log.append((phase, self.i, threading.current_thread().name))
+
+    def take(self) -> None:
+        self._note("take")
+
+    def open(self) -> None:
+        if self.gate is not None:
+            assert self.gate.wait(timeout=5)
+        self._note("open")
+        if self.fail is not None:
+            raise self.fail
+
+    def commit(self) -> None:
+        self.committed = True
+        self._note("commit")
+
+    def finish(self, error: BaseException | None) -> BaseException | None:
+        self._note("finish")
+        return error
+
+
+def _phase(log: list[tuple[str, int, str]], phase: str) -> list[int]:
+    return [i for p, i, _ in log if p == phase]
+
+
 def test_decryptor_runs_in_order_and_forcing_runs_in_the_reader() -> None:
-    order: list[tuple[int, str]] = []
-
-    def job(i: int) -> None:
-        order.append((i, threading.current_thread().name))
-
-    with Decryptor("lazy", background=False) as decryptor:
-        events = [decryptor.submit(lambda i=i: job(i)) for i in range(4)]
+    log: list[tuple[str, int, str]] = []
+    with Decryptor("lazy", lanes=0) as decryptor:
+        events = [decryptor.submit(Recorded(i, log)) for i in range(4)]
         assert not any(e.query() for e in events)
         events[2].wait()  # forces 0, 1, 2 in this thread, in order
-        assert [i for i, _ in order] == [0, 1, 2]
-        assert all(name == threading.current_thread().name for _, name in order)
+        assert _phase(log, "commit") == [0, 1, 2]
+        assert all(name == threading.current_thread().name for _, _, name in log)
         assert events[2].forced and decryptor.forced == 3 and not events[3].query()
-    assert [i for i, _ in order] == [0, 1, 2, 3]  # close drains
+    assert _phase(log, "commit") == [0, 1, 2, 3]  # close drains
 
 
-def test_decryptor_background_and_errors() -> None:
-    def boom() -> None:
-        raise IntegrityError()
+def test_lanes_open_in_parallel_but_commit_in_order() -> None:
+    """The first transfer opens last (its lane is held on a gate): every later one has opened by
+    then, in parallel, and still none of them commits before it."""
+    log: list[tuple[str, int, str]] = []
+    gate = threading.Event()
+    with Decryptor("pool", lanes=4) as decryptor:
+        first = decryptor.submit(Recorded(0, log, gate=gate))
+        rest = [decryptor.submit(Recorded(i, log)) for i in (1, 2, 3)]
+        while len(_phase(log, "open")) < 3:
+            threading.Event().wait(0.001)
+        assert _phase(log, "commit") == [] and not any(e.query() for e in rest)
+        gate.set()
+        for event in (first, *rest):
+            event.wait(timeout=5)
+    assert _phase(log, "open")[-1] == 0 and _phase(log, "commit") == [0, 1, 2, 3]
+    assert _phase(log, "take") == [0, 1, 2, 3]
+    assert len({name for p, _, name in log if p == "open"}) == 4  # four lanes
 
+
+@pytest.mark.parametrize("error", [IntegrityError(), RuntimeError("injected lane failure")])
+def test_a_failure_fails_every_later_transfer_even_those_already_opened(error: BaseException) -> None:
+    log: list[tuple[str, int, str]] = []
+    gate = threading.Event()
+    with Decryptor("pool", lanes=4) as decryptor:
+        openings = [Recorded(0, log), Recorded(1, log, gate=gate, fail=error)]
+        openings += [Recorded(i, log) for i in (2, 3, 4, 5)]
+        events = [decryptor.submit(o) for o in openings]
+        while len(_phase(log, "open")) < 3:  # 0 and at least two after the failing one opened first
+            threading.Event().wait(0.001)
+        gate.set()
+        events[0].wait(timeout=5)
+        with pytest.raises(type(error)):
+            events[1].wait(timeout=5)
+        for event in events[2:]:
+            with pytest.raises(IntegrityError):
+                event.wait(timeout=5)
+        assert [o.committed for o in openings] == [True] + [False] * 5
+        assert _phase(log, "finish") == [0, 1, 2, 3, 4, 5]  # every destination is released, in order
+        with pytest.raises(IntegrityError):  # still failed: nothing opens until a re-key resets it
+            decryptor.submit(Recorded(6, log)).wait(timeout=5)
+        decryptor.reset()
+        decryptor.submit(Recorded(7, log)).wait(timeout=5)
+        assert _phase(log, "commit") == [0, 7]
+
+
+def test_concurrent_forcing_readers_and_lanes_never_deadlock() -> None:
+    log: list[tuple[str, int, str]] = []
+    with Decryptor("pool", lanes=2) as decryptor:
+        events = [decryptor.submit(Recorded(i, log)) for i in range(200)]
+        readers = [threading.Thread(target=events[i].wait, args=(5,)) for i in range(199, 0, -7)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(timeout=10)
+            assert not reader.is_alive()
+        decryptor.drain()
+        assert all(e.query() and e.error is None for e in events)
+    assert _phase(log, "take") == _phase(log, "commit") == list(range(200))
+
+
+def test_decryptor_errors_and_lifecycle() -> None:
+    with pytest.raises(ValueError, match="lanes must be >= 0"):
+        Decryptor(lanes=-1)
     with Decryptor("eager") as decryptor:
-        ok = decryptor.submit(lambda: None)
-        bad = decryptor.submit(boom)
-        ok.wait(timeout=5)
-        with pytest.raises(IntegrityError):
-            bad.wait(timeout=5)
+        with pytest.raises(TypeError, match="an Opening"):
+            decryptor.submit(lambda: None)  # type: ignore[arg-type]
+        decryptor.submit(Recorded(0, [])).wait(timeout=5)
+        with pytest.raises(RuntimeError, match="already started"):
+            decryptor.__enter__()
     with pytest.raises(RuntimeError, match="not running"):
-        decryptor.submit(lambda: None)
+        decryptor.submit(Recorded(1, []))
+    decryptor.close()  # idempotent
 
 
 def test_tampered_d2h_is_refused_on_touch_and_leaves_the_buffer(device: Device) -> None:
@@ -59,11 +155,11 @@ def test_tampered_d2h_is_refused_on_touch_and_leaves_the_buffer(device: Device) 
         on_device = transport.upload(source)
         destination = HostBuffer(torch.full((3 * CHUNK,), 7, dtype=torch.uint8))
         with transport.link.d2h_ring.tap() as tap:
-            transport._decryptor._run_lock.acquire()  # nothing opens before the attack
+            transport._decryptor._take_lock.acquire()  # nothing opens before the attack
             try:
                 event = transport.d2h(on_device, destination)
             finally:
-                transport._decryptor._run_lock.release()
+                transport._decryptor._take_lock.release()
             while len(tap.pending) < 3:
                 threading.Event().wait(0.001)
             victim = tap.pending[1]

@@ -121,7 +121,7 @@ def test_async_d2h_reading_forces_decryption(device: Device) -> None:
         on_device = transport.upload(source)
         destination = HostBuffer.empty((5 * CHUNK,), torch.uint8)
         version = destination.version
-        with transport._decryptor._run_lock:  # hold the background thread off
+        with transport._decryptor._take_lock:  # hold the background thread off
             event = transport.d2h(on_device, destination)
             assert transport.pending(destination) and destination.writing
             assert destination.stable_version() is None  # nothing speculates on a pending buffer

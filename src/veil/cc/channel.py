@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -79,6 +80,38 @@ class _EpochKeys:
     aead: AESGCM
     mask: bytes
     epoch: int
+
+
+class StagingPool:
+    """Free private buffers of one bounce slot each, reused: messages are sealed and opened there,
+    never in untrusted memory. Holds at most what was in flight at once."""
+
+    def __init__(self, slot_bytes: int) -> None:
+        self.slot_bytes = slot_bytes
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> memoryview:
+        with self._lock:
+            buffer = self._free.pop() if self._free else None
+        return memoryview(buffer if buffer is not None else bytearray(self.slot_bytes))
+
+    def give(self, buffer: memoryview) -> None:
+        """Return a buffer from `take` (a view of part of one is ignored)."""
+        if len(buffer) == self.slot_bytes and isinstance(buffer.obj, bytearray):
+            with self._lock:
+                self._free.append(buffer.obj)
+
+
+@dataclass
+class TakenMessage:
+    """A message taken off the ring by `ReceiverChannel.take`: its counter and epoch keys are bound,
+    its bytes copied out of untrusted memory into the caller's staging; not yet authenticated."""
+
+    counter: int
+    keys: _EpochKeys
+    staged: memoryview  # ciphertext + tag, in the caller's staging buffer
+    well_formed: bool  # False: wrong length or past the counter limit (it cannot authenticate)
 
 
 class _Endpoint:
@@ -132,7 +165,7 @@ class SenderChannel(_Endpoint):
         super().__init__(secrets, ring, counter_limit, _aad)
         self._unemitted: dict[int, Reservation] = {}  # reserved and not yet emitted, by counter
         self._next_emit = 0
-        self._staging: list[bytearray] = []  # free private staging buffers, one message each
+        self.staging = StagingPool(ring.slot_bytes)  # private buffers where messages are sealed
 
     @property
     def next_counter(self) -> int:
@@ -249,16 +282,6 @@ class SenderChannel(_Endpoint):
             self._next_emit = 0
             self.stats.rekeys += 1
 
-    def _take_staging(self) -> memoryview:
-        with self._lock:
-            buffer = self._staging.pop() if self._staging else bytearray(self.ring.slot_bytes)
-        return memoryview(buffer)
-
-    def _give_staging(self, buffer: memoryview) -> None:
-        if len(buffer) == self.ring.slot_bytes:
-            with self._lock:
-                self._staging.append(buffer.obj)  # type: ignore[arg-type]
-
     def _seal(self, reservation: Reservation, plaintext: memoryview | bytes, out: memoryview) -> None:
         """Seal under the reservation's own epoch keys (the seam the IV-audit tests wrap)."""
         keys = reservation._keys
@@ -330,11 +353,11 @@ class Reservation:
             self._state = _State.SEALING
         if in_place and self._snapshot_out is None:
             raise ValueError("in_place sealing needs a snapshot() first")
-        out = self._snapshot_out if in_place and self._snapshot_out is not None else channel._take_staging()
+        out = self._snapshot_out if in_place and self._snapshot_out is not None else channel.staging.take()
         try:
             channel._seal(self, plaintext, out[:length])
         except BaseException:
-            channel._give_staging(out)
+            channel.staging.give(out)
             with self._cond:
                 self._state = _State.RESERVED
                 self._cond.notify_all()
@@ -364,7 +387,7 @@ class Reservation:
         Pair with `seal(copy, in_place=True)`: what is hashed or checked and what is sealed are then
         the same bytes, whatever writes the source meanwhile.
         """
-        self._snapshot_out = self._channel._take_staging()
+        self._snapshot_out = self._channel.staging.take()
         copy = self._snapshot_out[: len(source)]
         copy_bytes(copy, source)
         return copy
@@ -416,7 +439,7 @@ class Reservation:
                 return False
             copy_bytes(ring.slot(slot)[: self._length], self._out[: self._length])
             self._slot, staging, self._out = slot, self._out, None
-        self._channel._give_staging(staging)  # outside our lock: emit locks the channel, then us
+        self._channel.staging.give(staging)  # outside our lock: emit locks the channel, then us
         return True
 
     def _publish(self) -> None:
@@ -445,7 +468,7 @@ class Reservation:
         stats.nops += self._length == TAG_BYTES
         stats.plaintext_bytes += self._length - TAG_BYTES
         if staging is not None:
-            self._channel._give_staging(staging)
+            self._channel.staging.give(staging)
 
 
 class ReceiverChannel(_Endpoint):
@@ -493,23 +516,85 @@ class ReceiverChannel(_Endpoint):
             TimeoutError: if no message arrives in time (not an integrity failure: nothing consumed).
         """
         with self._lock:
+            message = self.take(None if out is None else len(out), self._staging, timeout=timeout)
+            plaintext = self.open(message)
+            if out is not None:
+                copy_bytes(out, plaintext)
+            self.delivered((len(plaintext),))
+
+    def take(
+        self, expected: int | None, staging: memoryview, *, timeout: float | None = None
+    ) -> TakenMessage:
+        """The first half of `receive`, for openers that authenticate outside the receiver's lock.
+
+        Under the lock: refuse if poisoned; pop the next message; bind it to this receiver's own
+        counter and the current epoch's keys (nothing carried with the data chooses the IV); copy it
+        out of its untrusted slot exactly once into `staging` (a whole slot's bytes); release the
+        slot; advance the counter. Messages must then be opened (`open`) and their plaintext used in
+        the order they were taken, and a failure of any kind reported with `fail_closed`.
+
+        Args:
+            expected: the plaintext length the caller expects (None: any); another length makes the
+                message malformed, and its `open` fails.
+
+        Raises:
+            IntegrityError: if poisoned (nothing is consumed).
+            TimeoutError: if no message arrives in time (nothing is consumed).
+        """
+        with self._lock:
             if self._poisoned:
                 self.stats.refused_messages += 1
                 raise IntegrityError(POISONED_MESSAGE)
             descriptor = self.ring.pop(timeout)
+            length = descriptor.length
+            well_formed = (
+                TAG_BYTES <= length <= min(self.ring.slot_bytes, len(staging))
+                and (expected is None or length == expected + TAG_BYTES)
+                and self._counter < self.counter_limit
+            )
+            staged = staging[:length] if well_formed else staging[:0]
             try:
-                plaintext = self._open(descriptor.slot, descriptor.length)
-                if plaintext is None or (out is not None and len(out) != len(plaintext)):
-                    self._poison()
-                    raise IntegrityError()
-                if out is not None:
-                    copy_bytes(out, plaintext)
+                if well_formed:
+                    copy_bytes(staged, self.ring.slot(descriptor.slot)[:length])  # read untrusted memory once
             finally:
                 self.ring.release(descriptor.slot)
+            message = TakenMessage(self._counter, self._keys, staged, well_formed)
             self._counter += 1
-            self.stats.messages += 1
-            self.stats.nops += len(plaintext) == 0
-            self.stats.plaintext_bytes += len(plaintext)
+            return message
+
+    def open(self, message: TakenMessage) -> memoryview:
+        """Authenticate and decrypt a taken message in place (no lock held while AES-GCM runs: lanes
+        open in parallel); returns its plaintext, a view of the staging.
+
+        Raises:
+            IntegrityError: if it does not authenticate; the receiver is poisoned first.
+        """
+        if message.well_formed:
+            sealed, keys = message.staged, message.keys
+            try:
+                keys.aead.decrypt_into(
+                    iv_for(message.counter, keys.mask), sealed, self._aad, sealed[:-TAG_BYTES]
+                )
+                return sealed[:-TAG_BYTES]
+            except InvalidTag:
+                pass
+        with self._lock:
+            self._poison()
+        raise IntegrityError()
+
+    def delivered(self, plaintext_lengths: Sequence[int]) -> None:
+        """Count opened messages whose plaintext reached its destination, by length (0: a NOP)."""
+        with self._lock:
+            self.stats.messages += len(plaintext_lengths)
+            self.stats.nops += sum(1 for n in plaintext_lengths if n == 0)
+            self.stats.plaintext_bytes += sum(plaintext_lengths)
+
+    def fail_closed(self) -> None:
+        """Poison the receiver after a failure outside it (a lane's error): nothing opens and the
+        device stops (the ring closes) until a re-key. Not counted as an integrity failure."""
+        with self._lock:
+            self._poisoned = True
+            self.ring.close()
 
     def receive_chunked(self, out: memoryview, *, timeout: float | None = None) -> None:
         """Receive what `SenderChannel.send_chunked` sent, chunk by chunk into `out` as each arrives."""
@@ -526,19 +611,6 @@ class ReceiverChannel(_Endpoint):
             self._install(secrets)
             self._poisoned = False
             self.stats.rekeys += 1
-
-    def _open(self, slot: int, length: int) -> memoryview | None:
-        """Authenticate+decrypt a message in private staging; None if it does not authenticate."""
-        if not TAG_BYTES <= length <= self.ring.slot_bytes or self._counter >= self.counter_limit:
-            return None
-        staged = self._staging[:length]
-        copy_bytes(staged, self.ring.slot(slot)[:length])  # read untrusted memory exactly once
-        try:
-            keys = self._keys
-            keys.aead.decrypt_into(iv_for(self._counter, keys.mask), staged, self._aad, staged[:-TAG_BYTES])
-        except InvalidTag:
-            return None
-        return staged[:-TAG_BYTES]
 
     def _poison(self) -> None:
         self._poisoned = True

@@ -1,13 +1,24 @@
-"""Asynchronous decryption of device-to-host traffic, with a force-on-touch path.
+"""Asynchronous decryption of device-to-host traffic: a pool of lanes, a force-on-touch path.
 
-A device-to-host transfer's host half (open each sealed chunk, copy it into the destination) is
-queued here instead of running in the caller. A background thread opens queued transfers in
-submission order, which is the order their messages sit in the ring. A reader that needs the bytes
-earlier *forces* them: it runs, in its own thread and still in order, every queued transfer up to and
-including the one it needs (`Decryptor.force`, or simply `PendingTransfer.wait()`).
+A device-to-host transfer's host half is queued here instead of running in the caller, as an
+`Opening` in three phases:
 
-One opener at a time (`_run_lock`), so the receiver's counter and the ring stay in step whichever
-thread opens.
+1. `take`, one transfer at a time, in submission order (which is the order its messages sit in the
+   ring): consume the transfer's messages from the ring into private staging, each bound to the
+   receiver's own next counter. This fixes every message's IV exactly as sequential opening would.
+2. `open`, on any lane, in parallel (AES-GCM releases the GIL): authenticate and decrypt in private
+   staging. Nothing is written into the destination yet.
+3. `commit` then `finish`, strictly in submission order: the transfer's plaintext is written into its
+   destination only if it and every transfer before it succeeded. The first failure (an integrity
+   failure or any other error) fails every later transfer too, without writing their destinations,
+   until `reset()` (after a re-key); transfers before it complete normally.
+
+`lanes` background threads (a `ThreadPoolExecutor`, one task per submitted transfer) run the three
+phases for the oldest transfer not yet taken. A reader that needs a transfer earlier *forces* it: it
+runs, in its own thread, the same three phases for every transfer not yet taken up to and including
+the one it needs (`Decryptor.force`, or simply `PendingTransfer.wait()`). A thread only ever waits
+for the commit turn of a transfer it took itself, and every earlier transfer was taken by a thread
+that will reach its own turn, so forcing never deadlocks with the lanes.
 """
 
 from __future__ import annotations
@@ -15,26 +26,49 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
+from typing import Protocol, runtime_checkable
 
+from veil.cc.bounce import POISONED_MESSAGE
+from veil.cc.errors import IntegrityError
 from veil.cc.stream import Event
+
+
+@runtime_checkable
+class Opening(Protocol):
+    """One transfer's host half, in the decryptor's three phases (see module docstring)."""
+
+    def take(self) -> None:
+        """Consume the transfer's messages, fixing each one's counter (one transfer at a time, in order)."""
+
+    def open(self) -> None:
+        """Authenticate and decrypt into private staging (any lane, in parallel with other openings)."""
+
+    def commit(self) -> None:
+        """Write the plaintext into the destination (in order; only if nothing failed up to here)."""
+
+    def finish(self, error: BaseException | None) -> BaseException | None:
+        """Release the transfer's resources (in order, always, last); return the error to report."""
 
 
 class PendingTransfer(Event):
     """The event of an asynchronous device-to-host transfer; `wait()` forces its decryption.
 
     Attributes:
-        forced: True if a reader ran the decryption before the background thread reached it.
+        forced: True if a reader ran the decryption before a background lane reached it.
     """
 
-    def __init__(self, decryptor: Decryptor, run: Callable[[], None]) -> None:
+    def __init__(self, decryptor: Decryptor, opening: Opening, turn: int) -> None:
         super().__init__()
         self._decryptor = decryptor
-        self._run = run
+        self._opening = opening
+        self._turn = turn  # its place in submission (= counter) order
+        self._taken = False  # set under the decryptor's queue lock when a thread takes it
         self.forced = False
 
     def wait(self, timeout: float | None = None) -> None:
-        """Force the decryption (in this thread if it has not started), then wait for it.
+        """Force the decryption (in this thread if no lane has taken it yet), then wait for it.
 
         Raises:
             TimeoutError: if another thread is still decrypting it after `timeout` seconds.
@@ -43,43 +77,41 @@ class PendingTransfer(Event):
         self._decryptor.force(self)
         super().wait(timeout)
 
-    def _execute(self, *, forced: bool) -> None:
-        self.forced = forced
-        try:
-            self._run()
-        except BaseException as exc:  # kept in the event, raised by wait()
-            self._complete(exc)
-        else:
-            self._complete()
-
 
 class Decryptor:
-    """A background opener of device-to-host transfers (see module docstring).
+    """A pool of lanes opening device-to-host transfers (see module docstring).
 
     Args:
-        name: the thread's name.
-        background: False starts no thread: transfers are decrypted only when forced (or drained,
-            or at close), in the reader's thread (lazy decryption).
+        name: the lanes' thread name prefix.
+        lanes: background lanes; 0 starts no thread: transfers are decrypted only when forced (or
+            drained, or at close), in the reader's thread (lazy decryption).
+
+    Raises:
+        ValueError: if `lanes` < 0.
     """
 
-    def __init__(self, name: str = "veil-pipellm-decrypt", *, background: bool = True) -> None:
+    def __init__(self, name: str = "veil-pipellm-decrypt", *, lanes: int = 1) -> None:
+        if lanes < 0:
+            raise ValueError(f"lanes must be >= 0, got {lanes}")
         self.name = name
-        self.background = background
+        self.lanes = lanes
+        self.forced = 0  # transfers a reader decrypted before a background lane reached them
         self._running = False
-        self._queue: deque[PendingTransfer] = deque()
-        self._cond = threading.Condition()
-        self._run_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._closing = False
-        self.forced = 0  # transfers a reader decrypted before the background thread reached them
+        self._queue: deque[PendingTransfer] = deque()  # submitted, not yet taken
+        self._cond = threading.Condition()  # guards the queue, the turns and the failure
+        self._take_lock = threading.Lock()  # one taker at a time: ring order = submission order
+        self._submitted = 0  # turns handed out
+        self._next_commit = 0  # the turn whose commit is next
+        self._failed = False  # a transfer failed; every later one fails until reset()
+        self._pool: ThreadPoolExecutor | None = None
+        self._tasks: list[Future[bool]] = []
 
     def __enter__(self) -> Decryptor:
         if self._running:
             raise RuntimeError("decryptor is already started")
-        self._closing, self._running = False, True
-        if self.background:
-            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-            self._thread.start()
+        self._running = True
+        if self.lanes:
+            self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix=self.name)
         return self
 
     def __exit__(
@@ -87,62 +119,116 @@ class Decryptor:
     ) -> None:
         self.close()
 
-    def submit(self, run: Callable[[], None]) -> PendingTransfer:
-        """Queue a transfer's host half; returns its event.
+    def submit(self, opening: Opening) -> PendingTransfer:
+        """Queue a transfer's host half (call in ring order); returns its event.
 
         Raises:
+            TypeError: if `opening` lacks a phase of `Opening`.
             RuntimeError: if the decryptor is not running.
         """
+        if not isinstance(opening, Opening):
+            raise TypeError(
+                f"an Opening (take, open, commit, finish) is required, got {type(opening).__name__}"
+            )
         with self._cond:
-            if not self._running or self._closing:
+            if not self._running:
                 raise RuntimeError("decryptor is not running")
-            job = PendingTransfer(self, run)
+            job = PendingTransfer(self, opening, self._submitted)
+            self._submitted += 1
             self._queue.append(job)
-            self._cond.notify_all()
+            if self._pool is not None:
+                self._tasks = [t for t in self._tasks if not t.done()]
+                self._tasks.append(self._pool.submit(self._run_next, None, forced=False))
             return job
 
     def force(self, job: PendingTransfer) -> None:
-        """Run every queued transfer up to and including `job` in this thread, unless already done."""
-        while not job.query():
-            with self._run_lock:
-                if job.query():
-                    return
-                if not self._run_next(forced=True):
-                    return  # not queued any more and not done: another opener has it; wait() waits
+        """Run every transfer not yet taken, up to and including `job`, in this thread (in order)."""
+        while not job.query() and self._run_next(job, forced=True):
+            pass
 
     def drain(self) -> None:
-        """Decrypt everything queued so far (in this thread where the background has not started)."""
+        """Return once every transfer submitted so far has finished (running the rest in this thread)."""
         with self._cond:
+            if self._next_commit == self._submitted:
+                return
             last = self._queue[-1] if self._queue else None
+            turn = self._submitted - 1
         if last is not None:
             self.force(last)
+        with self._cond:
+            self._cond.wait_for(lambda: self._next_commit > turn)
+
+    def reset(self) -> None:
+        """Lift the failure after a re-key (later transfers open again); call with nothing in flight.
+
+        Raises:
+            RuntimeError: if a transfer is still queued or being opened.
+        """
+        with self._cond:
+            if self._next_commit != self._submitted:
+                raise RuntimeError("reset() needs every submitted transfer finished; drain() first")
+            self._failed = False
 
     def close(self) -> None:
-        """Decrypt what is queued, then stop the thread (idempotent)."""
-        with self._cond:
-            thread, self._closing = self._thread, True
-            self._cond.notify_all()
-        if thread is not None:
-            thread.join()
-            self._thread = None
-        self.drain()  # lazy mode, or work queued while the thread was stopping
-        self._running = False
+        """Finish what is queued, then stop the lanes (idempotent).
 
-    def _run_next(self, *, forced: bool) -> bool:
-        """Open the oldest queued transfer (caller holds `_run_lock`); False if none is queued."""
+        Raises:
+            BaseException: an error that escaped a lane (a bug in the decryptor, never a transfer's
+                error: those are kept in their events).
+        """
         with self._cond:
-            if not self._queue:
-                return False
-            job = self._queue.popleft()
-        self.forced += forced
-        job._execute(forced=forced)
+            pool, self._pool, self._running = self._pool, None, False
+            tasks, self._tasks = self._tasks, []
+        self.drain()
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for task in tasks:
+            task.result()
+
+    # the three phases --------------------------------------------------------------------------------
+    def _run_next(self, upto: PendingTransfer | None, *, forced: bool) -> bool:
+        """Take the oldest queued transfer, open it, commit it in turn; False if none was taken.
+
+        With `upto`, takes nothing once `upto` itself has been taken (by this or another thread).
+        """
+        with self._take_lock:
+            with self._cond:
+                if not self._queue or (upto is not None and upto._taken):
+                    return False
+                job = self._queue.popleft()
+                job._taken, job.forced = True, forced
+                self.forced += forced
+            error = _attempt(job._opening.take)
+        if error is None:
+            error = _attempt(job._opening.open)
+        self._commit_in_turn(job, error)
         return True
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closing)
-                if not self._queue:
-                    return
-            with self._run_lock:
-                self._run_next(forced=False)
+    def _commit_in_turn(self, job: PendingTransfer, error: BaseException | None) -> None:
+        """Wait for `job`'s turn, then commit it (or fail it), finish it and pass the turn on."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._next_commit == job._turn)
+            failed_before = self._failed
+        # This thread owns the turn until it advances it: commits never overlap and follow the turns.
+        if failed_before:
+            error = IntegrityError(POISONED_MESSAGE)
+        elif error is None:
+            error = _attempt(job._opening.commit)
+        try:
+            reported = job._opening.finish(error)
+        except BaseException as exc:  # a finish that raises still reports, and still passes the turn
+            reported = exc
+        with self._cond:
+            self._failed = self._failed or error is not None or reported is not None
+            self._next_commit += 1
+            self._cond.notify_all()
+        job._complete(reported)
+
+
+def _attempt(phase: Callable[[], None]) -> BaseException | None:
+    """Run one phase; return what it raised instead of raising it (it is the transfer's error)."""
+    try:
+        phase()
+    except BaseException as exc:
+        return exc
+    return None

@@ -26,6 +26,17 @@ def default_workers() -> int:
     return max(1, (os.cpu_count() or 1) - 2)
 
 
+MAX_DECRYPT_THREADS = 64
+
+
+def default_decrypt_threads() -> int:
+    """Decryption lanes for this machine: one on <= 2 cores (compute and the copy engine already
+    share them), else one per core beyond those two, at most 4 (the simulator's paper scenario
+    shows 4 lanes hide device-to-host opening at H100 scale)."""
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else min(4, cores - 2)
+
+
 @dataclass(frozen=True)
 class PipeLLMOptions:
     """Knobs of the `pipellm` transport.
@@ -39,7 +50,11 @@ class PipeLLMOptions:
             (one message each), never in bounce slots, so any ring size works with any depth.
         max_pad: NOPs worth emitting to reach a pre-sealed chunk (see `SpeculatorConfig.max_pad`).
         sizes: size classes; only host-to-device BULK chunks are speculated.
-        async_d2h: decrypt device-to-host traffic on a background thread (False: in the caller, as `cc`).
+        async_d2h: decrypt device-to-host traffic in the background (False: in the caller, as `cc`).
+        decrypt_threads: background lanes opening device-to-host transfers in parallel (with
+            `async_d2h`). Each message keeps the counter it would get sequentially, and destinations
+            are written in counter order (docs/pipellm.md). Default: 1 on machines with <= 2 cores,
+            else cores - 2, at most 4. At most 64.
         checked: hash each chunk's plaintext when it is sealed ahead and re-hash the source before it
             is committed; a mismatch (a write that bypassed `HostBuffer.write()`/`mark_written()`)
             bumps the source's version, so the stale ciphertext is never committed. Costs one hash of
@@ -57,6 +72,7 @@ class PipeLLMOptions:
     max_pad: int = 16
     sizes: SizeClasses = field(default_factory=SizeClasses)
     async_d2h: bool = True
+    decrypt_threads: int = field(default_factory=lambda: default_decrypt_threads())
     checked: bool = False
     digest: Digest = crc32_digest
     predictor: Callable[[], Predictor] = default_predictor
@@ -68,6 +84,11 @@ class PipeLLMOptions:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.depth < 0 or self.max_pad < 0:
             raise ValueError("depth and max_pad must be >= 0")
+        threads = self.decrypt_threads
+        if isinstance(threads, bool) or not isinstance(threads, int):
+            raise TypeError(f"decrypt_threads must be an int, got {type(threads).__name__}")
+        if not 1 <= threads <= MAX_DECRYPT_THREADS:
+            raise ValueError(f"decrypt_threads must be in [1, {MAX_DECRYPT_THREADS}], got {threads}")
 
     def speculator_config(self, *, iv_limit: int, chunk_bytes: int) -> SpeculatorConfig:
         """The policy configuration these options imply for a channel of `iv_limit` IVs and
@@ -100,8 +121,8 @@ class PipeLLMStats:
             their IV; the channel never seals a second message under a sealed IV (docs/pipellm.md).
         worker_error: the first sealing worker failure (the transport is then synchronous), if any.
         synchronous: True once speculation is off.
-        d2h_async: device-to-host transfers decrypted in the background.
-        d2h_forced: of those, how many a reader forced before the background thread reached them.
+        d2h_async: device-to-host transfers decrypted in the background (on the lanes or forced).
+        d2h_forced: of those, how many a reader opened itself before a lane took them.
         rekeys: epochs started by this transport.
     """
 

@@ -11,15 +11,17 @@ data goes into the destination). `h2d` returns once every message is emitted, li
 from one `h2d` to the next (the caller's compute included) is reported to the sealer's governor,
 which keeps speculation only while it measures faster than sealing in the caller.
 
-Device to host (`async_d2h`, default): the copy engine seals; the host half (open, copy into the
-destination) runs on a background thread. Until it has run, the destination `HostBuffer` is *pending*:
+Device to host (`async_d2h`, default): the copy engine seals; the host half (`HostOpening`: take
+the messages in ring order, binding each to the receiver's counter; open them on one of
+`decrypt_threads` lanes; copy into the destination in counter order) runs in the background
+(`Decryptor`). Until it has run, the destination `HostBuffer` is *pending*:
 its `write()` context is held open (so `writing` is True and `stable_version()` is None: nothing
 speculates on it), and any read through veil must call `ensure_host_ready(buffer)` first, which
-decrypts it now if the background thread has not. Waiting on the returned event does the same.
+decrypts it now if no lane has. Waiting on the returned event does the same.
 An `h2d` from a pending buffer, and a worker about to seal one, force it first.
 
 Lifecycle: enter the transport (`with make_transport(...) as t`) to start its workers and decryption
-thread; `close()` drains and stops them. A sealing worker that fails turns the transport synchronous
+lanes; `close()` drains and stops them. A sealing worker that fails turns the transport synchronous
 (every chunk sealed in the caller, as `cc`) and records the error in `stats().pipellm.worker_error`.
 """
 
@@ -31,10 +33,10 @@ import threading
 import time
 from contextlib import ExitStack, suppress
 
-from veil.cc.channel import ReceiverChannel
+from veil.cc.channel import ReceiverChannel, StagingPool, TakenMessage
 from veil.cc.device import Device, DeviceBuffer
 from veil.cc.errors import IntegrityError
-from veil.cc.host import HostBuffer
+from veil.cc.host import HostBuffer, copy_bytes
 from veil.cc.session import Direction
 from veil.cc.stream import Event
 from veil.pipellm.decryptor import Decryptor, PendingTransfer
@@ -73,6 +75,80 @@ class DeviceSchedule:
             self._receiver.receive(item)
 
 
+class HostOpening:
+    """The host's half of one device-to-host transfer, in the decryptor's phases (an `Opening`).
+
+    Same guarantees as `ReceiverChannel.receive_chunked`, with the work split (`ReceiverChannel.take`
+    and `open`) so that lanes can open transfers in parallel:
+    - `take` (one transfer at a time, in ring order): each message is bound to the receiver's own
+      next counter and the epoch's keys, copied out of its untrusted slot exactly once into private
+      staging, and only then its slot released. Nothing carried with the data chooses the IV.
+    - `open` (any lane): authenticate and decrypt each message in place; any failure poisons the
+      receiver (which closes the ring) and raises IntegrityError.
+    - `commit` (in counter order, only if nothing failed before): copy every plaintext into the
+      destination. A transfer's destination is written only after *all* its messages authenticated.
+    - `finish` (always): return the staging, end the destination's `write()` (it is no longer
+      pending), fail closed on any failure, and report a device-side failure as itself.
+    """
+
+    def __init__(
+        self,
+        receiver: ReceiverChannel,
+        target: memoryview,
+        device_event: Event,
+        writing: ExitStack,
+        staging: StagingPool,
+    ) -> None:
+        self._receiver = receiver
+        self._target = target
+        self._device_event = device_event
+        self._writing = writing
+        self._staging = staging
+        self._buffers: list[memoryview] = []  # staging taken, returned at finish
+        self._messages: list[TakenMessage] = []
+        self._plaintexts: list[memoryview] = []
+
+    def pieces(self) -> list[memoryview]:
+        """The destination slice of each message (one empty slice for an empty transfer: a NOP)."""
+        step, target = self._receiver.max_message_bytes, self._target
+        return [target[i : i + step] for i in range(0, len(target), step)] or [target]
+
+    def take(self) -> None:
+        for piece in self.pieces():
+            buffer = self._staging.take()
+            self._buffers.append(buffer)
+            self._messages.append(self._receiver.take(len(piece), buffer))
+
+    def open(self) -> None:
+        self._plaintexts = [self._receiver.open(message) for message in self._messages]
+        self._device_event.wait()
+
+    def commit(self) -> None:
+        for plaintext, piece in zip(self._plaintexts, self.pieces(), strict=True):
+            copy_bytes(piece, plaintext)
+        self._receiver.delivered([len(p) for p in self._plaintexts])
+
+    def finish(self, error: BaseException | None) -> BaseException | None:
+        for buffer in self._buffers:
+            self._staging.give(buffer)
+        self._buffers.clear()
+        self._messages.clear()
+        self._plaintexts.clear()
+        self._writing.close()
+        if error is None:
+            return None
+        self._receiver.fail_closed()  # whatever failed, nothing after it opens until a re-key
+        if isinstance(error, IntegrityError):  # the ring is closed: the device's event completes
+            try:
+                self._device_event.wait()
+            except IntegrityError:
+                pass
+            except BaseException as device_error:
+                device_error.__cause__ = error
+                return device_error
+        return error
+
+
 class PipeLLMTransport(SealedTransport):
     """Seals ahead on worker threads, decrypts device-to-host traffic in the background.
 
@@ -96,7 +172,8 @@ class PipeLLMTransport(SealedTransport):
         super().__init__(device, options)
         self.pipellm = pipellm or PipeLLMOptions()
         self._sealer = Sealer(self.link.host_tx, self.pipellm, prepare_source=self._ready_quietly, seal=_seal)
-        self._decryptor = Decryptor(f"{device.name}-pipellm-decrypt")
+        self._decryptor = Decryptor(f"{device.name}-pipellm-decrypt", lanes=self.pipellm.decrypt_threads)
+        self._staging = StagingPool(self.link.d2h_ring.slot_bytes)  # the lanes' private copies of messages
         self._pending: dict[int, PendingTransfer] = {}  # latest async d2h into each host buffer
         self._unreported: list[Event] = []  # async d2h events since the last synchronize()
         self._pending_lock = threading.Lock()
@@ -138,9 +215,10 @@ class PipeLLMTransport(SealedTransport):
         This is the only way to lift the poison after an `IntegrityError`.
         """
         with self._lock:
-            self._decryptor.drain()
+            self._decryptor.drain()  # every lane idle: no message of this epoch is left to open
             self._sealer.new_epoch()
             super().rekey()
+            self._decryptor.reset()
             self._rekeys += 1
 
     # asynchronous device-to-host: the readers' contract ----------------------------------------------
@@ -246,15 +324,12 @@ class PipeLLMTransport(SealedTransport):
                 writing.close()
                 raise
             target = dst.memory()[span.dst]
-
-            def open_in_background() -> None:
+            if not self.pipellm.async_d2h:
                 with writing:
                     open_on_host(self.link.host_rx, target, device_event)
-
-            if not self.pipellm.async_d2h:
-                open_in_background()
                 return device_event
-            job = self._decryptor.submit(open_in_background)
+            opening = HostOpening(self.link.host_rx, target, device_event, writing, self._staging)
+            job = self._decryptor.submit(opening)
             with self._pending_lock:
                 self._pending[dst.source_id] = job
                 self._unreported.append(job)
