@@ -93,3 +93,14 @@ def test_scenario_and_workload_reject_a_batch_the_policy_does_not_make() -> None
         flexgen_policy(Workload(batch=100))
     policy = flexgen_policy(Workload(batch=144))
     assert (policy.gpu_batch_size, policy.num_gpu_batches, policy.cpu_attention) == (48, 3, True)
+
+
+def test_weight_loading_overlaps_the_cpu_attention_when_hidden_states_live_on_the_cpu() -> None:
+    # a 3 GB/s link: the next layer's 6 MiB take 2.1 ms, under one GPU batch's 3.4 ms of attention
+    slow = dataclasses.replace(HW, pcie_h2d_bytes_per_s=3 * GB, pcie_d2h_bytes_per_s=3 * GB)
+    for batches in (1, 2):
+        sc = dataclasses.replace(scenario(cpu_policy(batches)), hardware=slow)
+        attention = batches * cpu_attention_seconds(SMALL, slow, batch=16, context_tokens=CONTEXT)
+        link = sum(layout(sc).chunk_lengths) / slow.pcie_h2d_bytes_per_s
+        plain = layer_s(sc, Mode.PLAIN)
+        assert attention <= plain < attention + 0.25 * link  # overlapped, not in series

@@ -5,7 +5,8 @@ the layers: at layer j, issue layer j+1's weight load, then for each of the poli
 the layer (without a policy: layer j's load, issued right after layer j-1 launched). Where the KV
 cache and hidden states live is the policy's (`FlexGenPolicy`); what crosses PCIe for one GPU batch
 of one layer:
-- hidden states on the CPU: the batch's hidden state comes up before the layer and goes down after;
+- hidden states on the CPU: the batch's hidden state goes down after the layer and comes up before
+  the next (with several GPU batches, one batch ahead: FlexGen's `load_hidden(i, j, k + 1)`);
 - KV cache on the GPU: nothing else; the layer is one GPU span (roofline);
 - KV cache on the CPU with CPU attention (`--cpu-cache-compute`): the GPU computes q, k, v; q and the
   new K, V go down; the host computes attention over the cache in host memory (a "cpu" span: the
@@ -228,31 +229,51 @@ class _FlexGenPass:
         self.sc, self.lay, self.policy = scenario, lay, scenario.flexgen
         self.rec = TraceRecorder(workload="offload", model=scenario.model.name, batch=scenario.batch)
         self._weights_at: dict[int, int] = {}  # layer -> its latest weight load (data transfer count)
+        self._hidden_at: dict[int, int] = {}  # GPU batch -> its latest hidden-state load
         self._versions: dict[int, int] = {}
 
     def prologue(self) -> None:
-        """FlexGen loads layer 0's weights before the first pass (with a policy)."""
+        """FlexGen loads layer 0's weights (and, prefetching, the first batch's hidden state) before
+        the first pass (with a policy)."""
         if self.sc.policy is not None:
             self._load_weights(0)
+        if self._prefetch:
+            self._load_hidden(0)
 
     def layer(self, j: int) -> None:
         """Layer j (of the cycle): a weight load, then each GPU batch. FlexGen issues layer j+1's load
         before layer j's first batch, on the same host thread (so cc seals it before j launches);
         without a policy the host issues layer j's load right after launching layer j-1."""
+        batches = self.policy.num_gpu_batches
+        if self.policy.acts_on_cpu and batches == 1:
+            # FlexGen copies it on another CUDA stream than the weights; on our one in-order link it
+            # goes first so that it does not wait for the next layer's weights
+            self._load_hidden(0)
         if self.sc.policy is None:
             self._load_weights(j)
         else:
             self._load_weights((j + 1) % self.lay.layers_in_cycle)
-        for k in range(self.policy.num_gpu_batches):
+        for k in range(batches):
+            if self._prefetch:  # FlexGen's `load_hidden(i, j, k + 1)` before computing batch k
+                self._load_hidden((k + 1) % batches)
             self._gpu_batch(j, k)
+
+    @property
+    def _prefetch(self) -> bool:
+        """Hidden states on the CPU with several GPU batches: each batch's comes up one batch ahead."""
+        return self.policy.acts_on_cpu and self.policy.num_gpu_batches > 1
+
+    def _hidden_bytes(self) -> int:
+        tokens = self.policy.gpu_batch_size * (self.sc.context_tokens if self.sc.prefill else 1)
+        return 2 * tokens * self.sc.model.hidden  # fp16
+
+    def _load_hidden(self, k: int) -> None:
+        self._hidden_at[k] = self._h2d(ACT_SOURCE + 4 * k, self._hidden_bytes())
 
     def _gpu_batch(self, j: int, k: int) -> None:
         m, p, ctx = self.sc.model, self.policy, self.sc.context_tokens
         b, tokens = p.gpu_batch_size, p.gpu_batch_size * (ctx if self.sc.prefill else 1)
-        needs = self._weights_at[j]
-        hidden = 2 * tokens * m.hidden  # fp16 hidden states of the batch
-        if p.acts_on_cpu:
-            needs = self._h2d(ACT_SOURCE + 4 * k, hidden)
+        needs = max(self._weights_at[j], self._hidden_at.get(k, 0) if p.acts_on_cpu else 0)
         kv_buffer = KV_SOURCE + 64 * j + k
         if self.sc.prefill:
             self._gpu(*self._prefill_cost(), needs)
@@ -274,7 +295,7 @@ class _FlexGenPass:
             self._gpu(*decode_layer_cost(m, batch=b, context_tokens=ctx), kv)
             self._d2h(kv_buffer, 2 * b * m.kv_dim * m.bytes_per_param)
         if p.acts_on_cpu:
-            self._d2h(ACT_SOURCE + 4 * k, hidden)
+            self._d2h(ACT_SOURCE + 4 * k, self._hidden_bytes())
 
     def _prefill_cost(self) -> tuple[float, float]:
         """(FLOPs, HBM bytes) of one GPU batch's prompt through one layer: 2 per weight per token
