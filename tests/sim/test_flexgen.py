@@ -104,3 +104,15 @@ def test_weight_loading_overlaps_the_cpu_attention_when_hidden_states_live_on_th
         link = sum(layout(sc).chunk_lengths) / slow.pcie_h2d_bytes_per_s
         plain = layer_s(sc, Mode.PLAIN)
         assert attention <= plain < attention + 0.25 * link  # overlapped, not in series
+
+
+@pytest.mark.parametrize("mode", [Mode.PLAIN, Mode.CC])
+def test_one_streamed_layer_in_the_cycle_times_like_two(mode: Mode) -> None:
+    # with one layer in the cycle its next load is its own buffer: the layer must use the load
+    # issued before it, not wait for the one it issues
+    slow = dataclasses.replace(HW, pcie_h2d_bytes_per_s=3 * GB, pcie_d2h_bytes_per_s=3 * GB)
+    sc = dataclasses.replace(scenario(cpu_policy(2)), hardware=slow)
+    per_pass = (len(layout(sc).chunk_lengths) + layout(sc).other_chunks) * 14
+    one, two = (dataclasses.replace(sc, max_requests=n * per_pass) for n in (1, 2))
+    assert (layout(one).layers_in_cycle, layout(two).layers_in_cycle) == (1, 2)
+    assert layer_s(one, mode) == pytest.approx(layer_s(two, mode), rel=0.01)

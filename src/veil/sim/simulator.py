@@ -230,6 +230,7 @@ class _FlexGenPass:
         self.rec = TraceRecorder(workload="offload", model=scenario.model.name, batch=scenario.batch)
         self._weights_at: dict[int, int] = {}  # layer -> its latest weight load (data transfer count)
         self._hidden_at: dict[int, int] = {}  # GPU batch -> its latest hidden-state load
+        self._needed_weights = 0  # the weight load the current layer computes with
         self._versions: dict[int, int] = {}
 
     def prologue(self) -> None:
@@ -245,12 +246,14 @@ class _FlexGenPass:
         before layer j's first batch, on the same host thread (so cc seals it before j launches);
         without a policy the host issues layer j's load right after launching layer j-1."""
         batches = self.policy.num_gpu_batches
+        self._needed_weights = self._weights_at.get(j, 0)  # before the next load, which may be j again
         if self.policy.acts_on_cpu and batches == 1:
             # FlexGen copies it on another CUDA stream than the weights; on our one in-order link it
             # goes first so that it does not wait for the next layer's weights
             self._load_hidden(0)
         if self.sc.policy is None:
             self._load_weights(j)
+            self._needed_weights = self._weights_at[j]
         else:
             self._load_weights((j + 1) % self.lay.layers_in_cycle)
         for k in range(batches):
@@ -273,7 +276,7 @@ class _FlexGenPass:
     def _gpu_batch(self, j: int, k: int) -> None:
         m, p, ctx = self.sc.model, self.policy, self.sc.context_tokens
         b, tokens = p.gpu_batch_size, p.gpu_batch_size * (ctx if self.sc.prefill else 1)
-        needs = max(self._weights_at[j], self._hidden_at.get(k, 0) if p.acts_on_cpu else 0)
+        needs = max(self._needed_weights, self._hidden_at.get(k, 0) if p.acts_on_cpu else 0)
         kv_buffer = KV_SOURCE + 64 * j + k
         if self.sc.prefill:
             self._gpu(*self._prefill_cost(), needs)
