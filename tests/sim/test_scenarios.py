@@ -20,6 +20,7 @@ from veil.sim.scenarios import (
     device_kv_blocks,
     flexgen_offload_fraction,
     kvswap_trace,
+    offload_trace,
 )
 from veil.trace import Op
 
@@ -95,23 +96,39 @@ def test_adapters_load_on_demand_with_queue_hints() -> None:
     assert adapter_bytes(MODELS["llama-2-7b"], 16) == 32 * 16 * 4 * 8192 * 2
 
 
-def test_flexgen_streams_what_the_kv_cache_leaves_no_room_for() -> None:
-    hw, model = HardwareProfile("h100"), MODELS["opt-30b"]
-    fractions = [flexgen_offload_fraction(model, hw, Workload(batch=b)) for b in (1, 16, 64, 256)]
-    assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert flexgen_offload_fraction(MODELS["opt-13b"], hw, Workload(batch=1)) == 0.0
+def test_flexgen_streams_what_its_policy_keeps_on_the_cpu_and_what_does_not_fit() -> None:
+    hw = HardwareProfile("h100")
+    assert (
+        flexgen_offload_fraction(MODELS["opt-13b"], hw, Workload()) == 1.0
+    )  # assumed: all weights on the CPU
+    on_gpu = Workload(weights_gpu_share=1.0)  # the KV cache is on the CPU: 26 GB of weights fit
+    assert flexgen_offload_fraction(MODELS["opt-13b"], hw, on_gpu) == 0.0
+    assert 0.4 < flexgen_offload_fraction(MODELS["opt-66b"], hw, on_gpu) < 0.6  # 132 GB in 72
+    assert flexgen_offload_fraction(MODELS["opt-30b"], hw, Workload(weights_gpu_share=0.2)) == pytest.approx(
+        0.8
+    )
     assert device_kv_blocks(MODELS["opt-66b"], hw) == 0  # 130 GB of weights do not fit in 80 GB
+
+
+def test_offload_trace_is_flexgens_schedule_over_every_layer() -> None:
+    w = Workload(batch=16, gpu_batch_size=8, steps=2, prompt_tokens=64, output_tokens=8)
+    trace = offload_trace(SMALL, HW, w)
+    weights = [t for t in trace.transfers(Op.H2D) if t.source_id < SMALL.layers]
+    assert len(weights) == 1 + 2 * SMALL.layers  # the prologue, then every layer each step
+    assert sum(s.tokens for s in trace.steps) == 2 * 16
+    assert trace.transfers(Op.D2H)  # q and the new K, V of every GPU batch go to the CPU
 
 
 def test_paper_rows_cover_every_workload_and_model() -> None:
     small = {name: SMALL for names in MODELS_OF.values() for name in names}
     small_workloads = {"offload": Workload(batch=8, steps=2), "kvswap": SERVE, "lora": SERVE}
-    rows = paper_rows(small, HW, small_workloads, core_steps=(1, 64))
+    rows = paper_rows(small, HW, small_workloads, core_steps=(1, 64), batch_account=(8,))
     assert {(r.workload, r.model) for r in rows} == {(w, m) for w, ms in MODELS_OF.items() for m in ms}
     for r in rows:
         assert -1e-9 <= r.pipellm_overhead <= r.cc_drop + 1e-9 < 1
         assert (r.paper_cc_drop is not None) == (r.workload == "offload" and r.model != "opt-175b")
         assert "paper_cc_drop" in r.to_json() or r.paper_cc_drop is None
+        assert ("cc_drop_by_batch" in r.detail) == (r.workload == "offload")
 
 
 def test_machine_profile_fits_the_model_benchmark_and_the_core_rates() -> None:

@@ -54,6 +54,13 @@ class HardwareProfile:
             no contention (each lane has a core of its own: the H100 profile's `spare_cores`).
         host_parallel: single-core speeds all `host_cores` deliver at once (measured; None:
             `host_cores`). Only used with `host_cores`.
+        cpu_attention_bytes_per_s: host DRAM traffic rate FlexGen's CPU attention reaches (its
+            PyTorch path is memory-bound: see `cpu_attention_seconds`). Assumed 100 GB/s for a
+            Sapphire Rapids / Genoa host (one socket's 8-12 DDR5 channels peak at 300-460 GB/s;
+            STREAM-like kernels reach about 2/3 of that, PyTorch's fp16-to-fp32 conversion and
+            small batched GEMVs less). Cross-check: FlexGen's cost model fits 0.0123 TFLOP/s of
+            CPU attention on its GCP T4 host (`experimental/cost_model.py`, `cpu_flops`), which is
+            61.5 GB/s under the same 20 bytes per 4 FLOPs.
     """
 
     name: str
@@ -76,10 +83,11 @@ class HardwareProfile:
     gpu_memory_usable: float = 0.9
     host_cores: int | None = None
     host_parallel: float | None = None
+    cpu_attention_bytes_per_s: float = 100 * GB
 
     def __post_init__(self) -> None:
         rates = (self.pcie_h2d_bytes_per_s, self.aes_gcm_bytes_per_s, self.aes_gcm_vaes_bytes_per_s)
-        if min((*rates, self.gpu_flops, self.hbm_bytes_per_s)) <= 0:
+        if min((*rates, self.gpu_flops, self.hbm_bytes_per_s, self.cpu_attention_bytes_per_s)) <= 0:
             raise ValueError("bandwidths, sealing rates and FLOP/s must be > 0")
         if not (0 < self.flops_efficiency <= 1 and 0 < self.hbm_efficiency <= 1):
             raise ValueError("flops_efficiency and hbm_efficiency must be in (0, 1]")
@@ -144,6 +152,11 @@ class ModelProfile:
         return self.params_per_layer * self.bytes_per_param
 
     @property
+    def qkv_params(self) -> int:
+        """Weights of the q, k and v projections of one layer (computed before attention)."""
+        return self.hidden * (self.hidden + 2 * self.kv_dim)
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes of every decoder layer (embeddings and head are left out, as they are not streamed)."""
         return self.layers * self.layer_bytes
@@ -201,3 +214,22 @@ def decode_layer_cost(model: ModelProfile, *, batch: int, context_tokens: int) -
     flops = batch * (2 * model.params_per_layer + 4 * context_tokens * model.hidden)
     kv_bytes = batch * 2 * context_tokens * model.kv_dim * model.bytes_per_param
     return flops, model.layer_bytes + kv_bytes
+
+
+# FlexGen's CPU attention (FlexLLMGen `pytorch_backend.mha_gen`, `--cpu-cache-compute`) per element
+# of batch x context x kv width: it reads K and V in fp16 (2 x 2 bytes), converts both to fp32 copies
+# (`k.float()`, `v.float()`: 2 x 4 bytes written) and its two batched matmuls read those (2 x 4 bytes).
+CPU_ATTENTION_BYTES_PER_ELEMENT = 20
+
+
+def cpu_attention_seconds(
+    model: ModelProfile, hardware: HardwareProfile, *, batch: int, context_tokens: int
+) -> float:
+    """Host time of one layer's decode attention over a KV cache in host memory (FlexGen's
+    `--cpu-cache-compute`): memory-bound, `CPU_ATTENTION_BYTES_PER_ELEMENT` bytes per element of
+    K and V at `hardware.cpu_attention_bytes_per_s`. Its 4 FLOPs per element are far below what
+    the host's vector units do in that time, so FLOPs are not counted."""
+    if batch < 1 or context_tokens < 0:
+        raise ValueError(f"batch must be >= 1 and context_tokens >= 0, got {batch}, {context_tokens}")
+    elements = batch * context_tokens * model.kv_dim
+    return elements * CPU_ATTENTION_BYTES_PER_ELEMENT / hardware.cpu_attention_bytes_per_s

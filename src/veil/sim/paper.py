@@ -18,8 +18,14 @@ from veil.pipellm import MiB
 from veil.pipellm.governor import GovernorConfig
 from veil.sim.hardware import GB, HardwareProfile, ModelProfile
 from veil.sim.replay import Mode, ReplayOptions, replay
-from veil.sim.scenarios import Workload, adapter_trace, flexgen_offload_fraction, kvswap_trace
-from veil.sim.simulator import Scenario, simulate
+from veil.sim.scenarios import (
+    Workload,
+    adapter_trace,
+    flexgen_offload_fraction,
+    flexgen_scenario,
+    kvswap_trace,
+)
+from veil.sim.simulator import simulate
 from veil.trace import Trace
 
 # PipeLLM (Tan et al., ASPLOS 2025): FlexGen's throughput drop with CC on, and its bound vs non-CC.
@@ -27,6 +33,7 @@ PAPER_CC_DROP = {("offload", "opt-13b"): 0.362, ("offload", "opt-30b"): 0.528, (
 PAPER_PIPELLM_OVERHEAD_BELOW = 0.196
 TARGET_OVERHEAD = 0.05  # what this scenario asks of PipeLLM (the issue: <= 5%)
 CORE_STEPS = (1, 2, 4, 8, 16, 24, 32, 48)
+BATCH_ACCOUNT = (48, 96, 144, 288, 576, 1152)  # FlexGen effective batches of the offloading account
 
 # Which models each workload runs (vLLM and PEFT need the weights resident: 80 GB holds up to 30B).
 MODELS_OF = {
@@ -34,11 +41,12 @@ MODELS_OF = {
     "kvswap": ("opt-13b", "llama-2-13b", "opt-30b"),
     "lora": ("llama-2-7b", "llama-2-13b", "opt-13b"),
 }
-# Assumed configurations: FlexGen's benchmark lengths (512 + 32) at batch 64; vLLM's default
+# Assumed configurations: FlexGen's benchmark lengths (512 + 32) and its published OPT-30B policy's
+# effective batch (48 x 3 = 144, `scenarios.FLEXGEN_GPU_BATCH`), every weight streamed; vLLM's default
 # max_num_seqs (256) over 400 ShareGPT-like requests; S-LoRA-like 64 adapters of rank 16, 8 slots,
 # batch 32. Serving runs are cut after `steps` and the first 20 are not measured.
 WORKLOADS = {
-    "offload": Workload(batch=64, steps=3),
+    "offload": Workload(batch=144),
     "kvswap": Workload(batch=256, steps=80, requests=400),
     "lora": Workload(batch=32, steps=80, requests=400, adapters=64, slots=8, rank=16),
 }
@@ -103,14 +111,18 @@ def paper_rows(
     hw: HardwareProfile,
     workloads: dict[str, Workload] = WORKLOADS,
     core_steps: tuple[int, ...] = CORE_STEPS,
+    batch_account: tuple[int, ...] = BATCH_ACCOUNT,
 ) -> list[Row]:
-    """Every (workload, model) of `MODELS_OF`, with the cores PipeLLM needs for `TARGET_OVERHEAD`."""
+    """Every (workload, model) of `MODELS_OF`, with the cores PipeLLM needs for `TARGET_OVERHEAD`;
+    offloading rows also carry the cc drop at each of `batch_account` (`cc_drop_by_batch`)."""
     rows = []
     for workload, names in MODELS_OF.items():
         w = workloads[workload]
         for name in names:
             model = models[name]
-            figures = workload_figures(workload, model, hw, w=w)
+            figures: dict[str, Any] = dict(workload_figures(workload, model, hw, w=w))
+            if workload == "offload" and batch_account:
+                figures["cc_drop_by_batch"] = cc_drop_by_batch(model, hw, batch_account)
             plain = figures["plain"]
             cores_needed = None
             for cores in core_steps:
@@ -157,28 +169,30 @@ def decryption_pool(
     return out
 
 
-SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {
-    "sealing cores": ("spare_cores", (1, 2, 4, 8, 16, 32)),
-    "PCIe GB/s": ("pcie_h2d_bytes_per_s", (16 * GB, 32 * GB, 50 * GB, 64 * GB)),
-    "batch": ("batch", (16, 32, 64, 128, 256)),
+# What each sensitivity panel sweeps: a `Workload` field (batch) or `HardwareProfile` fields (the
+# PCIe rate sets both directions); a GB/s axis is shown in GB/s.
+SWEEPS: dict[str, tuple[tuple[str, ...], tuple[float, ...]]] = {
+    "sealing cores": (("spare_cores",), (1, 2, 4, 8, 16, 32)),
+    "PCIe GB/s": (("pcie_h2d_bytes_per_s", "pcie_d2h_bytes_per_s"), (16 * GB, 32 * GB, 50 * GB, 64 * GB)),
+    "effective batch": (("batch",), (48, 96, 144, 288, 576)),
+    "CPU attention GB/s": (("cpu_attention_bytes_per_s",), (25 * GB, 50 * GB, 100 * GB, 200 * GB, 400 * GB)),
 }
 
 
 def sensitivity(model: ModelProfile, hw: HardwareProfile) -> dict[str, list[dict[str, float]]]:
     """FlexGen offloading of `model`: cc drop and pipellm overhead against each swept parameter."""
     out: dict[str, list[dict[str, float]]] = {}
-    for label, (field, values) in SWEEPS.items():
+    for label, (fields, values) in SWEEPS.items():
         points = []
         for value in values:
             w, point_hw = WORKLOADS["offload"], hw
-            if field == "batch":
+            if fields == ("batch",):
                 w = dataclasses.replace(w, batch=int(value))
-            elif field == "spare_cores":
-                point_hw = dataclasses.replace(hw, spare_cores=int(value))
             else:
-                point_hw = dataclasses.replace(hw, pcie_h2d_bytes_per_s=value, pcie_d2h_bytes_per_s=value)
+                cast = int if fields == ("spare_cores",) else float
+                point_hw = dataclasses.replace(hw, **{f: cast(value) for f in fields})
             f = offload_figures(model, point_hw, w)
-            x = value / GB if field.startswith("pcie") else value
+            x = value / GB if label.endswith("GB/s") else value
             points.append(
                 {
                     "x": x,
@@ -193,13 +207,47 @@ def sensitivity(model: ModelProfile, hw: HardwareProfile) -> dict[str, list[dict
 def offload_figures(
     model: ModelProfile, hw: HardwareProfile, w: Workload, modes: tuple[Mode, ...] = tuple(Mode)
 ) -> dict[str, float]:
-    """FlexGen decode of `model` with the share of weights FlexGen's placement streams."""
-    fraction = max(flexgen_offload_fraction(model, hw, w), 1e-6)  # all resident: streams next to nothing
-    context = w.prompt_tokens + w.output_tokens // 2
-    scenario = Scenario(
-        model, hw, w.batch, context_tokens=context, offload_fraction=fraction, max_requests=10_000
-    )
-    return {"offload_fraction": fraction} | {m.value: simulate(scenario, m).tokens_per_s for m in modes}
+    """FlexGen's tokens/s as its benchmark counts them: `w.batch x w.output_tokens` over the prompt
+    pass plus `output_tokens - 1` decode steps, each a steady-state pass of every layer under
+    FlexGen's policy (`scenarios.flexgen_scenario`); also each pass's layer seconds per mode."""
+    out = {"offload_fraction": flexgen_offload_fraction(model, hw, w)}
+    for mode in modes:
+        prefill, decode = (flexgen_layer_s(model, hw, w, mode, prefill=p) for p in (True, False))
+        run_s = model.layers * (prefill + (w.output_tokens - 1) * decode)
+        out |= {mode.value: w.batch * w.output_tokens / run_s,
+                f"{mode.value}_prefill_layer_s": prefill, f"{mode.value}_decode_layer_s": decode}  # fmt: skip
+    return out
+
+
+# Decode passes before measuring a FlexGen run: enough h2d transfers after the first (learning) pass
+# for the speculator's confidence, paused by that pass's misses, to recover (about 50 correct guesses
+# at its EWMA weight 1/16 and resume threshold 0.97; 12 and 16 give the same layer time). The prompt
+# pass does not pause (4, 8 and 12 give the same): 2 warm-up passes.
+FLEXGEN_WARMUP_PASSES = 12
+FLEXGEN_MAX_REQUESTS = 20_000  # chunk requests per run: one or two streamed layers in the cycle
+
+
+def flexgen_layer_s(
+    model: ModelProfile, hw: HardwareProfile, w: Workload, mode: Mode, *, prefill: bool
+) -> float:
+    """Steady-state seconds per layer of FlexGen's prompt pass or decode step of `w` under `mode`."""
+    sc = flexgen_scenario(model, hw, w, prefill=prefill)
+    warmup = 2 if prefill else FLEXGEN_WARMUP_PASSES
+    sc = dataclasses.replace(sc, warmup_steps=warmup, max_requests=FLEXGEN_MAX_REQUESTS)
+    return simulate(sc, mode).layer_s
+
+
+def cc_drop_by_batch(
+    model: ModelProfile, hw: HardwareProfile, batches: tuple[int, ...] = BATCH_ACCOUNT
+) -> dict[int, float]:
+    """FlexGen offloading's cc drop at each effective batch (GPU batches of 48): what the paper's
+    drops say about the batches it ran (docs/sim.md, "The paper scenario")."""
+    out = {}
+    for batch in batches:
+        w = dataclasses.replace(WORKLOADS["offload"], batch=batch)
+        f = offload_figures(model, hw, w, (Mode.PLAIN, Mode.CC))
+        out[batch] = 1 - f["cc"] / f["plain"]
+    return out
 
 
 def plot_sensitivity(sweeps: dict[str, list[dict[str, float]]], title: str, path: Path) -> None:

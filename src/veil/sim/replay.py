@@ -8,6 +8,8 @@ The host thread walks the trace's events in program order on a virtual clock:
 - a `Compute` span starts once the host reaches it, the device is free, and the first `needs` data
   transfers have landed; it lasts its roofline time on the profile (or its recorded seconds). On a
   GPU the host launches it and moves on; with `compute_on_host` the host is busy until it ends.
+  A span labelled "cpu" (host compute the device waits for, e.g. FlexGen's CPU attention) lasts its
+  recorded seconds on the host thread, as every span does with `compute_on_host`;
 PipeLLM runs the real `Speculator` and `default_predictor()`, and the runtime's `Governor` on the
 virtual clock (`ReplayOptions.governor`); the workers' seal jobs read the source version the trace
 says the buffer has at that point, so a stale pre-sealed chunk is never committed.
@@ -230,7 +232,7 @@ class _Run:
     def _compute(self, e: Compute) -> None:
         if e.label == "host" and not self.opts.host_spans:
             return
-        if self.opts.recorded_compute or e.label == "host":
+        if self.opts.recorded_compute or e.label in ("host", "cpu"):
             duration = e.seconds
         elif self.opts.layer_seconds is not None:
             duration = self.opts.layer_seconds(e.flops, e.nbytes)
@@ -238,7 +240,9 @@ class _Run:
             duration = self.hw.compute_seconds(e.flops, e.nbytes)
         ready = self.arrivals[e.needs - 1] if e.needs else 0.0
         start = max(self.sender.host_free, ready, self.device_free)
-        if self.hw.compute_on_host:  # the emulated device computes on the host thread, on the host cores
+        # the emulated device computes on the host thread, on the host cores; a "cpu" span (FlexGen's
+        # CPU attention) runs on the host thread itself, and the device waits for its result
+        if self.hw.compute_on_host or e.label == "cpu":
             self.device_free = self.sender.work(start, duration)
             self.sender.occupy_host(self.device_free)
         else:

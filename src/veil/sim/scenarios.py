@@ -3,8 +3,9 @@ ShareGPT-like request set, S-LoRA-like adapter swapping.
 
 Each generator writes the `veil.trace` format the engine records, so the one `replay` runs them all
 (and a recorded trace alike). The policies are the engine's (docs/engine.md), sized by the profiles:
-- `offload_trace`: FlexGen's placement: weights fill what the device's memory leaves after the batch's
-  KV cache, the rest of every layer streams each step, layer j+1 loading while layer j computes.
+- `offload_trace`: FlexGen's published placement (KV cache and hidden states on the CPU, attention on
+  the CPU, the batch in GPU batches of 48) with the weights on the CPU, streamed each step, layer j+1
+  loading while layer j computes (the schedule is `simulator.flexgen_trace`'s).
 - `kvswap_trace`: continuous batching over 16-token KV blocks in the memory the weights leave; when a
   running request needs a block and none is free the newest is preempted by swapping every block out
   (one d2h per block, block-major as in veil's engine); swapped requests come back oldest first before
@@ -18,6 +19,7 @@ sigma 1.0 (assumed), seeded.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,12 +27,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from veil.sim.hardware import HardwareProfile, ModelProfile
+from veil.sim.simulator import FlexGenPolicy, Scenario, flexgen_trace, layout
 from veil.trace import Op, Trace, TraceRecorder
 
 BLOCK_TOKENS = 16  # vLLM's and veil's KV block size
 SHAREGPT_MEAN_PROMPT = 161  # vLLM paper (Kwon et al., SOSP 2023), ShareGPT means
 SHAREGPT_MEAN_OUTPUT = 338
 LENGTH_SIGMA = 1.0  # assumed spread of the log-normal lengths
+# FlexGen's published single-GPU OPT-30B policy at 512 + 32 tokens (FlexLLMGen
+# benchmark/flexllmgen/bench_suite.py, suite_30b_1x1; also its README's HELM example):
+# --percent 20 80 0 100 0 100 --gpu-batch-size 48 --num-gpu-batches 3 --cpu
+FLEXGEN_GPU_BATCH = 48
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,8 @@ class Workload:
     """What to generate.
 
     Attributes:
-        batch: offloading: sequences decoded together; serving: most requests running at once.
+        batch: offloading: sequences decoded together (FlexGen's effective batch); serving: most
+            requests running at once.
         steps: decode steps to generate (serving: the run is cut there).
         prompt_tokens, output_tokens: offloading: context of every sequence (FlexGen's benchmark
             default: 512 prompt, 32 output).
@@ -47,6 +55,11 @@ class Workload:
             q, k, v, o (S-LoRA's setting; assumed rank 16).
         zipf: exponent of adapter popularity (S-LoRA: power law, assumed 1.0).
         seed: lengths and adapter draws.
+        gpu_batch_size: offloading: FlexGen's GPU batch; `batch` runs as `batch / gpu_batch_size` GPU
+            batches sharing each weight load.
+        weights_gpu_share: offloading: share of the weights FlexGen keeps on the GPU
+            (`w_gpu_percent` / 100; assumed 0: PipeLLM's workload is weight offloading, and every
+            model it reports streams weights).
     """
 
     batch: int = 64
@@ -59,6 +72,8 @@ class Workload:
     rank: int = 16
     zipf: float = 1.0
     seed: int = 0
+    gpu_batch_size: int = FLEXGEN_GPU_BATCH
+    weights_gpu_share: float = 0.0
 
 
 def flops_per_token(model: ModelProfile, context_tokens: float) -> float:
@@ -66,29 +81,41 @@ def flops_per_token(model: ModelProfile, context_tokens: float) -> float:
     return model.layers * (2 * model.params_per_layer + 4 * context_tokens * model.hidden)
 
 
+def flexgen_policy(w: Workload) -> FlexGenPolicy:
+    """FlexGen's published placement (OPT-30B and OPT-175B policies): KV cache and hidden states in
+    host memory, decode attention on the CPU, `w.batch` in GPU batches of `w.gpu_batch_size`.
+
+    Raises:
+        ValueError: if `w.batch` is not a multiple of `w.gpu_batch_size`.
+    """
+    gpu_batch = min(w.gpu_batch_size, w.batch)
+    if w.batch % gpu_batch:
+        raise ValueError(f"batch {w.batch} is not a multiple of the GPU batch {gpu_batch}")
+    return FlexGenPolicy(
+        gpu_batch, w.batch // gpu_batch, cache_on_cpu=True, cpu_attention=True, acts_on_cpu=True
+    )
+
+
 def flexgen_offload_fraction(model: ModelProfile, hw: HardwareProfile, w: Workload) -> float:
-    """Share of the weights FlexGen streams: what does not fit beside the batch's KV cache."""
-    kv = w.batch * (w.prompt_tokens + w.output_tokens) * model.kv_bytes_per_token
-    room = hw.gpu_memory_bytes * hw.gpu_memory_usable - kv
-    return min(1.0, max(0.0, 1 - room / model.weight_bytes))
+    """Share of the weights FlexGen streams: all but `w.weights_gpu_share`, and at least what does not
+    fit in the GPU's memory (the KV cache is in host memory)."""
+    room = hw.gpu_memory_bytes * hw.gpu_memory_usable
+    return min(1.0, max(1 - w.weights_gpu_share, 1 - room / model.weight_bytes, 0.0))
+
+
+def flexgen_scenario(model: ModelProfile, hw: HardwareProfile, w: Workload, *, prefill: bool) -> Scenario:
+    """One FlexGen pass of `w` (decode at the mean context, or the prompt) under FlexGen's policy."""
+    context = w.prompt_tokens if prefill else w.prompt_tokens + w.output_tokens // 2
+    fraction = max(flexgen_offload_fraction(model, hw, w), 1e-6)  # all resident: streams next to nothing
+    return Scenario(model, hw, w.batch, context_tokens=context, offload_fraction=fraction,
+                    policy=flexgen_policy(w), prefill=prefill)  # fmt: skip
 
 
 def offload_trace(model: ModelProfile, hw: HardwareProfile, w: Workload) -> Trace:
-    """FlexGen decode steps: every layer's offloaded share streams in, then the layer computes."""
-    fraction = flexgen_offload_fraction(model, hw, w)
-    streamed = math.ceil(model.layer_bytes * fraction)
-    context = w.prompt_tokens + w.output_tokens / 2
-    kv_bytes = w.batch * context * model.kv_bytes_per_token / model.layers
-    flops = w.batch * flops_per_token(model, context) / model.layers
-    rec = TraceRecorder(workload="offload", model=model.name, batch=w.batch, offload_fraction=fraction)
-    for _ in range(w.steps):
-        rec.begin_step()
-        for layer in range(model.layers):
-            if streamed:
-                rec.transfer(Op.H2D, layer, 0, streamed, 0)
-            rec.compute(flops, model.layer_bytes + kv_bytes, 0.0, rec.data_transfers)
-        rec.end_step(w.batch, 0.0)
-    return rec.trace
+    """FlexGen's `w.steps` decode steps over every layer, as a trace (`simulator.flexgen_trace`)."""
+    sc = flexgen_scenario(model, hw, w, prefill=False)
+    sc = dataclasses.replace(sc, steps=w.steps, warmup_steps=0, max_requests=1 << 62)
+    return flexgen_trace(sc, layout(sc))
 
 
 def sharegpt_lengths(w: Workload) -> list[tuple[int, int]]:
