@@ -12,8 +12,9 @@ GPU's copy engine is assumed to authenticate and decrypt at line rate, so it add
 Device-to-host chunks (`receive`) cross their own `Wire` (the same one when the hardware is not
 duplex); the device seals them (free on an H100, at `device_crypto_bytes_per_s` otherwise) and the
 host opens them: `plain` does nothing, `cc` opens on the host thread, `pipellm` on background
-decryption lanes (the runtime has one decryption thread; the simulator can model a pool, each chunk
-to the lane free first) that an h2d of the same buffer waits for.
+decryption lanes (as the runtime's `PipeLLMOptions.decrypt_threads`, though here each chunk goes
+to the lane free first, where the runtime's lanes take whole transfers)
+that an h2d of the same buffer waits for.
 
 PipeLLM's `Governor` (the runtime's, unchanged) is told each h2d's bytes and the virtual time until
 the next one, as the runtime's transport tells it the wall time; while it says to seal in the caller
@@ -239,7 +240,7 @@ class PipeLLMSender(Sender):
         governor: the runtime's do-no-harm governor, told every h2d's bytes and time (None: none,
             speculation always on).
         cores: the host cores every host lane shares (None: each lane has its own core).
-        decrypt_threads: background decryption lanes (the runtime has one).
+        decrypt_threads: background decryption lanes (`PipeLLMOptions.decrypt_threads` in the runtime).
 
     Raises:
         ValueError: if `decrypt_threads` < 1.
