@@ -7,8 +7,10 @@ Shared by the runtime (which records) and the simulator (which replays), so it i
 A trace is a list of steps; a step is a list of events in program order:
 - `Transfer`: one `Transport.h2d` / `d2h` call or one `hint`, over the host buffer `source_id`'s
   byte range [offset, offset + nbytes), with that buffer's write version when the call was made.
-- `Compute`: one span of device compute (a decoder layer for the whole step's batch, or the step's
-  other host work), with its FLOPs and the bytes it reads, its measured wall seconds, and `needs`:
+- `Compute`: one span of device compute (one pass of one decoder layer: a step's batches each go
+  through a layer as a pass of their own; or the step's other host work), with its FLOPs and the
+  bytes it reads, the token positions and distinct LoRA adapters of a pass, its measured wall
+  seconds, and `needs`:
   how many data transfers (h2d and d2h, in trace order from the start of the trace) must have
   landed before it starts. Transfers issued after a span in program order do not delay it.
 - A step also says how many tokens it generated and its measured wall seconds.
@@ -22,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = "veil-trace/1"
+FORMAT = "veil-trace/2"  # /2: a layer span is one pass, with its tokens and adapters
+READS = ("veil-trace/1", FORMAT)  # /1: a layer span was every pass of a layer, and said no more
 
 
 class Op(enum.Enum):
@@ -48,7 +51,9 @@ class Compute:
     nbytes: float  # bytes the span reads (weights and KV cache)
     seconds: float  # measured wall time of the span in the recorded run
     needs: int  # data transfers (h2d + d2h, counted from the trace's start) that must land first
-    label: str = "layer"  # "layer" (a decoder layer) or "host" (the step's other work)
+    label: str = "layer"  # "layer" (one pass of a decoder layer) or "host" (the step's other work)
+    tokens: int = 0  # token positions the pass computes (0: not recorded, or a host span)
+    adapters: int = 0  # distinct LoRA adapters among the pass's rows
 
 
 Event = Transfer | Compute
@@ -91,13 +96,13 @@ class Trace:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Trace:
-        """Parse `to_json`'s output.
+        """Parse `to_json`'s output (or a `veil-trace/1` file: its spans' tokens and adapters read 0).
 
         Raises:
             ValueError: if it is not a trace of this format.
         """
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} trace: format {raw.get('format')!r}")
+        if raw.get("format") not in READS:
+            raise ValueError(f"not a {' or '.join(READS)} trace: format {raw.get('format')!r}")
         steps = []
         for s in raw["steps"]:
             events: list[Event] = []
@@ -132,8 +137,18 @@ class TraceRecorder:
         if op is not Op.HINT:
             self.data_transfers += 1
 
-    def compute(self, flops: float, nbytes: float, seconds: float, needs: int, label: str = "layer") -> None:
-        self._current().events.append(Compute(flops, nbytes, seconds, needs, label))
+    def compute(
+        self,
+        flops: float,
+        nbytes: float,
+        seconds: float,
+        needs: int,
+        label: str = "layer",
+        *,
+        tokens: int = 0,
+        adapters: int = 0,
+    ) -> None:
+        self._current().events.append(Compute(flops, nbytes, seconds, needs, label, tokens, adapters))
 
     def begin_step(self) -> None:
         self._step = Step()

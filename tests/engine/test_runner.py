@@ -8,9 +8,10 @@ import torch
 from veil.cc.device import Device
 from veil.engine.block_manager import BlockManager, BlockMove
 from veil.engine.request import Sequence
-from veil.engine.runner import ModelRunner, kv_block_bytes, padding_bounded_groups
+from veil.engine.runner import ModelRunner, kv_block_bytes, layer_cost, padding_bounded_groups
 from veil.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from veil.engine.weights import ResidentWeights
+from veil.lora.layout import SlotLayout
 from veil.model.llama import Llama
 from veil.model.sampling import SamplingParams
 from veil.transport import make_transport
@@ -112,3 +113,17 @@ def test_prefill_batches_bound_their_padding() -> None:
     for group in groups:
         real = sum(len(c.token_ids) for c in group)
         assert len(group[0].token_ids) * len(group) <= 1.1 * real
+
+
+def test_layer_cost_counts_the_adapter_matmuls_of_rows_with_an_adapter() -> None:
+    config = tiny_config()  # hidden 64, q 64, intermediate 96
+    layout = SlotLayout(config, rank=4, targets=("q_proj", "down_proj"))
+    chunks = [
+        ScheduledChunk(0, (1, 2, 3), 0, (0,), True, adapter_slot=0),  # 3 tokens with an adapter
+        ScheduledChunk(1, (4,), 5, (1, 2), True, adapter_slot=None),  # 1 without: no extra cost
+    ]
+    base_flops, base_bytes = layer_cost(config, chunks)
+    flops, nbytes = layer_cost(config, chunks, layout)
+    # per adapted token, 2 x rank x (in + out) per target: q_proj 64 + 64, down_proj 96 + 64
+    assert flops - base_flops == 2 * 4 * 3 * ((64 + 64) + (96 + 64))
+    assert nbytes == base_bytes

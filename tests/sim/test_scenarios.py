@@ -9,7 +9,7 @@ import pytest
 
 from veil.pipellm import MiB
 from veil.sim import HardwareProfile, ModelProfile
-from veil.sim.calibrate import EngineCompute, HostRates, ModelShape, machine_profile
+from veil.sim.calibrate import HostRates, ModelShape, machine_profile
 from veil.sim.hardware import GB, MODELS
 from veil.sim.paper import MODELS_OF, paper_rows
 from veil.sim.replay import Mode, ReplayOptions, inject_mispredictions, replay, scale_trace
@@ -159,29 +159,9 @@ def test_a_decryption_pool_shortens_what_swap_ins_wait_for(kv_trace) -> None:
         replay(kv_trace, hw, Mode.PIPELLM, dataclasses.replace(options, decrypt_threads=0))
 
 
-def test_engine_compute_interpolates_the_measured_layers() -> None:
-    layers = [
-        {"flops": 1e7, "nbytes": 0.0, "seconds": 0.002},
-        {"flops": 5e7, "nbytes": 0.0, "seconds": 0.006, "spans": 1},
-        {
-            "flops": 5.1e7,
-            "nbytes": 0.0,
-            "seconds": 0.0075,
-            "spans": 3,
-        },  # within 5%: one point, 5.075e7, 7.1 ms
-        {"flops": 5e8, "nbytes": 0.0, "seconds": 0.025},
-    ]
-    layer = EngineCompute.from_layers(layers)
-    assert layer(1e6) == pytest.approx(0.002)  # below the cheapest: its seconds
-    assert layer(3.0375e7) == pytest.approx(0.0045625)  # halfway between 2 ms and 7.125 ms
-    assert layer(1e9) == pytest.approx(0.05)  # above the costliest: at its FLOP rate
-    with pytest.raises(ValueError):
-        EngineCompute((2.0, 1.0), (1.0, 1.0))
-
-
 def test_a_layer_time_model_replaces_the_roofline_in_a_replay(kv_trace) -> None:
     options = ReplayOptions(warmup_steps=5, chunk_bytes=4 * MiB, host_spans=False)
-    slow = dataclasses.replace(options, layer_seconds=lambda flops, nbytes: 0.01)
-    fast = dataclasses.replace(options, layer_seconds=lambda flops, nbytes: 0.001)
+    slow = dataclasses.replace(options, layer_seconds=lambda span: 0.01)
+    fast = dataclasses.replace(options, layer_seconds=lambda span: 0.001)
     slow_tps, fast_tps = (replay(kv_trace, HW, Mode.PLAIN, o).tokens_per_s for o in (slow, fast))
     assert slow_tps < fast_tps

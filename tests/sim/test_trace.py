@@ -79,13 +79,33 @@ def test_a_recorded_trace_holds_every_step_transfer_and_layer(swap_trace: Record
     assert len(trace.transfers(Op.H2D)) == r.engine.blocks_swapped_in > 0
     assert len(trace.transfers(Op.D2H)) == r.d2h == r.engine.blocks_swapped_out > 0
     assert all(t.nbytes == r.block_bytes for t in trace.transfers(Op.H2D, Op.D2H))
+    layers = model.config.num_layers
     for step in trace.steps:
         spans = [e for e in step.events if isinstance(e, Compute)]
-        assert [s.label for s in spans] == ["layer"] * model.config.num_layers + ["host"]
-        assert all(s.flops > 0 and s.nbytes > 0 for s in spans[:-1])
+        assert [s.label for s in spans[:-1]] == ["layer"] * (len(spans) - 1) and spans[-1].label == "host"
+        assert all(s.flops > 0 and s.nbytes > 0 and s.tokens > 0 and s.adapters == 0 for s in spans[:-1])
         assert step.seconds >= sum(s.seconds for s in spans) * 0.99
+    # one span per pass per layer: every layer runs the step's passes, in the same order
+    passes = [[(s.flops, s.tokens) for s in step.events if isinstance(s, Compute) and s.label == "layer"]
+              for step in trace.steps]  # fmt: skip
+    assert all(len(p) % layers == 0 and p == p[: len(p) // layers] * layers for p in passes)
     # a swap-in comes back from a host block a swap-out went to
     assert {t.source_id for t in trace.transfers(Op.H2D)} <= {t.source_id for t in trace.transfers(Op.D2H)}
+
+
+def test_a_prefill_beside_decodes_is_a_pass_of_its_own_in_every_layer(model: Llama) -> None:
+    recorder = TraceRecorder()
+    config = EngineConfig(transport=TransportKind.PLAIN, num_device_blocks=8)
+    with LLMEngine(model, config, recorder=recorder) as engine:
+        params = SamplingParams(max_tokens=3, stop_token_ids=())
+        engine.add_request(PROMPT, params)
+        engine.step()  # the first prompt's prefill
+        engine.add_request([*PROMPT, 9, 10], params)
+        engine.step()  # the second's prefill beside the first's decode: two passes
+    spans = [e for e in recorder.trace.steps[-1].events if isinstance(e, Compute) and e.label == "layer"]
+    assert [s.tokens for s in spans] == [10, 1] * model.config.num_layers
+    prefill, decode = spans[:2]
+    assert prefill.flops > 9 * decode.flops and prefill.seconds > 0 and decode.seconds > 0
 
 
 def test_a_layer_waits_for_every_transfer_issued_before_the_step(swap_trace: Recorded) -> None:

@@ -4,9 +4,10 @@ Both run greedy decoding of the same prompts for the same number of tokens with 
 count. Decode speed is isolated from prefill by timing N and 1 new tokens and taking the difference.
 
 `engine_layers`: the serving engine's own decoder-layer path (`LLMEngine`, plain transport, weights
-resident, the engine's compute threads beside the copy engine), timed per layer by its trace recorder
-at `ENGINE_POINTS` (decode at several batches, prefill of several sizes): per distinct layer cost, the
-FLOPs, bytes read and median seconds. The simulator calibrates this machine's compute from it
+resident, the engine's compute threads beside the copy engine), timed per layer pass by its trace
+recorder at `ENGINE_POINTS` (decode at several batches and contexts, prefills of several sizes, and
+both with rows on one or two LoRA adapters): per distinct (pass cost, adapters), the FLOPs, bytes read
+and median seconds. The simulator calibrates this machine's compute from it
 (`veil.sim.calibrate.EngineCompute`).
 """
 
@@ -15,13 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from veil.bench.report import emit_json, median_seconds, print_table, progress
-from veil.engine.engine import EngineConfig, LLMEngine
+from veil.engine.engine import EngineConfig, LLMEngine, LoraConfig
 from veil.engine.weights import compute_threads_beside_device
+from veil.lora import random_adapter
 from veil.model.generate import GenerationRequest, generate
 from veil.model.llama import Llama
 from veil.model.loader import load_model
@@ -32,9 +34,26 @@ NAME = "model"
 HELP = "decode tokens/s of veil's model vs transformers' generate at batch 1 and 8"
 
 _PROMPT = "Confidential computing protects data in use by running computation inside"
-# (batch, prompt tokens, new tokens) the engine's layer path is timed at: decode batches 1-16, and
-# prefills of 16-256 tokens per layer pass.
-ENGINE_POINTS = ((1, 16, 6), (4, 16, 6), (8, 16, 6), (16, 16, 6), (4, 64, 2))
+LORA_RANK = 8  # the rank `veil bench lora` serves (and the simulator's validation records)
+
+
+class EnginePoint(NamedTuple):
+    """One engine run `engine_layers` times: `batch` prompts of `prompt_tokens`, `new_tokens` each."""
+
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    adapters: int = 0  # distinct LoRA adapters, assigned to the rows in turn (0: the base model)
+
+
+# Decode passes of 1-16 rows at contexts of 16-22 and 128-134 tokens; prefill passes of 16-512
+# tokens (one row of 64 or 128, or several of 16 or 64); the same on one and on two adapters.
+ENGINE_POINTS = (
+    EnginePoint(1, 16, 6), EnginePoint(4, 16, 6), EnginePoint(8, 16, 6), EnginePoint(16, 16, 6),
+    EnginePoint(4, 64, 2), EnginePoint(1, 64, 2), EnginePoint(1, 128, 2), EnginePoint(4, 128, 6),
+    EnginePoint(1, 16, 6, 1), EnginePoint(4, 16, 6, 1), EnginePoint(1, 64, 2, 1),
+    EnginePoint(2, 16, 6, 2), EnginePoint(4, 16, 6, 2), EnginePoint(2, 64, 2, 2),
+)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,40 +121,53 @@ def _decode_rate(run_n: object, batch: int, new_tokens: int, repeats: int) -> fl
 
 
 def engine_layers(
-    model: Llama, prompt_ids: list[int], points: tuple[tuple[int, int, int], ...] = ENGINE_POINTS
+    model: Llama, prompt_ids: list[int], points: tuple[EnginePoint, ...] = ENGINE_POINTS
 ) -> list[dict[str, Any]]:
-    """Per distinct decoder-layer cost the engine ran at `points`: FLOPs, bytes, median seconds, count.
+    """Per distinct decoder-layer pass the engine ran at `points`: FLOPs, bytes, adapters, tokens,
+    median seconds and count.
 
-    Each point is one plain engine run (weights resident: nothing crosses during the steps) of `batch`
-    prompts (`prompt_ids` repeated to the point's length); its trace's layer spans are grouped by
-    their (FLOPs, bytes).
+    Each point is one plain engine run (weights resident: nothing crosses during the steps) of
+    `batch` prompts (`prompt_ids` repeated to the point's length); its trace's layer spans (one per
+    pass) are grouped by their (FLOPs, bytes, adapters).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(compute_threads_beside_device())
-    spans: dict[tuple[float, float], list[float]] = {}
+    spans: dict[tuple[float, float, int, int], list[float]] = {}
     try:
-        for batch, prompt_tokens, new_tokens in points:
-            prompt = (prompt_ids * prompt_tokens)[:prompt_tokens]
-            config = EngineConfig(
-                num_device_blocks=batch * -(-(prompt_tokens + new_tokens) // 16),
-                num_host_blocks=0,
-                max_num_seqs=batch,
-                max_num_batched_tokens=max(2048, batch * prompt_tokens),
-            )
-            recorder = TraceRecorder()
-            with LLMEngine(model, config, recorder=recorder) as engine:
-                params = SamplingParams(max_tokens=new_tokens, stop_token_ids=())
-                for _ in range(batch):
-                    engine.add_request(prompt, params)
-                while engine.has_unfinished():
-                    engine.step()
-            for step in recorder.trace.steps:
-                for e in step.events:
-                    if isinstance(e, Compute) and e.label == "layer":
-                        spans.setdefault((e.flops, e.nbytes), []).append(e.seconds)
+        for point in points:
+            for e in _layer_spans(model, prompt_ids, point):
+                spans.setdefault((e.flops, e.nbytes, e.adapters, e.tokens), []).append(e.seconds)
     finally:
         torch.set_num_threads(threads)
     return [
-        {"flops": flops, "nbytes": nbytes, "seconds": statistics.median(seconds), "spans": len(seconds)}
-        for (flops, nbytes), seconds in sorted(spans.items())
+        {"flops": flops, "nbytes": nbytes, "adapters": adapters, "tokens": tokens,
+         "seconds": statistics.median(seconds), "spans": len(seconds)}
+        for (flops, nbytes, adapters, tokens), seconds in sorted(spans.items())
+    ]  # fmt: skip
+
+
+def _layer_spans(model: Llama, prompt_ids: list[int], point: EnginePoint) -> list[Compute]:
+    """The layer spans of one plain engine run at `point`."""
+    prompt = (prompt_ids * point.prompt_tokens)[: point.prompt_tokens]
+    lora = LoraConfig(num_slots=point.adapters, max_rank=LORA_RANK) if point.adapters else None
+    config = EngineConfig(
+        num_device_blocks=point.batch * -(-(point.prompt_tokens + point.new_tokens) // 16),
+        num_host_blocks=0,
+        max_num_seqs=point.batch,
+        max_num_batched_tokens=max(2048, point.batch * point.prompt_tokens),
+        lora=lora,
+    )
+    recorder = TraceRecorder()
+    with LLMEngine(model, config, recorder=recorder) as engine:
+        names = [f"adapter-{i}" for i in range(point.adapters)]
+        for i, name in enumerate(names):
+            adapter = random_adapter(model.config, rank=LORA_RANK, alpha=2 * LORA_RANK, seed=i)
+            engine.add_adapter(name, adapter)
+        params = SamplingParams(max_tokens=point.new_tokens, stop_token_ids=())
+        for row in range(point.batch):
+            engine.add_request(prompt, params, adapter=names[row % len(names)] if names else None)
+        while engine.has_unfinished():
+            engine.step()
+    return [
+        e for s in recorder.trace.steps for e in s.events if isinstance(e, Compute) and e.label == "layer"
     ]

@@ -26,6 +26,7 @@ from veil.engine.block_manager import BlockMove
 from veil.engine.scheduler import ScheduledChunk, SchedulerOutput
 from veil.engine.weights import WeightSource
 from veil.lora.bank import DeviceAdapterBank
+from veil.lora.layout import SlotLayout, target_shape
 from veil.lora.projection import LoraBatch, lora_projection
 from veil.model.config import ModelConfig
 from veil.model.llama import LayerWeights, StepContext, decoder_layer, lm_head
@@ -62,19 +63,32 @@ def padding_bounded_groups(
     return groups
 
 
-def layer_cost(config: ModelConfig, chunks: Sequence[ScheduledChunk]) -> tuple[float, float]:
-    """(FLOPs, bytes read) of one decoder layer over a step's chunks (for traces, `veil.trace`).
+def layer_cost(
+    config: ModelConfig, chunks: Sequence[ScheduledChunk], lora: SlotLayout | None = None
+) -> tuple[float, float]:
+    """(FLOPs, bytes read) of one decoder layer over `chunks` (one pass; for traces, `veil.trace`).
 
     FLOPs: 2 per weight per token, plus attention's 4 x query width per (token, context position)
-    pair; bytes: the layer's fp32 weights once, plus each row's K and V over its context.
+    pair, plus, for each token of a row with an adapter, 2 x rank x (in + out features) per adapted
+    target of the bank's `lora` layout (its A and B matmuls); bytes: the layer's fp32 weights once,
+    plus each row's K and V over its context.
     """
     tokens = sum(len(c.token_ids) for c in chunks)
     pairs = sum(len(c.token_ids) * (c.start + len(c.token_ids)) for c in chunks)
     context = sum(c.start + len(c.token_ids) for c in chunks)
     weights = LayerWeights.numel(config)
     flops = 2.0 * weights * tokens + 4.0 * config.q_size * pairs
+    if lora is not None:
+        adapted = sum(len(c.token_ids) for c in chunks if c.adapter_slot is not None)
+        flops += 2.0 * lora.rank * adapted * sum(_lora_features(config, t) for t in lora.targets)
     nbytes = 4.0 * weights + 2 * context * config.kv_size * KV_DTYPE.itemsize
     return flops, nbytes
+
+
+def _lora_features(config: ModelConfig, target: str) -> int:
+    """In plus out features of one LoRA target: what its A and B multiply per token and rank."""
+    in_features, start, end = target_shape(config, target)
+    return in_features + end - start
 
 
 @dataclass
@@ -198,18 +212,21 @@ class ModelRunner:
         if not groups:
             return logits
         recorder = self.transport.recorder
-        cost = layer_cost(self.config, out.chunks) if recorder is not None else (0.0, 0.0)
         with torch.inference_mode():
             passes = [self._begin(group, embeds) for group in groups]
+            costs = [self._pass_cost(p) for p in passes] if recorder is not None else []
             for layer in range(self.config.num_layers):
                 needs = recorder.data_transfers if recorder is not None else 0  # before this layer's loads
                 fetching = time.perf_counter()
                 weights = self.weights.layer(layer)
-                started = time.perf_counter()
+                started = mark = time.perf_counter()
+                seconds: list[float] = []  # each pass's
                 try:
                     for p in passes:
                         project = None if p.lora is None else lora_projection(weights, layer, p.lora)
                         p.hidden = decoder_layer(p.hidden, weights, p.ctx, layer, self.config, project)
+                        seconds.append(time.perf_counter() - mark)
+                        mark += seconds[-1]
                 finally:
                     self.weights.release(layer)
                 elapsed = time.perf_counter() - started
@@ -217,7 +234,8 @@ class ModelRunner:
                 self.stats.last_layers_s += elapsed
                 self.stats.last_fetch_s += started - fetching
                 if recorder is not None:
-                    recorder.compute(*cost, elapsed, needs)
+                    for (flops, nbytes, tokens, adapters), s in zip(costs, seconds, strict=True):
+                        recorder.compute(flops, nbytes, s, needs, tokens=tokens, adapters=adapters)
             for p in passes:
                 logits.update(self._head(p))
         return logits
@@ -244,6 +262,12 @@ class ModelRunner:
             assert self.adapters is not None, "a chunk names an adapter slot but the runner has no bank"
             lora = self.adapters.batch(slots)  # waits for the loads into those slots
         return _Pass(chunks, lengths, hidden, ctx, lora)
+
+    def _pass_cost(self, p: _Pass) -> tuple[float, float, int, int]:
+        """(FLOPs, bytes, tokens, distinct adapters) of one layer of pass `p`, for its trace span."""
+        layout = None if p.lora is None else p.lora.layout
+        adapters = 0 if p.lora is None else len(p.lora.groups)
+        return (*layer_cost(self.config, p.chunks, layout), sum(p.lengths), adapters)
 
     def _head(self, p: _Pass) -> dict[int, torch.Tensor]:
         rows = [row for row, chunk in enumerate(p.chunks) if chunk.sample]

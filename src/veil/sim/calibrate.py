@@ -25,10 +25,12 @@ model's shape. The emulated device differs from an H100 in ways the profile stat
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from veil.sim.hardware import GB, HardwareProfile
+from veil.trace import Compute
 
 MESSAGE_S = 100e-6  # assumed fixed host cost of one message in veil's Python transport
 
@@ -78,13 +80,11 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
-class EngineCompute:
-    """Seconds of one decoder-layer span on this machine, interpolated over its FLOPs between the
-    engine's measured layers (`veil bench model`'s `engine_layers`).
+class LayerCurve:
+    """Seconds of one decoder-layer pass over its FLOPs, piecewise linear between measured points.
 
-    Piecewise linear between measured points; below the cheapest, that point's seconds (fixed costs
-    dominate there); above the costliest, at that point's FLOP rate. Bytes are not used: on the host
-    every layer reads the same fp32 weights and its KV reads are small.
+    Below the cheapest point, that point's seconds (fixed costs dominate there); above the costliest,
+    at that point's FLOP rate.
     """
 
     flops: tuple[float, ...]
@@ -97,28 +97,22 @@ class EngineCompute:
             raise ValueError("FLOPs must be distinct, positive and increasing; seconds positive")
 
     @classmethod
-    def from_layers(cls, layers: list[dict[str, Any]], *, merge_within: float = 0.05) -> EngineCompute:
+    def from_rows(cls, rows: list[dict[str, Any]], *, merge_within: float = 0.05) -> LayerCurve:
         """From `engine_layers` rows (`flops`, `seconds`, `spans`): rows whose FLOPs are within
         `merge_within` of a group's first are one point, their FLOPs and seconds averaged weighted by
         spans (a decode batch's steps differ only by a few context positions, and their medians by
         noise, which interpolating between them would turn into a jagged curve)."""
         groups: list[list[dict[str, Any]]] = []
-        for row in sorted(layers, key=lambda r: float(r["flops"])):
+        for row in sorted(rows, key=lambda r: float(r["flops"])):
             if groups and float(row["flops"]) <= (1 + merge_within) * float(groups[-1][0]["flops"]):
                 groups[-1].append(row)
             else:
                 groups.append([row])
-        points = []
-        for group in groups:
-            weights = [float(r.get("spans", 1)) for r in group]
-            total = sum(weights)
-            flops = sum(w * float(r["flops"]) for w, r in zip(weights, group, strict=True)) / total
-            seconds = sum(w * float(r["seconds"]) for w, r in zip(weights, group, strict=True)) / total
-            points.append((flops, seconds))
+        points = [_weighted_point(group) for group in groups]
         return cls(tuple(f for f, _ in points), tuple(s for _, s in points))
 
-    def __call__(self, flops: float, nbytes: float = 0.0) -> float:
-        """Seconds of a layer span of `flops` (`nbytes` unused: see the class docstring)."""
+    def __call__(self, flops: float) -> float:
+        """Seconds of a pass of `flops`."""
         xs, ys = self.flops, self.seconds
         if flops <= xs[0]:
             return ys[0]
@@ -127,6 +121,57 @@ class EngineCompute:
         i = bisect_right(xs, flops)
         share = (flops - xs[i - 1]) / (xs[i] - xs[i - 1])
         return ys[i - 1] + share * (ys[i] - ys[i - 1])
+
+
+def _weighted_point(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """(FLOPs, seconds) of `rows` averaged, each weighted by its `spans` (default 1)."""
+    weights = [float(r.get("spans", 1)) for r in rows]
+    total = sum(weights)
+    flops = sum(w * float(r["flops"]) for w, r in zip(weights, rows, strict=True)) / total
+    seconds = sum(w * float(r["seconds"]) for w, r in zip(weights, rows, strict=True)) / total
+    return flops, seconds
+
+
+@dataclass(frozen=True)
+class EngineCompute:
+    """Seconds of one decoder-layer pass (a trace's layer span) on this machine, from the engine's
+    measured passes (`veil bench model`'s `engine_layers`): one `LayerCurve` over FLOPs per number of
+    distinct LoRA adapters in the pass (0: the base model; each adapter adds its matmuls' fixed costs
+    per fused projection, which its few FLOPs do not show).
+
+    A pass with an adapter count not measured takes the largest measured count below it, plus, per
+    adapter beyond, the difference between that count's curve and the one below (when measured).
+    Bytes are not used: on the host every pass reads the same fp32 weights and its KV reads are small.
+    """
+
+    curves: Mapping[int, LayerCurve]  # by distinct adapters in the pass; 0 must be present
+
+    def __post_init__(self) -> None:
+        if 0 not in self.curves or min(self.curves) < 0:
+            raise ValueError(f"need a curve for 0 adapters and none below, got {sorted(self.curves)}")
+
+    @classmethod
+    def from_layers(cls, layers: list[dict[str, Any]], *, merge_within: float = 0.05) -> EngineCompute:
+        """From `engine_layers` rows, grouped by their `adapters` (absent: 0), each group a
+        `LayerCurve.from_rows`."""
+        by_adapters: dict[int, list[dict[str, Any]]] = {}
+        for row in layers:
+            by_adapters.setdefault(int(row.get("adapters", 0)), []).append(row)
+        return cls(
+            {k: LayerCurve.from_rows(rows, merge_within=merge_within) for k, rows in by_adapters.items()}
+        )
+
+    def seconds(self, flops: float, adapters: int = 0) -> float:
+        """Seconds of a pass of `flops` whose rows use `adapters` distinct adapters."""
+        known = max(k for k in self.curves if k <= adapters)
+        base = self.curves[known](flops)
+        if adapters > known and known - 1 in self.curves:
+            return base + (adapters - known) * (base - self.curves[known - 1](flops))
+        return base
+
+    def __call__(self, span: Compute) -> float:
+        """Seconds of a trace's layer span (one pass)."""
+        return self.seconds(span.flops, span.adapters)
 
 
 def machine_profile(

@@ -57,8 +57,8 @@ class ReplayOptions:
         host_spans: replay the trace's "host" spans (engine work outside layers) at their recorded
             seconds; False drops them (a trace scaled to another machine).
         recorded_compute: time every span by its recorded seconds instead of the roofline.
-        layer_seconds: times each layer span from its (FLOPs, bytes) instead of the profile's
-            roofline (e.g. `calibrate.EngineCompute`); ignored with `recorded_compute`.
+        layer_seconds: times each layer span (its FLOPs, bytes, tokens, adapters) instead of the
+            profile's roofline (e.g. `calibrate.EngineCompute`); ignored with `recorded_compute`.
         warmup_steps: steps replayed before the measured ones.
         record_ivs: keep every emitted h2d IV.
         max_period: the cyclic predictor's longest period (chunks); None: the runtime's default.
@@ -75,7 +75,7 @@ class ReplayOptions:
     chunk_bytes: int = MiB
     host_spans: bool = True
     recorded_compute: bool = False
-    layer_seconds: Callable[[float, float], float] | None = None
+    layer_seconds: Callable[[Compute], float] | None = None
     warmup_steps: int = 0
     record_ivs: bool = False
     max_period: int | None = None
@@ -235,7 +235,7 @@ class _Run:
         if self.opts.recorded_compute or e.label in ("host", "cpu"):
             duration = e.seconds
         elif self.opts.layer_seconds is not None:
-            duration = self.opts.layer_seconds(e.flops, e.nbytes)
+            duration = self.opts.layer_seconds(e)
         else:
             duration = self.hw.compute_seconds(e.flops, e.nbytes)
         ready = self.arrivals[e.needs - 1] if e.needs else 0.0
