@@ -51,7 +51,9 @@ class Compute:
     nbytes: float  # bytes the span reads (weights and KV cache)
     seconds: float  # measured wall time of the span in the recorded run
     needs: int  # data transfers (h2d + d2h, counted from the trace's start) that must land first
-    label: str = "layer"  # "layer" (one pass of a decoder layer) or "host" (the step's other work)
+    # "layer" (one pass of a decoder layer), "host" (the step's other work), or "cpu" (host compute
+    # the device waits for: FlexGen's CPU attention, in the simulator's generated traces)
+    label: str = "layer"
     tokens: int = 0  # token positions the pass computes (0: not recorded, or a host span)
     adapters: int = 0  # distinct LoRA adapters among the pass's rows
 

@@ -63,7 +63,8 @@ class ReplayOptions:
         record_ivs: keep every emitted h2d IV.
         max_period: the cyclic predictor's longest period (chunks); None: the runtime's default.
         decrypt_threads: PipeLLM's background decryption lanes for device-to-host chunks (the
-            runtime has one thread; more model a pool).
+            runtime's `PipeLLMOptions.decrypt_threads`, 1 on <= 2 cores; its lanes take whole
+            transfers, these take chunks).
         governor: PipeLLM's do-no-harm governor, as the runtime configures it (default: the
             runtime's default, which measures whether speculation pays and may seal in the caller
             instead); `GovernorConfig(enabled=False)` pins speculation on, as the paper's PipeLLM.
