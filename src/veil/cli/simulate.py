@@ -99,7 +99,7 @@ def _paper(args: argparse.Namespace, hw: Any) -> dict[str, Any]:
         mispredictions.append({"workload": "kvswap", "model": "opt-13b", "rate": rate,
                                "pipellm_overhead": 1 - pipellm.tokens_per_s / plain,
                                "hits": pipellm.stats.hits, "requests": pipellm.stats.requests})  # fmt: skip
-    progress("simulate: KV swapping with a decryption pool (the runtime has one thread)")
+    progress("simulate: KV swapping with decryption pools of 1 to 8 lanes")
     out: dict[str, Any] = {
         "paper": {"pipellm_overhead_below": PAPER_PIPELLM_OVERHEAD_BELOW, "target_overhead": TARGET_OVERHEAD},
         "rows": rows,

@@ -153,9 +153,9 @@ DECRYPT_THREADS = (1, 2, 4, 8)
 def decryption_pool(
     models: dict[str, ModelProfile], hw: HardwareProfile, threads: tuple[int, ...] = DECRYPT_THREADS
 ) -> list[dict[str, Any]]:
-    """KV swapping with PipeLLM's swap-out decryption on a pool of `threads` lanes (the runtime has
-    one thread; a pool is the change its KV-swapping overhead points to): the overhead per pool size,
-    for every KV-swapping model of `MODELS_OF`."""
+    """KV swapping with PipeLLM's swap-out decryption on a pool of `threads` lanes (the runtime's
+    `PipeLLMOptions.decrypt_threads`; a pool is what its KV-swapping overhead points to): the
+    overhead per pool size, for every KV-swapping model of `MODELS_OF`."""
     out = []
     for name in MODELS_OF["kvswap"]:
         trace = serving_trace("kvswap", models[name], hw)
