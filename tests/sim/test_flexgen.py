@@ -116,3 +116,15 @@ def test_one_streamed_layer_in_the_cycle_times_like_two(mode: Mode) -> None:
     one, two = (dataclasses.replace(sc, max_requests=n * per_pass) for n in (1, 2))
     assert (layout(one).layers_in_cycle, layout(two).layers_in_cycle) == (1, 2)
     assert layer_s(one, mode) == pytest.approx(layer_s(two, mode), rel=0.01)
+
+
+def test_a_decryption_pool_shortens_the_prompt_pass_under_pipellm_only() -> None:
+    """The prompt pass sends every GPU batch's K, V and hidden states down; PipeLLM opens them on
+    `decrypt_threads` lanes, cc on the host thread, and plain not at all."""
+    sc = scenario(cpu_policy(2), prefill=True)
+    pool = dataclasses.replace(sc, decrypt_threads=4)
+    assert layer_s(pool, Mode.PIPELLM) < 0.5 * layer_s(sc, Mode.PIPELLM)
+    for mode in (Mode.PLAIN, Mode.CC):
+        assert layer_s(pool, mode) == pytest.approx(layer_s(sc, mode))
+    with pytest.raises(ValueError):
+        dataclasses.replace(sc, decrypt_threads=0)

@@ -153,10 +153,18 @@ DECRYPT_THREADS = (1, 2, 4, 8)
 def decryption_pool(
     models: dict[str, ModelProfile], hw: HardwareProfile, threads: tuple[int, ...] = DECRYPT_THREADS
 ) -> list[dict[str, Any]]:
-    """KV swapping with PipeLLM's swap-out decryption on a pool of `threads` lanes (the runtime's
-    `PipeLLMOptions.decrypt_threads`; a pool is what its KV-swapping overhead points to): the
-    overhead per pool size, for every KV-swapping model of `MODELS_OF`."""
+    """PipeLLM's device-to-host decryption on a pool of `threads` lanes (the runtime's
+    `PipeLLMOptions.decrypt_threads`): the overhead per pool size, for every KV-swapping model of
+    `MODELS_OF` (swap-outs) and every offloading one (FlexGen's prompt pass sends K, V and hidden
+    states down)."""
     out = []
+    for name in MODELS_OF["offload"]:
+        w = WORKLOADS["offload"]
+        plain = offload_figures(models[name], hw, w, (Mode.PLAIN,))["plain"]
+        for n in threads:
+            pipellm = offload_figures(models[name], hw, w, (Mode.PIPELLM,), decrypt_threads=n)["pipellm"]
+            out.append({"workload": "offload", "model": name, "decrypt_threads": n,
+                        "pipellm_overhead": 1 - pipellm / plain})  # fmt: skip
     for name in MODELS_OF["kvswap"]:
         trace = serving_trace("kvswap", models[name], hw)
         options = serving_options(trace)
@@ -205,14 +213,22 @@ def sensitivity(model: ModelProfile, hw: HardwareProfile) -> dict[str, list[dict
 
 
 def offload_figures(
-    model: ModelProfile, hw: HardwareProfile, w: Workload, modes: tuple[Mode, ...] = tuple(Mode)
+    model: ModelProfile,
+    hw: HardwareProfile,
+    w: Workload,
+    modes: tuple[Mode, ...] = tuple(Mode),
+    decrypt_threads: int = 1,
 ) -> dict[str, float]:
     """FlexGen's tokens/s as its benchmark counts them: `w.batch x w.output_tokens` over the prompt
     pass plus `output_tokens - 1` decode steps, each a steady-state pass of every layer under
-    FlexGen's policy (`scenarios.flexgen_scenario`); also each pass's layer seconds per mode."""
+    FlexGen's policy (`scenarios.flexgen_scenario`); also each pass's layer seconds per mode.
+    `decrypt_threads`: PipeLLM's device-to-host decryption lanes."""
     out = {"offload_fraction": flexgen_offload_fraction(model, hw, w)}
     for mode in modes:
-        prefill, decode = (flexgen_layer_s(model, hw, w, mode, prefill=p) for p in (True, False))
+        prefill, decode = (
+            flexgen_layer_s(model, hw, w, mode, prefill=p, decrypt_threads=decrypt_threads)
+            for p in (True, False)
+        )
         run_s = model.layers * (prefill + (w.output_tokens - 1) * decode)
         out |= {mode.value: w.batch * w.output_tokens / run_s,
                 f"{mode.value}_prefill_layer_s": prefill, f"{mode.value}_decode_layer_s": decode}  # fmt: skip
@@ -228,12 +244,20 @@ FLEXGEN_MAX_REQUESTS = 20_000  # chunk requests per run: one or two streamed lay
 
 
 def flexgen_layer_s(
-    model: ModelProfile, hw: HardwareProfile, w: Workload, mode: Mode, *, prefill: bool
+    model: ModelProfile,
+    hw: HardwareProfile,
+    w: Workload,
+    mode: Mode,
+    *,
+    prefill: bool,
+    decrypt_threads: int = 1,
 ) -> float:
     """Steady-state seconds per layer of FlexGen's prompt pass or decode step of `w` under `mode`."""
     sc = flexgen_scenario(model, hw, w, prefill=prefill)
     warmup = 2 if prefill else FLEXGEN_WARMUP_PASSES
-    sc = dataclasses.replace(sc, warmup_steps=warmup, max_requests=FLEXGEN_MAX_REQUESTS)
+    sc = dataclasses.replace(
+        sc, warmup_steps=warmup, max_requests=FLEXGEN_MAX_REQUESTS, decrypt_threads=decrypt_threads
+    )
     return simulate(sc, mode).layer_s
 
 

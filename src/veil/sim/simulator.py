@@ -95,6 +95,7 @@ class Scenario:
         policy: FlexGen's cache / activation placement and GPU batches; None: one GPU batch of
             `batch`, KV cache and hidden states on the GPU.
         prefill: simulate the prompt pass (`context_tokens` prompt tokens) instead of a decode step.
+        decrypt_threads: PipeLLM's device-to-host decryption lanes (`ReplayOptions.decrypt_threads`).
     """
 
     model: ModelProfile
@@ -110,10 +111,11 @@ class Scenario:
     layer_compute_s: float | None = None
     policy: FlexGenPolicy | None = None
     prefill: bool = False
+    decrypt_threads: int = 1
 
     def __post_init__(self) -> None:
-        if self.batch < 1 or self.steps < 1 or self.warmup_steps < 0 or self.max_requests < 1:
-            raise ValueError("batch, steps and max_requests must be >= 1, warmup_steps >= 0")
+        if min(self.batch, self.steps, self.max_requests, self.decrypt_threads) < 1 or self.warmup_steps < 0:
+            raise ValueError("batch, steps, max_requests and decrypt_threads must be >= 1, warmup_steps >= 0")
         if not 0 < self.offload_fraction <= 1:
             raise ValueError(f"offload_fraction must be in (0, 1], got {self.offload_fraction}")
         if self.layer_compute_s is not None and self.layer_compute_s < 0:
@@ -195,6 +197,7 @@ def simulate(scenario: Scenario, mode: Mode, *, record_ivs: bool = False) -> Mod
         record_ivs=record_ivs,
         max_period=max(lay.requests, 1),
         governor=GovernorConfig(enabled=False),  # the paper's PipeLLM always speculates
+        decrypt_threads=scenario.decrypt_threads,
     )
     result = replay(flexgen_trace(scenario, lay), scenario.hardware, mode, options)
     layer_s = (result.step_ends[-1] - result.start_s) / (scenario.steps * lay.layers_in_cycle)
