@@ -54,6 +54,12 @@ def message_count(nbytes: int, max_message_bytes: int) -> int:
     return max(1, -(-nbytes // max_message_bytes))
 
 
+def message_pieces(data: memoryview, max_message_bytes: int) -> list[memoryview]:
+    """`data` cut into its messages' slices, in order (one empty slice for empty data: a NOP)."""
+    step = max_message_bytes
+    return [data[i : i + step] for i in range(0, len(data), step)] or [data[:0]]
+
+
 @dataclass
 class ChannelStats:
     """Counters for operators (never shown to the peer)."""
@@ -261,14 +267,11 @@ class SenderChannel(_Endpoint):
         Raises:
             RekeyRequired: before sending anything, if the epoch has too few IVs left.
         """
-        step = self.max_message_bytes
         with self._lock:
-            if self.remaining() < message_count(len(data), step):
+            if self.remaining() < message_count(len(data), self.max_message_bytes):
                 raise RekeyRequired("not enough IVs left in this epoch for the transfer")
-            if len(data) == 0:
-                self.send(b"")
-            for start in range(0, len(data), step):
-                self.send(data[start : start + step])
+            for piece in message_pieces(data, self.max_message_bytes):
+                self.send(piece)
 
     def rekey(self, secrets: ChannelSecrets) -> None:
         """Install a new epoch's secrets; reset the counter; outstanding reservations become stale.
@@ -598,12 +601,9 @@ class ReceiverChannel(_Endpoint):
 
     def receive_chunked(self, out: memoryview, *, timeout: float | None = None) -> None:
         """Receive what `SenderChannel.send_chunked` sent, chunk by chunk into `out` as each arrives."""
-        step = self.max_message_bytes
         with self._lock:
-            if len(out) == 0:
-                self.receive(out, timeout=timeout)
-            for start in range(0, len(out), step):
-                self.receive(out[start : start + step], timeout=timeout)
+            for piece in message_pieces(out, self.max_message_bytes):
+                self.receive(piece, timeout=timeout)
 
     def rekey(self, secrets: ChannelSecrets) -> None:
         """Install a new epoch's secrets, reset the counter and lift the poison."""

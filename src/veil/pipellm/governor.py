@@ -190,8 +190,7 @@ class Governor:
     def _close_window(self, cost: float) -> None:
         self.stats.windows += 1
         if self._phase is _Phase.SETTLE:
-            self._phase = self._after_settle
-            self._held_windows = 0
+            self._phase = self._after_settle  # `_switch` zeroed the held windows
             return
         if self._phase is _Phase.MEASURE:
             self._measured(cost)

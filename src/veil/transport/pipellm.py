@@ -33,7 +33,7 @@ import threading
 import time
 from contextlib import ExitStack, suppress
 
-from veil.cc.channel import ReceiverChannel, StagingPool, TakenMessage
+from veil.cc.channel import ReceiverChannel, StagingPool, TakenMessage, message_pieces
 from veil.cc.device import Device, DeviceBuffer
 from veil.cc.errors import IntegrityError
 from veil.cc.host import HostBuffer, copy_bytes
@@ -110,8 +110,7 @@ class HostOpening:
 
     def pieces(self) -> list[memoryview]:
         """The destination slice of each message (one empty slice for an empty transfer: a NOP)."""
-        step, target = self._receiver.max_message_bytes, self._target
-        return [target[i : i + step] for i in range(0, len(target), step)] or [target]
+        return message_pieces(self._target, self._receiver.max_message_bytes)
 
     def take(self) -> None:
         for piece in self.pieces():
