@@ -213,6 +213,21 @@ def test_composite_follows_the_predictor_that_is_right() -> None:
     assert c.streaks[0] >= 1 and c.streaks[1] == 0
 
 
+def test_composite_repeats_the_leaders_period_past_one_period() -> None:
+    """FlexGen-like: weights and hidden states cycle up; the q, K, V of attention go down and never
+    come back. Their swap-outs must neither reset the cyclic predictor's lead nor, past one period,
+    fill the window with swap-ins that never come (the default's hint child, first and empty, made
+    the cyclic child's repeats look like duplicates)."""
+    p = default_predictor()
+    cycle = [k(0, length=8 * MB), k(10), k(11)]
+    for _ in range(4):
+        for key in cycle:
+            p.observe(key)
+            p.observe(out(20 + key.source_id))  # a swap-out that is never swapped in
+    assert p.streaks[1] > 0  # the device-to-host observations scored no one
+    assert p.predict(7) == cycle * 2 + [cycle[0]]
+
+
 def test_default_predictor_works_without_hints() -> None:
     p = default_predictor()
     for key in [k(i) for i in range(3)] * 3:

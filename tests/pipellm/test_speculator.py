@@ -108,11 +108,18 @@ def test_stale_while_sealing_is_checked_after_the_wait() -> None:
 def test_pad_limit_relinquishes_when_a_clean_iv_is_nearer() -> None:
     spec = hinted(k(0), k(1), k(2), max_pad=1, min_slack=1, max_slack=0)
     assert seal_all(spec) == [1, 3, 5]  # one clean IV before each reservation
+    jobs = [r.job_id for r in spec.pipeline]
     d = spec.request(k(2), 0)
     assert isinstance(d, Relinquish) and d.reason is RelinquishReason.PAD_LIMIT
-    assert d.iv == 0 and len(d.dropped) == 3
-    follow = spec.request(CONTROL, 0)  # the dropped IVs 1, 3, 5 are burned on the way
-    assert isinstance(follow, SealNow) and follow.nop_ivs == range(1, 2) and follow.iv == 2
+    # Sealed now at the nearer clean IV; only the far reservation of k(2) itself is given up: the ones
+    # it would have padded over stay live (dropping them would burn chunks that may still come).
+    assert d.iv == 0 and d.nop_ivs == range(0, 0) and d.dropped == (jobs[2],)
+    assert spec.request(k(0), 0) == Commit(1, jobs[0], k(0), 0)
+    follow = spec.request(CONTROL, 0)  # the clean IV 2 is next
+    assert isinstance(follow, SealNow) and follow.nop_ivs == range(2, 2) and follow.iv == 2
+    assert spec.request(k(1), 0) == Commit(3, jobs[1], k(1), 0)
+    follow = spec.request(CONTROL, 0)  # IV 5, k(2)'s dropped reservation, is burned on the way
+    assert isinstance(follow, SealNow) and follow.nop_ivs == range(4, 4) and follow.iv == 4
 
 
 def test_pads_past_the_limit_when_no_clean_iv_is_nearer() -> None:
@@ -403,3 +410,107 @@ def test_held_transfers_are_learned_in_batches_and_before_a_rekey() -> None:
     assert predictor.seen == keys[:64]  # one batch of 64 learned at once
     spec.disable()  # a re-key's successor shares the predictor: nothing queued may be lost
     assert predictor.seen == keys
+
+
+# -- sources written before every request (stale backoff) ---------------------------------------------
+WEIGHTS_A, OUTPUTS = TransferKey(1, 0, 2 * MB), TransferKey(2, 0, 2 * MB)
+WEIGHTS_B = TransferKey(3, 0, 3 * MB)
+
+
+def run_passes(spec: Speculator, passes: int, cycle: list[TransferKey], written: set[int]) -> list[list]:
+    """Send `cycle` `passes` times; the host writes each source in `written` right before sending it,
+    after its worker may have pre-sealed it. Workers seal every job as soon as it is handed out, with
+    the source's version at that moment. Returns each pass's decisions."""
+    version = {t.source_id: 0 for t in cycle}
+    out = []
+    for _ in range(passes):
+        decisions = []
+        for transfer in cycle:
+            for job in spec.plan(100):
+                assert spec.sealed(job.job_id, version[job.key.source_id])
+            if transfer.source_id in written:
+                version[transfer.source_id] += 1
+            spec.begin_transfer(transfer)
+            for chunk in chunks_of(transfer):
+                decision = spec.request(chunk, version[chunk.source_id])
+                assert not isinstance(decision, Wait)
+                decisions.append(decision)
+                for job in spec.plan(100):
+                    assert spec.sealed(job.job_id, version[job.key.source_id])
+        out.append(decisions)
+    return out
+
+
+def _kinds(decisions: list) -> list[str]:
+    return [type(d).__name__ for d in decisions]
+
+
+def test_a_source_written_before_every_request_backs_off_and_spares_the_pipeline() -> None:
+    cycle = [WEIGHTS_A, OUTPUTS, WEIGHTS_B]
+    spec = Speculator(CyclicPredictor(min_matches=2), SpeculatorConfig(depth=8))
+    passes = run_passes(spec, 40, cycle, written={OUTPUTS.source_id})
+    # Stale retries back off 1, 2, 4, 8, 16 transfers: a handful in 40 passes, not one per pass.
+    assert 3 <= spec.stats.stale <= 6, spec.stats
+    # A backed-off pass: the outputs' chunks are sealed now at clean IVs and every weight chunk is
+    # committed with no padding: the pipeline behind them survived. The only NOP burns a reservation
+    # made on probation, dropped when the retry before it went stale (one per stale retry at most).
+    steady = [p for p in passes[4:] if not any(isinstance(d, Relinquish) for d in p)]
+    assert len(steady) >= 30
+    for decisions in steady:
+        assert _kinds(decisions) == ["Commit"] * 2 + ["SealNow"] * 2 + ["Commit"] * 3, decisions
+        assert not any(d.nop_ivs for d in decisions[:2] + decisions[3:])
+    assert sum(len(p[2].nop_ivs) for p in steady) <= spec.stats.stale
+    assert spec.stats.volatile_seals >= 2 * 30
+    ivs = [d.iv for p in passes for d in p]
+    assert ivs == sorted(set(ivs))  # every IV at most once, in order
+
+
+def test_without_backoff_every_stale_chunk_relinquishes_the_pipeline() -> None:
+    cycle = [WEIGHTS_A, OUTPUTS, WEIGHTS_B]
+    stats = {}
+    for backoff in (0, 64):
+        spec = Speculator(CyclicPredictor(min_matches=2), SpeculatorConfig(depth=8, stale_backoff=backoff))
+        run_passes(spec, 40, cycle, written={OUTPUTS.source_id})
+        stats[backoff] = spec.stats
+    assert stats[0].volatile_seals == 0 and stats[0].stale >= 35
+    # Each stale chunk burns what was pre-sealed behind it (sealed again, padded over with NOPs).
+    assert stats[64].bytes_wasted * 4 < stats[0].bytes_wasted, stats
+    assert stats[64].nops * 4 < stats[0].nops, stats
+
+
+def test_a_source_no_longer_written_is_forgiven_on_its_next_hit() -> None:
+    cycle = [WEIGHTS_A, OUTPUTS, WEIGHTS_B]
+    spec = Speculator(CyclicPredictor(min_matches=2), SpeculatorConfig(depth=8, stale_backoff=4))
+    run_passes(spec, 12, cycle, written={OUTPUTS.source_id})
+    on_demand = spec.stats.volatile_seals
+    assert on_demand > 0
+    later = run_passes(spec, 12, cycle, written=set())  # the host stops writing the outputs
+    # Within one backoff (at most 4 transfers) the outputs are pre-sealed again, and stay so.
+    assert spec.stats.volatile_seals - on_demand <= 2 * 4
+    for decisions in later[5:]:
+        assert _kinds(decisions) == ["Commit"] * 7
+    stale = spec.stats.stale
+    run_passes(spec, 3, cycle, written={OUTPUTS.source_id})  # written again: the backoff restarts at 1
+    assert spec.stats.stale - stale <= 2
+
+
+def test_a_backed_off_source_too_large_to_leave_room_for_stops_reserving_past_it() -> None:
+    huge = TransferKey(2, 0, 20 * MB)  # 20 chunks: more clean IVs than padding would ever burn (16)
+    cycle = [WEIGHTS_A, huge, WEIGHTS_B]
+    spec = Speculator(CyclicPredictor(min_matches=2), SpeculatorConfig(depth=8))
+    passes = run_passes(spec, 24, cycle, written={huge.source_id})
+    steady = [p for p in passes[4:] if not any(isinstance(d, Relinquish) for d in p)]
+    assert len(steady) >= 16
+    for decisions in steady:
+        kinds = _kinds(decisions)
+        # Nothing is reserved past the huge transfer while it is owed clean IVs: its chunks are sealed
+        # now; the weights after it are reserved once its last chunks are requested.
+        assert kinds[:2] == ["Commit"] * 2 and kinds[2:22] == ["SealNow"] * 20, kinds
+        assert all(not d.nop_ivs for d in decisions[:22])
+    ivs = [d.iv for p in passes for d in p]
+    assert ivs == sorted(set(ivs))
+
+
+def test_stale_backoff_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="stale_backoff"):
+        SpeculatorConfig(stale_backoff=-1)

@@ -89,7 +89,9 @@ def _sealed_sources(transport: PipeLLMTransport) -> set[int]:
 def test_checked_mode_catches_writes_behind_veils_back(device: Device) -> None:
     sources = [host(2 * CHUNK, seed) for seed in range(3)]
     by_id = {s.source_id: s for s in sources}
-    with PipeLLMTransport(device, SMALL_LINK, options(checked=True)) as transport:
+    # Every source sealed ahead is written each round: without `stale_backoff=0` each would be
+    # sealed on demand after its first mismatch, and nothing would be left sealed ahead to write.
+    with PipeLLMTransport(device, SMALL_LINK, options(checked=True, stale_backoff=0)) as transport:
         _cycle(transport, device, sources, rounds=4)
         for value in range(3):
             for source_id in _sealed_sources(transport):

@@ -152,6 +152,7 @@ class SpeculatorStats:
     bytes_committed: int = 0  # bytes sent from a pre-sealed ciphertext
     bytes_sealed_now: int = 0  # bytes sealed on the critical path
     bytes_wasted: int = 0  # bytes sealed ahead and then dropped
+    volatile_seals: int = 0  # chunks sealed now, not ahead: their source went stale lately
     pauses: int = 0  # times speculation paused for low prediction confidence
     resumes: int = 0  # times it resumed
 
@@ -178,6 +179,12 @@ class SpeculatorConfig:
             predictor's next guess, is back at or above this (hysteresis: on >= off).
         confidence_weight: weight of the newest request in that running share (an EWMA).
         chunk_bytes: the message size: a predicted transfer is reserved as its chunks of this size.
+        stale_backoff: a source whose pre-sealed chunk went stale (the host wrote it between the
+            seal and the request: activations, attention outputs) is sealed on demand, not ahead,
+            for its next 1, 2, 4, ... transfers, doubling on every stale retry up to this many and
+            halving on every held one; its chunks get clean IVs instead of reservations, so the
+            pipeline behind them survives, and a retry is followed by a clean IV, so a stale retry
+            burns only its own IVs. 0 never backs off (every stale chunk relinquishes).
     """
 
     depth: int = 8
@@ -193,10 +200,11 @@ class SpeculatorConfig:
     confidence_on: float = 0.97
     confidence_weight: float = 1 / 16
     chunk_bytes: int = MiB
+    stale_backoff: int = 64
 
     def __post_init__(self) -> None:
-        if min(self.depth, self.max_pad, self.max_slack, self.min_slack) < 0:
-            raise ValueError("depth, max_pad, max_slack and min_slack must be >= 0")
+        if min(self.depth, self.max_pad, self.max_slack, self.min_slack, self.stale_backoff) < 0:
+            raise ValueError("depth, max_pad, max_slack, min_slack and stale_backoff must be >= 0")
         if self.min_slack + self.max_slack > self.max_pad:
             raise ValueError(
                 f"min_slack + max_slack ({self.min_slack + self.max_slack}) must be <= max_pad "

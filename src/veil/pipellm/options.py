@@ -62,6 +62,8 @@ class PipeLLMOptions:
         digest: the hash of checked mode (CRC-32 by default; pass e.g. a blake2b wrapper for more).
         predictor: builds the predictor (default: hints, cyclic, swap and queue combined).
         speculate: False turns speculation off (every chunk sealed in the caller, as `cc` does).
+        stale_backoff: a source whose pre-sealed chunk went stale is sealed on demand for its next
+            1, 2, 4, ... transfers, at most this many (`SpeculatorConfig.stale_backoff`; 0: never).
         governor: the do-no-harm controller: it measures, per window of traffic, whether speculation
             or sealing in the caller is faster here, and keeps the faster (`GovernorConfig(enabled=
             False)` pins speculation on).
@@ -77,6 +79,7 @@ class PipeLLMOptions:
     digest: Digest = crc32_digest
     predictor: Callable[[], Predictor] = default_predictor
     speculate: bool = True
+    stale_backoff: int = 64
     governor: GovernorConfig = field(default_factory=GovernorConfig)
 
     def __post_init__(self) -> None:
@@ -100,6 +103,7 @@ class PipeLLMOptions:
             max_slack=slack,
             sizes=self.sizes,
             speculate=self.speculate,
+            stale_backoff=self.stale_backoff,
             iv_limit=iv_limit,
             chunk_bytes=chunk_bytes,
         )

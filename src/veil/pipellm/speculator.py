@@ -20,6 +20,13 @@ Invariants, by construction (see docs/pipellm.md):
 3. A pre-sealed chunk is committed only if the version read before sealing equals the caller's
    current version of the source.
 
+A source whose pre-sealed chunk went stale (the host writes it after the worker sealed it and before
+the request: activations, attention outputs) is not pre-sealed for its next 1, 2, 4, ... transfers:
+its chunks get clean IVs ahead of the reservations behind them and are sealed on demand, so one
+stale buffer per step no longer relinquishes the whole pipeline every step (`stale_backoff`). When
+it is pre-sealed again, on probation, as many clean IVs as it has chunks are left after it, so a
+stale retry burns only its own IVs and is sealed now in the clean ones.
+
 Not thread-safe: the mechanism serializes calls (one lock), and releases it while it waits.
 """
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from veil.pipellm._ivpipeline import IVPipeline, Slot
 from veil.pipellm.decisions import (
@@ -48,6 +56,16 @@ from veil.pipellm.predictors import default_predictor
 from veil.pipellm.predictors.base import Predictor
 
 _LEARN_BATCH = 64  # queued held transfers learned at once (see `_learn`)
+_STALE = RelinquishReason.STALE
+
+
+@dataclass(slots=True)
+class _Backoff:
+    """A source sealed on demand after a stale pre-sealed chunk (`SpeculatorConfig.stale_backoff`)."""
+
+    skip: int  # its transfers still to seal on demand; 0: on probation, pre-sealed again
+    length: int  # the skip granted at its last stale chunk: doubles on each stale retry, halves
+    # on each held one (forgiven at 0)
 
 
 class Speculator:
@@ -76,6 +94,8 @@ class Speculator:
         self._transfer: TransferKey | None = None  # the announced transfer whose chunks are coming
         self._transfer_class = SizeClass.BULK
         self._transfer_next = 0  # offset of its next chunk
+        self._transfer_on_demand = False  # its source was backing off when it began (see `_Backoff`)
+        self._backoff: dict[int, _Backoff] = {}  # source id -> stale backoff
 
     # -- inspection ---------------------------------------------------------------------------------
     @property
@@ -236,10 +256,15 @@ class Speculator:
         self._pipe.strip_reserved()
         size_class = self._transfer_class if announced else self._config.sizes.classify(key.length)
         drained = (self._paused or self._held) and not self._pipe.live()
-        if size_class is SizeClass.BULK and not self._synchronous and not drained:
-            decision = self._speculative(key, version)
-        else:
+        if size_class is not SizeClass.BULK or self._synchronous or drained:
             decision = self._sync(key, version, size_class)
+        elif key.source_id in self._backoff and (
+            (announced and self._transfer_on_demand) or self._pipe.find_live(key) is None
+        ):
+            decision = self._sync(key, version, size_class)  # backing off: a clean IV was left for it
+            self._stats.volatile_seals += 1
+        else:
+            decision = self._speculative(key, version)
         if isinstance(decision, Wait):
             self._stats.waits += 1
         else:
@@ -262,6 +287,8 @@ class Speculator:
             raise ValueError("begin_transfer() takes host-to-device keys")
         size_class = self._config.sizes.classify(key.length)
         self._transfer, self._transfer_class, self._transfer_next = key, size_class, key.offset
+        backoff = self._backoff.get(key.source_id)
+        self._transfer_on_demand = backoff is not None and backoff.skip > 0
         if size_class is SizeClass.BULK:
             self._learn(key)
 
@@ -332,10 +359,13 @@ class Speculator:
             return self._relinquish(key, version, RelinquishReason.MISS, self._pipe.drop_live())
         if slot.state is ReservationState.SEALED and slot.version != version:
             slot.state = ReservationState.DROPPED
-            return self._relinquish(key, version, RelinquishReason.STALE, [slot])
+            return self._relinquish(
+                key, version, RelinquishReason.STALE, [slot, *self._went_stale(key.source_id)]
+            )
         distance = slot.iv - self._pipe.next_iv
         if distance > self._config.max_pad and self._pipe.first_clean_iv() < slot.iv:
-            return self._relinquish(key, version, RelinquishReason.PAD_LIMIT, self._pipe.drop_live())
+            slot.state = ReservationState.DROPPED  # only its own: the ones behind it stay live
+            return self._relinquish(key, version, RelinquishReason.PAD_LIMIT, [slot])
         if slot.state is ReservationState.SEALING:
             return Wait(slot.job_id, key)
         assert slot.version is not None
@@ -388,6 +418,9 @@ class Speculator:
         megabytes has just emptied.
         """
         run, self._sync_run = self._sync_run, 0
+        backoff = self._backoff.get(key.source_id)
+        if backoff is not None and backoff.skip:
+            backoff.skip -= 1
         if self._held and not self._paused:
             self._unlearned.append((key, run))
             if len(self._unlearned) >= _LEARN_BATCH:
@@ -417,6 +450,8 @@ class Speculator:
         s.requests += 1
         s.nops += len(decision.nop_ivs)
         if isinstance(decision, Commit | PadThenCommit):
+            if self._backoff:
+                self._retry_held(decision.key.source_id)
             s.hits += 1
             s.padded_hits += isinstance(decision, PadThenCommit)
             s.bytes_committed += decision.key.length
@@ -441,8 +476,9 @@ class Speculator:
 
         A hit is a commit of a pre-sealed chunk that burned no other pre-sealed chunk on the way
         (every burned one crosses the bus for nothing); a miss is a relinquish that dropped
-        reservations. Requests for which nothing was predicted (a predictor still learning) are not
-        scored: they waste nothing.
+        reservations, except for a stale chunk (the key was predicted right; its source backs off,
+        see `_Backoff`). Requests for which nothing was predicted (a predictor still learning) are
+        not scored: they waste nothing.
         """
         if self._synchronous:
             return
@@ -450,8 +486,8 @@ class Speculator:
             self._update_confidence(True)
         elif isinstance(decision, PadThenCommit):
             self._update_confidence(not decision.dropped)  # burning pre-sealed chunks is waste
-        elif isinstance(decision, Relinquish) and decision.dropped:
-            self._update_confidence(False)
+        elif isinstance(decision, Relinquish) and decision.dropped and decision.reason is not _STALE:
+            self._update_confidence(False)  # a stale chunk was predicted right: its backoff handles it
 
     def _update_confidence(self, hit: bool) -> None:
         """Move the running share of correct predictions; pause or resume speculation by it."""
@@ -462,6 +498,35 @@ class Speculator:
         elif not self._paused and self._confidence < self._config.confidence_off:
             self._paused = True
             self._stats.pauses += 1
+
+    def _went_stale(self, source_id: int) -> list[Slot]:
+        """A pre-sealed chunk of `source_id` went stale: seal its next transfers on demand, for twice
+        as many as the last time (see `_Backoff`). Returns its other live reservations, now dropped
+        (sealed on probation, they would most likely be stale too)."""
+        limit = self._config.stale_backoff
+        if not limit:
+            return []
+        transfer = self._transfer
+        if transfer is not None and transfer.source_id == source_id:
+            self._transfer_on_demand = True  # its other chunks too (else a hit would forgive it)
+        last = self._backoff.pop(source_id, None)
+        length = 1 if last is None else min(2 * last.length, limit)
+        self._backoff[source_id] = _Backoff(length, length)
+        if len(self._backoff) > self._config.max_remembered_keys:
+            del self._backoff[next(iter(self._backoff))]
+        doomed = [s for s in self._pipe.live() if s.key.source_id == source_id]
+        for slot in doomed:
+            slot.state = ReservationState.DROPPED
+        return doomed
+
+    def _retry_held(self, source_id: int) -> None:
+        """A chunk of `source_id` pre-sealed on probation was committed: halve its backoff, and
+        forgive it once nothing is left."""
+        backoff = self._backoff.get(source_id)
+        if backoff is not None and not backoff.skip:
+            backoff.length //= 2
+            if not backoff.length:
+                del self._backoff[source_id]
 
     def _learn_slack(self, key: TransferKey, run: int) -> None:
         self._slack.pop(key, None)
@@ -496,23 +561,42 @@ class Speculator:
         """The next `depth` chunks expected, each with the clean IVs to leave before it.
 
         First the rest of the announced transfer, then the predicted transfers' chunks (only
-        host-to-device bulk ones; slack before a transfer's first chunk only).
+        host-to-device bulk ones; slack before a transfer's first chunk only). A source backing off
+        after a stale chunk is not reserved: its chunks become slack before the next reservation,
+        as far as padding would burn them (`max_pad`); beyond that nothing more is reserved yet.
         """
         out: list[tuple[TransferKey, int]] = []
         transfer, step = self._transfer, self._config.chunk_bytes
+        owed = 0  # clean IVs owed to chunks sealed on demand before the next reservation
         if transfer is not None and self._transfer_class is SizeClass.BULK:
             end = transfer.offset + transfer.length
             rest = TransferKey(transfer.source_id, self._transfer_next, end - self._transfer_next)
-            if rest.length:
+            if rest.length and self._transfer_on_demand:
+                owed = chunk_count(rest.length, step)
+            elif rest.length:
                 out.extend((chunk, 0) for chunk in chunks(rest, step, depth))
+                if transfer.source_id in self._backoff:  # on probation: escape IVs after it
+                    owed = chunk_count(rest.length, step)
         bulk_above, h2d = self._config.sizes.bulk_above, Direction.H2D
+        most_owed = self._config.max_pad - self._config.min_slack
+        backoff = self._backoff
         for key in self._predictor.predict(depth):
             if len(out) >= depth:
                 break
             # Inline form of `SizeClasses.speculative` (this loop runs on every request).
             if key.length <= bulk_above or key.direction is not h2d:
                 continue
-            slack = self._slack.get(key, 0)
+            slack = self._slack.get(key, 0) + owed
+            if slack > most_owed:
+                break
+            owed = 0
+            if backoff and (b := backoff.get(key.source_id)) is not None:
+                if b.skip:
+                    owed = slack + chunk_count(key.length, step)
+                    continue
+                # On probation: as many clean IVs after it as it has chunks, so that if it is stale
+                # again only its own IVs are burned and its chunks are sealed now in the clean ones.
+                owed = chunk_count(key.length, step)
             for chunk in chunks(key, step, depth - len(out)):
                 out.append((chunk, slack))
                 slack = 0

@@ -1,16 +1,17 @@
 """Predictors of PipeLLM: the combination of several, and the default set.
 
 `CompositePredictor` feeds every observation to each child and trusts most the child that has been
-right most recently: children are ranked by their current streak of correct next-key predictions
-(ties keep the given order), the leader's predictions come first, and the others fill the rest with
-keys not yet named.
+right most recently: children are ranked by their current streak of correct next-key predictions of
+host-to-device transfers (ties keep the given order; a device-to-host observation scores no one), the
+leader's predictions come first (the first child, by rank, that predicts anything: a periodic leader
+repeats its period), and the others fill the rest with keys not yet named.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from veil.pipellm.keys import TransferKey
+from veil.pipellm.keys import Direction, TransferKey
 from veil.pipellm.predictors.base import HintPredictor, Predictor
 from veil.pipellm.predictors.cyclic import CyclicPredictor
 from veil.pipellm.predictors.queue import QueuePredictor
@@ -50,28 +51,36 @@ class CompositePredictor(Predictor):
         return tuple(self._streaks)
 
     def observe(self, key: TransferKey) -> None:
+        if key.direction is not Direction.H2D:  # predictions name host-to-device keys: nothing to score
+            for child in self._children:
+                child.observe(key)
+            return
         streaks = self._streaks
         for i, child in enumerate(self._children):
             streaks[i] = streaks[i] + 1 if child.peek() == key else 0
             child.observe(key)
 
     def predict(self, n: int) -> list[TransferKey]:
-        order = sorted(range(len(self._children)), key=lambda i: (-self._streaks[i], i))
         if n <= 0:
             return []
-        first = self._children[order[0]].predict(n)
-        if len(first) >= n:  # the leading child fills the window on its own (the steady state)
-            return first[:n]
+        order = sorted(range(len(self._children)), key=lambda i: (-self._streaks[i], i))
         out: list[TransferKey] = []
         named: set[TransferKey] = set()
-        for rank, i in enumerate(order):
-            for key in self._children[i].predict(n - len(out)):
-                if rank == 0 or key not in named:
+        for i in order:
+            keys = self._children[i].predict(n - len(out))
+            if not out:  # the leader: the first child that predicts anything, repeats and all
+                if len(keys) >= n:  # it fills the window on its own (the steady state)
+                    return keys[:n]
+                out.extend(keys)
+                named.update(keys)
+                continue
+            for key in keys:
+                if key not in named:
                     out.append(key)
                     named.add(key)
             if len(out) >= n:
                 break
-        return out[: max(n, 0)]
+        return out[:n]
 
     def hint(self, keys: Sequence[TransferKey]) -> None:
         for child in self._children:
