@@ -13,6 +13,7 @@ from veil.cc.channel import Reservation, SenderChannel
 from veil.cc.host import HostBuffer
 from veil.cc.link import LinkConfig
 from veil.pipellm import SizeClasses
+from veil.pipellm.governor import GovernorConfig
 from veil.pipellm.options import PipeLLMOptions
 from veil.pipellm.sealer import seal_chunk
 from veil.transport.base import TransportOptions
@@ -25,6 +26,7 @@ EVERY_CHUNK_BULK = SizeClasses(control_below=1, bulk_above=0)  # tiny chunks sti
 def options(**overrides: object) -> PipeLLMOptions:
     """Options for small chunks: every non-empty chunk is BULK."""
     base: dict[str, object] = {"workers": 2, "depth": 6, "sizes": EVERY_CHUNK_BULK}
+    base["governor"] = GovernorConfig(enabled=False)  # these tests are of speculation: pin it on
     base.update(overrides)
     return PipeLLMOptions(**base)  # type: ignore[arg-type]
 

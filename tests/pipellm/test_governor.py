@@ -22,33 +22,35 @@ def _drive(governor: Governor, cost: dict[Mode, float], windows: int) -> list[Mo
 def test_keeps_sealing_in_the_caller_when_speculation_costs_more() -> None:
     governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=4, max_hold=64))
     used = _drive(governor, {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0}, windows=400)
-    assert used[:2] == [Mode.SPECULATE, Mode.SPECULATE]  # settle, measure
+    assert used[:4] == [Mode.SEAL_IN_CALLER] * 2 + [Mode.SPECULATE] * 2  # settle, measure; the first probe
     assert used[-1] is Mode.SEAL_IN_CALLER
     speculative = used.count(Mode.SPECULATE)
-    assert speculative <= 2 + 2 * governor.stats.probes  # every probe costs two windows at most
+    assert speculative == 2 * governor.stats.probes  # every probe, the first included, costs two windows
     # speculation loses by 1.5x each time, so the hold grows 8x per probe (4, 32, then 64 for good)
-    assert governor.stats.probes <= 8
+    assert 2 <= governor.stats.probes <= 8
     assert speculative / len(used) <= 0.06
     assert governor.stats.speculate_s_per_gib == pytest.approx(1.5 * (1 << 30))
 
 
 @pytest.mark.parametrize(("loss", "hold"), [(1.15, 8), (1.3, 16), (2.0, 32)])
-def test_the_first_comparison_grows_the_hold_like_a_probe(loss: float, hold: int) -> None:
+def test_the_first_probe_grows_the_hold_like_any_probe(loss: float, hold: int) -> None:
     governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=4, max_hold=64))
     cost = {Mode.SPECULATE: loss, Mode.SEAL_IN_CALLER: 1.0}
-    used = _drive(governor, cost, windows=4 + hold - 1)
-    # settle + measure speculating, settle + measure sealing in the caller, then hold that long
-    assert used == [Mode.SPECULATE] * 2 + [Mode.SEAL_IN_CALLER] * (2 + hold - 1)
-    assert governor.stats.probes == 0 and governor.mode is Mode.SEAL_IN_CALLER
+    used = _drive(governor, cost, windows=4 + 1 + hold - 1)
+    # settle + measure sealing in the caller, settle + measure the probe of speculation, then settle
+    # back and hold that long
+    assert used == [Mode.SEAL_IN_CALLER] * 2 + [Mode.SPECULATE] * 2 + [Mode.SEAL_IN_CALLER] * hold
+    assert governor.stats.probes == 1 and governor.mode is Mode.SEAL_IN_CALLER
     assert _drive(governor, cost, windows=1) == [Mode.SEAL_IN_CALLER]  # the last held window
-    assert governor.stats.probes == 1 and governor.mode is Mode.SPECULATE  # the first probe begins
+    assert governor.stats.probes == 2 and governor.mode is Mode.SPECULATE  # the second probe begins
 
 
 def test_keeps_speculating_when_it_pays() -> None:
     governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=4, max_hold=64))
     used = _drive(governor, {Mode.SPECULATE: 0.7, Mode.SEAL_IN_CALLER: 1.0}, windows=400)
     assert used[-1] is Mode.SPECULATE
-    assert used.count(Mode.SEAL_IN_CALLER) <= 2 + 2 * governor.stats.probes
+    # the first window and the bracket of speculation's win, then two windows per later probe
+    assert used.count(Mode.SEAL_IN_CALLER) == 2 + 2 * governor.stats.probes
 
 
 def test_a_change_in_the_workload_is_noticed_at_the_next_probe() -> None:
@@ -61,10 +63,15 @@ def test_a_change_in_the_workload_is_noticed_at_the_next_probe() -> None:
 
 def test_a_difference_within_the_margin_does_not_flip_the_incumbent() -> None:
     governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=2, max_hold=8, margin=0.05))
-    _drive(governor, {Mode.SPECULATE: 1.0, Mode.SEAL_IN_CALLER: 1.2}, windows=10)
-    switches = governor.stats.switches
+    # the caller's window, speculation's probe, the caller's bracket window, then speculation holds
+    _drive(governor, {Mode.SPECULATE: 1.0, Mode.SEAL_IN_CALLER: 1.2}, windows=8)
+    assert governor.mode is Mode.SPECULATE and governor.stats.switches == 3
+    probes, switches = governor.stats.probes, governor.stats.switches
     used = _drive(governor, {Mode.SPECULATE: 1.0, Mode.SEAL_IN_CALLER: 0.98}, windows=100)
-    assert used[-1] is Mode.SPECULATE and governor.stats.switches - switches == 2 * governor.stats.probes - 2
+    probes = governor.stats.probes - probes
+    assert probes >= 3 and used.count(Mode.SEAL_IN_CALLER) <= 2 * probes and governor.stats.overturned == 0
+    # every probe of the caller loses: there and back, but the last may not be back yet
+    assert governor.stats.switches - switches == 2 * probes - (governor.mode is Mode.SEAL_IN_CALLER)
 
 
 def test_windows_accumulate_partial_reports() -> None:
@@ -78,13 +85,16 @@ def test_windows_accumulate_partial_reports() -> None:
         governor.record(WINDOW // 10, 0.1)
     assert governor.stats.windows == 1
     governor.record(WINDOW // 10, 0.1)
-    assert governor.stats.windows == 2 and governor.stats.speculate_s_per_gib is not None
+    assert governor.stats.windows == 2  # the caller's first window: 0.1 s per tenth of a window
+    assert governor.stats.seal_in_caller_s_per_gib == pytest.approx(1e-3 * (1 << 30))
+    assert governor.stats.speculate_s_per_gib is None and governor.mode is Mode.SPECULATE  # the first probe
 
 
 def test_disabled_pins_speculation() -> None:
     governor = Governor(GovernorConfig(window_bytes=WINDOW, enabled=False))
     used = _drive(governor, {Mode.SPECULATE: 9.0, Mode.SEAL_IN_CALLER: 1.0}, windows=50)
     assert set(used) == {Mode.SPECULATE} and governor.stats.windows == 0
+    assert governor.record(WINDOW, 1.0) is Mode.SPECULATE
 
 
 @pytest.mark.parametrize(
@@ -107,11 +117,13 @@ def test_negative_reports_are_refused() -> None:
         Governor().record(-1, 0.0)
 
 
-def test_speculation_must_win_by_the_margin_from_the_start() -> None:
+def test_speculation_must_win_by_the_margin_to_take_over_from_the_caller() -> None:
     """Do no harm: a speculation edge within the noise of adjacent windows is not taken."""
     governor = Governor(GovernorConfig(window_bytes=WINDOW, margin=0.10))
     used = _drive(governor, {Mode.SPECULATE: 0.95, Mode.SEAL_IN_CALLER: 1.0}, windows=40)
-    assert used[4:].count(Mode.SEAL_IN_CALLER) >= len(used[4:]) - 2 * governor.stats.probes
+    assert used[:2] == [Mode.SEAL_IN_CALLER] * 2 and used[-1] is Mode.SEAL_IN_CALLER
+    assert used.count(Mode.SPECULATE) == 2 * governor.stats.probes and governor.stats.probes >= 2
+    assert governor.stats.switches == 2 * governor.stats.probes and governor.stats.overturned == 0
     clear = Governor(GovernorConfig(window_bytes=WINDOW, margin=0.10))
     used = _drive(clear, {Mode.SPECULATE: 0.8, Mode.SEAL_IN_CALLER: 1.0}, windows=40)
     assert used[-1] is Mode.SPECULATE
@@ -149,16 +161,44 @@ def test_a_clearly_losing_probe_ends_a_quarter_of_the_way_into_its_window(loss: 
     while governor.stats.probes < 3:
         used.append(governor.mode)
         governor.record(WINDOW, WINDOW * cost[governor.mode])
-    first_comparison = 4 + 8  # speculation's settle and full window: nothing to compare it with yet
+    assert used[: 4 + 8] == [Mode.SEAL_IN_CALLER] * (4 + 8)  # the first incumbent's settle and window
     probes = governor.stats.probes - 1  # the third has only begun
-    assert used.count(Mode.SPECULATE) == first_comparison + probes * reports
+    assert used.count(Mode.SPECULATE) == probes * reports
     assert governor.stats.speculate_s_per_gib == pytest.approx(loss * (1 << 30))
+
+
+def test_the_first_speculation_window_ends_early_when_clearly_losing() -> None:
+    """Speculation used to come first and measure a whole window with nothing to compare it with;
+    as the first probe it ends a quarter of the way in, like any clearly losing probe."""
+    governor = Governor(GovernorConfig(window_bytes=8 * WINDOW, first_hold=4, max_hold=64))
+    cost = {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0}
+    used = []
+    for _ in range(4 + 8 + 4 + 2 + 4):
+        used.append(governor.mode)
+        governor.record(WINDOW, WINDOW * cost[governor.mode])
+    # the caller settles and measures; speculation settles and measures a quarter; the caller settles
+    assert used == [Mode.SEAL_IN_CALLER] * 12 + [Mode.SPECULATE] * (4 + 2) + [Mode.SEAL_IN_CALLER] * 4
+    assert governor.stats.probes == 1 and governor.stats.windows == 5
+    assert governor.stats.speculate_s_per_gib == pytest.approx(1.5 * (1 << 30))
+    assert governor.mode is Mode.SEAL_IN_CALLER
+
+
+def test_speculation_that_wins_from_the_start_takes_over_after_its_bracket() -> None:
+    governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=2, max_hold=64))
+    cost = {Mode.SPECULATE: 0.5, Mode.SEAL_IN_CALLER: 1.0}
+    used = _drive(governor, cost, windows=6)
+    # the caller's window, the probe of speculation, the caller's window after it (each settled first)
+    assert used == [Mode.SEAL_IN_CALLER] * 2 + [Mode.SPECULATE] * 2 + [Mode.SEAL_IN_CALLER] * 2
+    assert governor.mode is Mode.SPECULATE and governor.stats.probes == 1
+    assert governor.stats.switches == 3 and governor.stats.overturned == 0
+    assert _drive(governor, cost, windows=3) == [Mode.SPECULATE] * 3  # settle, then hold two windows
+    assert governor.mode is Mode.SEAL_IN_CALLER and governor.stats.probes == 2  # a probe of the caller
 
 
 def test_a_winning_probe_measures_its_whole_window_and_takes_over_once_bracketed() -> None:
     governor = Governor(GovernorConfig(window_bytes=8 * WINDOW, first_hold=2, max_hold=64))
     slow = {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0}
-    while governor.stats.probes < 1:
+    while governor.stats.probes < 2:  # the first probe loses; a later one meets the change
         governor.record(WINDOW, WINDOW * slow[governor.mode])
     fast = {Mode.SPECULATE: 0.5, Mode.SEAL_IN_CALLER: 1.0}  # the workload changed: speculation pays
     for _ in range(4 + 8):  # the probe settles and measures its whole window
@@ -185,7 +225,7 @@ def test_a_probe_that_only_met_a_cheaper_phase_is_overturned() -> None:
     incumbent within each phase, beats the incumbent's prefill window. The incumbent's window after
     the probe, in the same decode phase, sets the apparent win aside."""
     governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=2, max_hold=64))
-    while governor.stats.probes < 1:  # the first comparison, then the hold, all in the prefill phase
+    while governor.stats.probes < 2:  # the first window, probe and hold, all in the prefill phase
         _report(governor, SLOWER, 1, scale=3.0)
     assert governor.mode is Mode.SPECULATE  # the probe settles
     _report(governor, SLOWER, 2)  # decode from here on: settle, measure (3.45 against 1.15)
@@ -197,18 +237,20 @@ def test_a_probe_that_only_met_a_cheaper_phase_is_overturned() -> None:
     assert governor.mode is Mode.SEAL_IN_CALLER and governor.stats.switches == switches  # holding
 
 
-def test_the_first_comparison_brackets_speculation_with_a_second_window() -> None:
-    """Speculation is measured in decode and sealing in the caller in a prefill 3x dearer per byte:
-    speculation appears to win; its second window, in the same prefill, shows it 15% dearer."""
+def test_the_first_probe_is_bracketed_by_a_second_caller_window() -> None:
+    """Sealing in the caller is measured in a prefill 3x dearer per byte and speculation in the decode
+    after it: speculation appears to win; the caller's window after it, in the same decode, shows
+    speculation 15% dearer."""
     governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=2, max_hold=64))
-    _report(governor, SLOWER, 2)  # speculation settles and measures in decode
-    _report(governor, SLOWER, 2, scale=3.0)  # sealing in the caller, in the prefill
-    assert governor.mode is Mode.SPECULATE  # an apparent win, to be bracketed
-    _report(governor, SLOWER, 2, scale=3.0)
+    _report(governor, SLOWER, 2, scale=3.0)  # sealing in the caller settles and measures in the prefill
+    assert governor.mode is Mode.SPECULATE and governor.stats.probes == 1
+    _report(governor, SLOWER, 2)  # the probe of speculation, in decode: 1.15 against 3.0
+    assert governor.mode is Mode.SEAL_IN_CALLER and governor.stats.overturned == 0  # the bracket
+    _report(governor, SLOWER, 2)  # the caller in decode: 1.0 against 1.15
     assert governor.mode is Mode.SEAL_IN_CALLER and governor.stats.overturned == 1
-    clear = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=2, max_hold=64))
-    _report(clear, {Mode.SPECULATE: 0.5, Mode.SEAL_IN_CALLER: 1.0}, 6)  # a true win is kept
-    assert clear.mode is Mode.SPECULATE and clear.stats.overturned == 0 and clear.stats.switches == 2
+    switches = governor.stats.switches
+    _report(governor, SLOWER, 1)
+    assert governor.mode is Mode.SEAL_IN_CALLER and governor.stats.switches == switches  # holding
 
 
 def test_a_loss_grows_the_hold_only_if_the_incumbent_after_it_bracketed_it() -> None:
@@ -218,24 +260,24 @@ def test_a_loss_grows_the_hold_only_if_the_incumbent_after_it_bracketed_it() -> 
     for jump in (1.0, 2.0):
         governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=2, max_hold=64))
         cost = {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0}
-        while governor.stats.probes < 1:
+        while governor.stats.probes < 1:  # the caller's first window
             _report(governor, cost, 1)
-        _report(governor, cost, 2)  # the probe: settle, measure; it loses to the window before it
+        _report(governor, cost, 2)  # the first probe: settle, measure; it loses to the window before it
         held = 0
         while governor.stats.probes < 2:
             _report(governor, cost, 1, scale=jump)
             held += 1
         holds.append(held)
         assert governor.stats.unsettled == (1 if jump != 1.0 else 0)
-    # the first comparison lost 1.5x: hold 2 -> 16; the first probe: 16 -> 128, capped at 64, unless
-    # unsettled; one settle window precedes the held ones
-    assert holds == [1 + 64, 1 + 16]
+    # the first probe lost 1.5x: hold 2 -> 16, unless unsettled; one settle window precedes the held
+    # ones
+    assert holds == [1 + 16, 1 + 2]
 
 
 def test_h2d_started_reports_the_previous_transfer_and_the_time_since_it_began() -> None:
     governor = Governor(GovernorConfig(window_bytes=2 * WINDOW))
-    assert governor.h2d_started(10.0, WINDOW) is Mode.SPECULATE  # nothing before it: nothing measured
+    assert governor.h2d_started(10.0, WINDOW) is Mode.SEAL_IN_CALLER  # nothing before it: nothing measured
     governor.h2d_started(10.5, 3 * WINDOW)  # the first: WINDOW bytes in 0.5 s closes the settle window
     assert governor.stats.windows == 1
     governor.h2d_started(12.0, WINDOW)  # the second: 3 * WINDOW bytes in 1.5 s, a measured window
-    assert governor.stats.speculate_s_per_gib == pytest.approx(1.5 / (3 * WINDOW) * (1 << 30))
+    assert governor.stats.seal_in_caller_s_per_gib == pytest.approx(1.5 / (3 * WINDOW) * (1 << 30))

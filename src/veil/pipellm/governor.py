@@ -8,27 +8,30 @@ and the model, so it is measured, not assumed.
 The governor is an A/B test run online. The mechanism reports, for each stretch of host-to-device
 traffic, the bytes moved and the wall time they took *including everything the caller did in
 between* (compute, waiting): end-to-end seconds per byte, the only figure that captures contention.
-The governor measures both modes over windows of `window_bytes`, keeps sealing in the caller unless
-speculation is faster by a margin, and probes the other mode again after a hold. Each probe the
-incumbent wins, the first comparison included, multiplies the hold, by more the clearer the win (2x
-within 25%, 4x within 50%, 8x beyond), so a stationary workload pays for fewer and fewer probes while
-a changed one is still noticed. After every switch, half a window is discarded while the new mode
-settles (a pipeline refilling or draining). A probe that is already clearly losing a quarter of the
-way into its window (dearer than the incumbent by twice the margin) ends there: a loser is what most
-probes find, and a probe's window, spent in the worse mode, is what exploration costs.
+The governor measures the modes over windows of `window_bytes`. It starts sealing in the caller, the
+mode that does no harm, as the first incumbent: after half a window of settling and one measured
+window it probes speculation, and it switches only to a challenger faster by a margin. After a hold
+it probes the other mode again. Each probe the incumbent wins, the first one included, multiplies
+the hold, by more the clearer the win (2x within 25%, 4x within 50%, 8x beyond), so a stationary
+workload pays for fewer and fewer probes while a changed one is still noticed. After every switch,
+half a window is discarded while the new mode settles (a pipeline refilling or draining). A probe
+that is already clearly losing a quarter of the way into its window (dearer than the incumbent by
+twice the margin) ends there: a loser is what most probes find, and a probe's window, spent in the
+worse mode, is what exploration costs. The first probe of speculation is no exception: where
+speculation clearly loses, a job pays for half a window of it settling and a quarter window of it
+measured, not for a whole window with nothing to stop it.
 
 A workload has phases that differ several-fold per byte (a long prefill, then decode steps), and a
 window can be shorter than a phase, so a window of one mode compared with the window of the other
-before it may compare two phases rather than two modes. A challenger therefore wins only *bracketed*:
-it must beat the incumbent's windows on both sides of it. A probe that beats the incumbent's window
-before it is confirmed against a new window of the incumbent measured right after it; the first
-comparison (speculation, then sealing in the caller) confirms an apparent win of speculation with a
-second window of speculation. A win the bracket does not confirm is set aside (`overturned`) and the
-incumbent holds on. Likewise a loss is bracketed by the incumbent's first window after it: the hold
-grows by how clearly the challenger lost to the dearer of the incumbent's two windows, and not at all
-if the challenger would have beaten the window after it by the margin (`unsettled`: the phase moved
-under it). One phase change inside a bracket cannot make a loser
-win: whichever side of the challenger the change falls, one of the two comparisons is within a phase.
+before it may compare two phases rather than two modes. A challenger therefore wins only
+*bracketed*: it must beat the incumbent's windows on both sides of it. A probe that beats the
+incumbent's window before it is confirmed against a new window of the incumbent measured right after
+it. A win the bracket does not confirm is set aside (`overturned`) and the incumbent holds on.
+Likewise a loss is bracketed by the incumbent's first window after it: the hold grows by how clearly
+the challenger lost to the dearer of the incumbent's two windows, and not at all if the challenger
+would have beaten the window after it by the margin (`unsettled`: the phase moved under it). One
+phase change inside a bracket cannot make a loser win: whichever side of the challenger the change
+falls, one of the two comparisons is within a phase.
 
 Idle time is not a cost of either mode: a server between requests, or a benchmark running other
 engines, leaves a gap before its next transfer that would count against whichever mode is measured.
@@ -62,11 +65,12 @@ class GovernorConfig:
 
     Attributes:
         window_bytes: host-to-device bytes per measured window.
-        margin: a challenger must be this much faster (relative) to take over; speculation must
-            beat sealing in the caller by it in the first comparison too. Adjacent windows differ by
-            several percent on a shared machine: a small margin lets noise flip the modes, and each
-            flip costs a settle window.
-        first_hold: windows the winner keeps before the first re-probe; grows on every repeat win.
+        margin: a challenger must be this much faster (relative) to take over, speculation's first
+            probe against sealing in the caller included. Adjacent windows differ by several percent
+            on a shared machine: a small margin lets noise flip the modes, and each flip costs a
+            settle window.
+        first_hold: windows a new incumbent holds before its next probe; grows each time a probe
+            loses.
         max_hold: cap on that hold.
         idle_factor: a report this many times slower per byte than the recent reference is idle
             time, left out of the windows.
@@ -112,12 +116,15 @@ class _Phase(enum.Enum):
 
 
 class Governor:
-    """Chooses `Mode` per window from measured seconds per byte (see module docstring)."""
+    """Chooses `Mode` per window from measured seconds per byte (see module docstring).
+
+    Starts in `Mode.SEAL_IN_CALLER`; speculation is the first probe.
+    """
 
     def __init__(self, config: GovernorConfig | None = None) -> None:
         self.config = config or GovernorConfig()
         self.stats = GovernorStats()
-        self._mode = Mode.SPECULATE
+        self._mode = Mode.SEAL_IN_CALLER  # do no harm: the first incumbent
         self._phase = _Phase.SETTLE
         self._after_settle = _Phase.MEASURE  # what the settle window leads to
         self._cost: dict[Mode, float] = {}
@@ -216,50 +223,36 @@ class Governor:
 
     def _measured(self, cost: float) -> None:
         self._record_cost(cost)
-        other = _other(self._mode)
-        if other not in self._cost:  # first measurement of this mode: measure the other one too
-            self._switch(other, _Phase.MEASURE)
-            return
-        if self._challenger is not None:  # the bracket's second window
+        if self._challenger is not None:  # the bracket's second window, of the incumbent
             self._bracketed(self._challenger)
             return
-        if self._probing:
-            self._probing = False
-            if self._beats(self._mode):  # against the incumbent's window before: now the one after
-                self._challenger = self._mode
-                self._switch(other, _Phase.MEASURE)
-                return
-            self._lost(incumbent=other)
+        if not self._probing:  # the first incumbent's first window: speculation is the first probe
+            self._probe()
             return
-        # The first comparison: speculation must win by the margin (do no harm), as any challenger.
-        # It is a probe of speculation too: the clearer its loss, the longer the first hold.
-        if self._beats(Mode.SPECULATE):  # speculation came first: a second window of it brackets
-            self._challenger = Mode.SPECULATE
-            self._switch(Mode.SPECULATE, _Phase.MEASURE)
+        self._probing = False
+        if self._beats(self._mode):  # against the incumbent's window before: now the one after
+            self._challenger = self._mode
+            self._switch(_other(self._mode), _Phase.MEASURE)
             return
-        self._lost(incumbent=Mode.SEAL_IN_CALLER)
+        self._lost()
 
     def _bracketed(self, challenger: Mode) -> None:
-        """The window on the challenger's other side is measured: it wins if it beat both."""
+        """The incumbent's window after the challenger is measured: the challenger wins if it beat
+        both."""
         self._challenger = None
         if self._beats(challenger):
             self._hold = self.config.first_hold  # a new incumbent
-            winner = challenger
-        else:
-            self.stats.overturned += 1
-            winner = _other(challenger)
-        if winner is self._mode:
-            self._begin_hold()
-        else:
-            self._switch(winner, _Phase.HOLD)
+            self._switch(challenger, _Phase.HOLD)
+            return
+        self.stats.overturned += 1
+        self._begin_hold()
 
-    def _lost(self, *, incumbent: Mode) -> None:
-        """The challenger lost to `incumbent`: hold it, and grow the hold at its next window."""
-        self._pending_growth = (self._cost[_other(incumbent)], self._cost[incumbent])
-        if incumbent is self._mode:
-            self._begin_hold()
-        else:
-            self._switch(incumbent, _Phase.HOLD)
+    def _lost(self) -> None:
+        """The probe (the current mode) lost to the incumbent's window before it: back to the
+        incumbent, whose first held window decides how much the hold grows."""
+        incumbent = _other(self._mode)
+        self._pending_growth = (self._cost[self._mode], self._cost[incumbent])
+        self._switch(incumbent, _Phase.HOLD)
 
     def _settle_growth(self, cost: float) -> None:
         """The incumbent's first window after a loss brackets it: if the challenger would have beaten
