@@ -13,9 +13,9 @@
    sealed), to measure what confidentiality cost in this same job. Each server first answers a short
    untimed warm-up request of public text, as a running server would have long before: caches, the
    allocator and PipeLLM's governor are then in their steady state when the timed request comes. Its
-   12 tokens cover the governor's first comparison of speculating against sealing in the caller and
-   its first probe (about 70 windows of 32 MiB with half the layers streamed): a server pays for
-   those once, and a 32-token request would otherwise pay for both.
+   12 tokens cover the governor's first window of sealing in the caller, its first probe of
+   speculation and the bracket or hold after it (about 70 windows of 32 MiB with half the layers
+   streamed): a server pays for those once, and a 32-token request would otherwise pay for them.
 5. Both servers shut down, and the job prints what protected what.
 
 The server trusts this machine's simulated enclave (DEMO ONLY, as `veil serve --allow-simulated`).
