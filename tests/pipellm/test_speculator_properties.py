@@ -40,7 +40,9 @@ class FakeChannel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.spec = Speculator(
-            default_predictor(max_period=16), SpeculatorConfig(depth=4, max_pad=3, max_slack=2)
+            default_predictor(max_period=16),
+            # a short stale backoff: sources go through backing off, probation and forgiveness often
+            SpeculatorConfig(depth=4, max_pad=3, max_slack=2, stale_backoff=2),
         )
         self.versions = {key.source_id: 0 for key in [*BULK, CONTROL, MEDIUM, *MULTI]}
         self.running: dict[int, tuple[int, TransferKey, int]] = {}  # job -> (iv, key, version read)
