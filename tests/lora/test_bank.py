@@ -11,6 +11,7 @@ from veil.cc.errors import IntegrityError
 from veil.cc.stream import Event
 from veil.lora import AdapterError, DeviceAdapterBank, SlotTable, random_adapter
 from veil.pipellm import SizeClasses
+from veil.pipellm.governor import GovernorConfig
 from veil.pipellm.options import PipeLLMOptions
 from veil.transport import TransportKind
 
@@ -100,8 +101,11 @@ def test_hints_reach_pipellm_and_its_loads_hit() -> None:
     """Hinted adapters are sealed ahead; their loads commit the pre-sealed chunks (no sealing on the spot).
 
     The tiny model's slots are 44 KiB, a MEDIUM transfer that PipeLLM does not speculate by default
-    (real adapters are MiBs, BULK), so every chunk is made BULK here."""
-    bulk = PipeLLMOptions(sizes=SizeClasses(control_below=1, bulk_above=0))
+    (real adapters are MiBs, BULK), so every chunk is made BULK here. Speculation is pinned on: the
+    governor would seal in the caller until a probe of speculation won, after a window of traffic."""
+    bulk = PipeLLMOptions(
+        sizes=SizeClasses(control_below=1, bulk_above=0), governor=GovernorConfig(enabled=False)
+    )
     with bank_on(CONFIG, TransportKind.PIPELLM, num_slots=3, rank=4, pipellm=bulk) as bank:
         for name in ("a0", "a1", "a2"):
             bank.add(name, ADAPTERS[name])
