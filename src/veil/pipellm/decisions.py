@@ -183,8 +183,9 @@ class SpeculatorConfig:
             seal and the request: activations, attention outputs) is sealed on demand, not ahead,
             for its next 1, 2, 4, ... transfers, doubling on every stale retry up to this many and
             halving on every held one; its chunks get clean IVs instead of reservations, so the
-            pipeline behind them survives, and a retry is followed by a clean IV, so a stale retry
-            burns only its own IVs. 0 never backs off (every stale chunk relinquishes).
+            pipeline behind them survives, and a retry is followed by as many clean IVs as it has
+            chunks, so a stale retry burns only its own IVs. 0 never backs off (every stale chunk
+            relinquishes).
     """
 
     depth: int = 8

@@ -56,7 +56,6 @@ from veil.pipellm.predictors import default_predictor
 from veil.pipellm.predictors.base import Predictor
 
 _LEARN_BATCH = 64  # queued held transfers learned at once (see `_learn`)
-_STALE = RelinquishReason.STALE
 
 
 @dataclass(slots=True)
@@ -64,8 +63,7 @@ class _Backoff:
     """A source sealed on demand after a stale pre-sealed chunk (`SpeculatorConfig.stale_backoff`)."""
 
     skip: int  # its transfers still to seal on demand; 0: on probation, pre-sealed again
-    length: int  # the skip granted at its last stale chunk: doubles on each stale retry, halves
-    # on each held one (forgiven at 0)
+    length: int  # skip granted at the last stale chunk: x2 per stale retry, /2 per held one, 0 forgiven
 
 
 class Speculator:
@@ -486,8 +484,12 @@ class Speculator:
             self._update_confidence(True)
         elif isinstance(decision, PadThenCommit):
             self._update_confidence(not decision.dropped)  # burning pre-sealed chunks is waste
-        elif isinstance(decision, Relinquish) and decision.dropped and decision.reason is not _STALE:
-            self._update_confidence(False)  # a stale chunk was predicted right: its backoff handles it
+        elif (
+            isinstance(decision, Relinquish)
+            and decision.dropped
+            and decision.reason is not RelinquishReason.STALE  # a stale chunk was predicted right
+        ):
+            self._update_confidence(False)
 
     def _update_confidence(self, hit: bool) -> None:
         """Move the running share of correct predictions; pause or resume speculation by it."""
