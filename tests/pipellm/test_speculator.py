@@ -485,13 +485,74 @@ def test_a_source_no_longer_written_is_forgiven_on_its_next_hit() -> None:
     on_demand = spec.stats.volatile_seals
     assert on_demand > 0
     later = run_passes(spec, 12, cycle, written=set())  # the host stops writing the outputs
-    # Within one backoff (at most 4 transfers) the outputs are pre-sealed again, and stay so.
+    # Within one backoff (at most 4 transfers) the outputs are pre-sealed again, and stay so; their
+    # escape IVs (a NOP before the weights after them) end once `stale_backoff` chunks in a row held
+    # and the reservations made meanwhile are used.
     assert spec.stats.volatile_seals - on_demand <= 2 * 4
-    for decisions in later[5:]:
+    assert any(isinstance(d, PadThenCommit) for d in later[3])
+    for decisions in later[8:]:
         assert _kinds(decisions) == ["Commit"] * 7
     stale = spec.stats.stale
     run_passes(spec, 3, cycle, written={OUTPUTS.source_id})  # written again: the backoff restarts at 1
     assert spec.stats.stale - stale <= 2
+
+
+def run_late_passes(
+    spec: Speculator, passes: int, cycle: list[TransferKey], written: set[int], early: dict[int, set[int]]
+) -> list[list]:
+    """Like `run_passes`, but a worker seals a chunk of a source in `written` only once the host has
+    written it in the pass (pre-sealed after the write: it holds), except for the sources `early[p]`
+    in pass p, sealed as soon as handed out (before the write: stale). Needs depth below one pass, so
+    that a source has one reservation at a time."""
+    version = {t.source_id: 0 for t in cycle}
+    pending: list = []  # jobs of written sources waiting for the write
+
+    def seal_ready(p: int) -> None:
+        pending.extend(spec.plan(100))
+        for job in list(pending):
+            source = job.key.source_id
+            if source not in written or source in early.get(p, set()):
+                spec.sealed(job.job_id, version[source])
+                pending.remove(job)
+
+    out = []
+    for p in range(passes):
+        decisions = []
+        for transfer in cycle:
+            seal_ready(p)
+            source = transfer.source_id
+            if source in written:
+                version[source] += 1
+                for job in [j for j in pending if j.key.source_id == source]:
+                    spec.sealed(job.job_id, version[source])
+                    pending.remove(job)
+            spec.begin_transfer(transfer)
+            for chunk in chunks_of(transfer):
+                decision = spec.request(chunk, version[source])
+                assert not isinstance(decision, Wait)
+                decisions.append(decision)
+                seal_ready(p)
+        out.append(decisions)
+    return out
+
+
+def test_a_source_written_between_transfers_gets_escape_ivs_before_it_first_goes_stale() -> None:
+    # Two activation-like sources, written before every transfer and pre-sealed after the write (they
+    # hold), until B is sealed before its write once (pass 3: stale, then on demand in the clean IV
+    # left for it) and A once (pass 4). Without escape IVs, A's stale chunk took the clean IV left for
+    # B, and B's chunk, sealed on demand, burned every reservation behind it (a collision).
+    w1, w2 = TransferKey(1, 0, 4 * MB), TransferKey(2, 0, 4 * MB)
+    a, b = TransferKey(10, 0, MB), TransferKey(11, 0, MB)
+    spec = Speculator(CyclicPredictor(min_matches=2), SpeculatorConfig(depth=8))
+    passes = run_late_passes(spec, 8, [w1, a, b, w2], {10, 11}, early={3: {11}, 4: {10}})
+    relinquished = [d for p in passes[2:] for d in p if isinstance(d, Relinquish)]
+    assert [d.reason for d in relinquished] == [RelinquishReason.STALE] * 2
+    assert all(len(d.dropped) == 1 for d in relinquished)  # each burned only its own stale chunk
+    assert spec.stats.bytes_wasted == 2 * MB
+    # The price: one NOP per held transfer of a written source (its escape IV).
+    assert [len(d.nop_ivs) for d in passes[7]] == [0] * 5 + [1, 1] + [0] * 3
+    ivs = [d.iv for p in passes for d in p]
+    assert ivs == sorted(set(ivs))
 
 
 def test_a_backed_off_source_too_large_to_leave_room_for_stops_reserving_past_it() -> None:

@@ -73,6 +73,13 @@ class IVPipeline:
         """The live reservation for `key` with the lowest IV, if any."""
         return next((s for s in self._slots if s.live and s.key == key), None)
 
+    def live_tail_key(self) -> TransferKey | None:
+        """Key of the live reservation with the highest IV (None: no live one)."""
+        for slot in reversed(self._slots):
+            if slot.live:
+                return slot.key
+        return None
+
     def last_bound_iv(self) -> int:
         """Highest IV already bound (or emitted): new reservations go above it."""
         for slot in reversed(self._slots):  # sorted by IV: the last bound one is the highest

@@ -184,8 +184,11 @@ class SpeculatorConfig:
             for its next 1, 2, 4, ... transfers, doubling on every stale retry up to this many and
             halving on every held one; its chunks get clean IVs instead of reservations, so the
             pipeline behind them survives, and a retry is followed by as many clean IVs as it has
-            chunks, so a stale retry burns only its own IVs. 0 never backs off (every stale chunk
-            relinquishes).
+            chunks, so a stale retry burns only its own IVs. Once forgiven, a source keeps those
+            escape IVs until this many of its chunks in a row held; a source whose version moved
+            between two of its transfers gets them before it ever goes stale (in a deep pipeline its
+            first stale chunk would otherwise take a clean IV left for another source). 0 never
+            backs off (every stale chunk relinquishes).
     """
 
     depth: int = 8

@@ -9,6 +9,7 @@ reserves, seals and commits chunks, one IV each.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -61,13 +62,19 @@ def chunks(key: TransferKey, chunk_bytes: int, limit: int | None = None) -> list
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     if key.length <= chunk_bytes:
         return [key] if limit is None or limit > 0 else []
+    split = _split(key, chunk_bytes)
+    return list(split if limit is None else split[: max(limit, 0)])
+
+
+@functools.lru_cache(maxsize=4096)
+def _split(key: TransferKey, chunk_bytes: int) -> tuple[TransferKey, ...]:
+    """Every chunk of a multi-chunk `key`, made once: the speculator asks for the chunks of the same
+    predicted transfers on every request, and a deep pipeline holds thousands of them."""
     end = key.offset + key.length
-    starts = range(key.offset, end, chunk_bytes)
-    if limit is not None:
-        starts = starts[: max(limit, 0)]
-    return [
-        TransferKey(key.source_id, start, min(chunk_bytes, end - start), key.direction) for start in starts
-    ]
+    return tuple(
+        TransferKey(key.source_id, start, min(chunk_bytes, end - start), key.direction)
+        for start in range(key.offset, end, chunk_bytes)
+    )
 
 
 class SizeClass(Enum):

@@ -56,6 +56,7 @@ from veil.pipellm.predictors import default_predictor
 from veil.pipellm.predictors.base import Predictor
 
 _LEARN_BATCH = 64  # queued held transfers learned at once (see `_learn`)
+_PROVISIONAL = 64  # provisional reservations `_refill` makes at a time (see there)
 
 
 @dataclass(slots=True)
@@ -64,6 +65,7 @@ class _Backoff:
 
     skip: int  # its transfers still to seal on demand; 0: on probation, pre-sealed again
     length: int  # skip granted at the last stale chunk: x2 per stale retry, /2 per held one, 0 forgiven
+    calm: int = 0  # chunks held since it was forgiven; forgotten at `stale_backoff` (escape IVs till then)
 
 
 class Speculator:
@@ -94,6 +96,7 @@ class Speculator:
         self._transfer_next = 0  # offset of its next chunk
         self._transfer_on_demand = False  # its source was backing off when it began (see `_Backoff`)
         self._backoff: dict[int, _Backoff] = {}  # source id -> stale backoff
+        self._versions: dict[int, int] = {}  # source id -> version at its last speculative request
 
     # -- inspection ---------------------------------------------------------------------------------
     @property
@@ -181,7 +184,12 @@ class Speculator:
         if max_jobs < 0:
             raise ValueError(f"max_jobs must be >= 0, got {max_jobs}")
         jobs: list[SealJob] = []
-        for slot in self._pipe.reserved()[:max_jobs]:
+        reserved = self._pipe.reserved()
+        if len(reserved) < max_jobs:  # `_refill` makes a few at a time: make the rest now
+            self._pipe.strip_reserved()
+            self._refill(max_jobs)
+            reserved = self._pipe.reserved()
+        for slot in reserved[:max_jobs]:
             slot.state = ReservationState.SEALING
             self._outstanding[slot.job_id] = slot
             jobs.append(SealJob(slot.job_id, slot.iv, slot.key))
@@ -262,6 +270,7 @@ class Speculator:
             decision = self._sync(key, version, size_class)  # backing off: a clean IV was left for it
             self._stats.volatile_seals += 1
         else:
+            self._note_version(key.source_id, version)
             decision = self._speculative(key, version)
         if isinstance(decision, Wait):
             self._stats.waits += 1
@@ -512,7 +521,7 @@ class Speculator:
         if transfer is not None and transfer.source_id == source_id:
             self._transfer_on_demand = True  # its other chunks too (else a hit would forgive it)
         last = self._backoff.pop(source_id, None)
-        length = 1 if last is None else min(2 * last.length, limit)
+        length = 1 if last is None or not last.length else min(2 * last.length, limit)
         self._backoff[source_id] = _Backoff(length, length)
         if len(self._backoff) > self._config.max_remembered_keys:
             del self._backoff[next(iter(self._backoff))]
@@ -521,14 +530,37 @@ class Speculator:
             slot.state = ReservationState.DROPPED
         return doomed
 
+    def _note_version(self, source_id: int, version: int) -> None:
+        """A source whose version moved since its last request is written between its transfers:
+        remember it as forgiven (`_Backoff(0, 0)`), so its reservations get escape IVs before any of
+        them goes stale. In a deep pipeline every reservation may be sealed long before its request;
+        without an escape IV the first stale chunk of such a source would take the nearest clean IV,
+        one left for another source, and that source's chunk, sealed on demand, would then burn every
+        reservation up to the next clean IV."""
+        last = self._versions.pop(source_id, None)
+        self._versions[source_id] = version
+        if len(self._versions) > self._config.max_remembered_keys:
+            del self._versions[next(iter(self._versions))]
+        if last is None or last == version or source_id in self._backoff or not self._config.stale_backoff:
+            return
+        self._backoff[source_id] = _Backoff(0, 0)
+        if len(self._backoff) > self._config.max_remembered_keys:
+            del self._backoff[next(iter(self._backoff))]
+
     def _retry_held(self, source_id: int) -> None:
-        """A chunk of `source_id` pre-sealed on probation was committed: halve its backoff, and
-        forgive it once nothing is left."""
+        """A chunk of `source_id` pre-sealed on probation was committed: halve its backoff. Once
+        nothing is left it is forgiven but remembered: its chunks keep their escape IVs (a reservation
+        made before it goes stale again has a clean IV after it, so the chunk sealed on demand then
+        burns no reservation behind it) until `stale_backoff` chunks in a row held."""
         backoff = self._backoff.get(source_id)
-        if backoff is not None and not backoff.skip:
+        if backoff is None or backoff.skip:
+            return
+        if backoff.length:
             backoff.length //= 2
-            if not backoff.length:
-                del self._backoff[source_id]
+            return
+        backoff.calm += 1
+        if backoff.calm >= self._config.stale_backoff:
+            del self._backoff[source_id]
 
     def _learn_slack(self, key: TransferKey, run: int) -> None:
         self._slack.pop(key, None)
@@ -536,38 +568,58 @@ class Speculator:
         if len(self._slack) > self._config.max_remembered_keys:
             del self._slack[next(iter(self._slack))]
 
-    def _refill(self) -> None:
-        """Top the pipeline up to `depth` with provisional reservations for the predicted keys."""
+    def _refill(self, count: int = 0) -> None:
+        """Top the pipeline up to `depth` with provisional reservations for the predicted keys, at
+        most `max(count, _PROVISIONAL)` of them (`plan` tops them up again): provisional ones are
+        made again on every request, so only what workers can take next is made."""
         if self._synchronous or self._paused or self._held:
             return
         self._catch_up()
-        live = self._pipe.live()
+        live = len(self._pipe.live())
         depth = self._config.depth
-        if len(live) >= depth:
+        if live >= depth:
             return
-        wanted = self._wanted(depth)
+        junction, wanted = self._wanted(depth, live, max(count, _PROVISIONAL))
         # Extend only where the pipeline's tail is where the predictor would be: checking that one
         # junction (not the whole window) keeps a request O(1) in Python for the common case; a
         # disagreement further in is settled by the request that meets it.
-        if live and (len(wanted) < len(live) or wanted[len(live) - 1][0] != live[-1].key):
+        if live and junction != self._pipe.live_tail_key():
             return
         iv = self._pipe.last_bound_iv()
-        for key, slack in wanted[len(live) :]:
+        for key, slack in wanted:
             iv += 1 + self._config.min_slack + slack
             if not self._pipe.within_limit(iv):
                 return
             self._pipe.add_reserved(Slot(self._next_job_id, iv, key, ReservationState.RESERVED))
             self._next_job_id += 1
 
-    def _wanted(self, depth: int) -> list[tuple[TransferKey, int]]:
-        """The next `depth` chunks expected, each with the clean IVs to leave before it.
+    def _wanted(
+        self, depth: int, start: int, count: int
+    ) -> tuple[TransferKey | None, list[tuple[TransferKey, int]]]:
+        """The chunks expected at positions `start .. start + count - 1` of the next `depth`, each with
+        the clean IVs to leave before it, and the key at position `start - 1` (None if there is none).
 
         First the rest of the announced transfer, then the predicted transfers' chunks (only
         host-to-device bulk ones; slack before a transfer's first chunk only). A source backing off
         after a stale chunk is not reserved: its chunks become slack before the next reservation,
         as far as padding would burn them (`max_pad`); beyond that nothing more is reserved yet.
+        Positions before `start - 1` are counted, not built.
         """
         out: list[tuple[TransferKey, int]] = []
+        junction: TransferKey | None = None
+        stop = min(depth, start + count)
+        index = 0  # position of the next chunk
+
+        def take(keys: list[TransferKey], slack: int) -> None:
+            """Place one transfer's chunks at the next positions (slack before its first only)."""
+            nonlocal index, junction
+            if start and index < start <= index + len(keys):
+                junction = keys[start - 1 - index]
+            first = max(start - index, 0)
+            picked = keys[first : stop - index]
+            out.extend((key, 0 if i else slack) for i, key in enumerate(picked, first))
+            index += len(keys)
+
         transfer, step = self._transfer, self._config.chunk_bytes
         owed = 0  # clean IVs owed to chunks sealed on demand before the next reservation
         if transfer is not None and self._transfer_class is SizeClass.BULK:
@@ -576,14 +628,14 @@ class Speculator:
             if rest.length and self._transfer_on_demand:
                 owed = chunk_count(rest.length, step)
             elif rest.length:
-                out.extend((chunk, 0) for chunk in chunks(rest, step, depth))
+                take(chunks(rest, step, depth), 0)
                 if transfer.source_id in self._backoff:  # on probation: escape IVs after it
                     owed = chunk_count(rest.length, step)
         bulk_above, h2d = self._config.sizes.bulk_above, Direction.H2D
         most_owed = self._config.max_pad - self._config.min_slack
         backoff = self._backoff
         for key in self._predictor.predict(depth):
-            if len(out) >= depth:
+            if index >= stop:
                 break
             # Inline form of `SizeClasses.speculative` (this loop runs on every request).
             if key.length <= bulk_above or key.direction is not h2d:
@@ -599,10 +651,8 @@ class Speculator:
                 # On probation: as many clean IVs after it as it has chunks, so that if it is stale
                 # again only its own IVs are burned and its chunks are sealed now in the clean ones.
                 owed = chunk_count(key.length, step)
-            for chunk in chunks(key, step, depth - len(out)):
-                out.append((chunk, slack))
-                slack = 0
-        return out
+            take(chunks(key, step, depth - index), slack)
+        return junction, out
 
     def _go_synchronous(self) -> list[Slot]:
         self._catch_up()  # the predictor outlives this speculator (a re-key's successor shares it)
