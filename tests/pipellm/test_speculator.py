@@ -114,6 +114,7 @@ def test_pad_limit_relinquishes_when_a_clean_iv_is_nearer() -> None:
     # Sealed now at the nearer clean IV; only the far reservation of k(2) itself is given up: the ones
     # it would have padded over stay live (dropping them would burn chunks that may still come).
     assert d.iv == 0 and d.nop_ivs == range(0, 0) and d.dropped == (jobs[2],)
+    assert spec.confidence == 1.0  # k(2) was predicted right: a placement cost, not a misprediction
     assert spec.request(k(0), 0) == Commit(1, jobs[0], k(0), 0)
     follow = spec.request(CONTROL, 0)  # the clean IV 2 is next
     assert isinstance(follow, SealNow) and follow.nop_ivs == range(2, 2) and follow.iv == 2

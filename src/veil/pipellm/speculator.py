@@ -65,7 +65,7 @@ class _Backoff:
 
     skip: int  # its transfers still to seal on demand; 0: on probation, pre-sealed again
     length: int  # skip granted at the last stale chunk: x2 per stale retry, /2 per held one, 0 forgiven
-    calm: int = 0  # chunks held since it was forgiven; forgotten at `stale_backoff` (escape IVs till then)
+    calm: int = 0  # chunks held since forgiven (or last written); forgotten at `stale_backoff`
 
 
 class Speculator:
@@ -262,6 +262,8 @@ class Speculator:
         self._pipe.strip_reserved()
         size_class = self._transfer_class if announced else self._config.sizes.classify(key.length)
         drained = (self._paused or self._held) and not self._pipe.live()
+        if size_class is SizeClass.BULK:
+            self._note_version(key.source_id, version)  # paused too: learn what the host writes
         if size_class is not SizeClass.BULK or self._synchronous or drained:
             decision = self._sync(key, version, size_class)
         elif key.source_id in self._backoff and (
@@ -270,7 +272,6 @@ class Speculator:
             decision = self._sync(key, version, size_class)  # backing off: a clean IV was left for it
             self._stats.volatile_seals += 1
         else:
-            self._note_version(key.source_id, version)
             decision = self._speculative(key, version)
         if isinstance(decision, Wait):
             self._stats.waits += 1
@@ -482,10 +483,12 @@ class Speculator:
         """Score one speculated chunk's decision (while paused, `_learn` scores guesses instead).
 
         A hit is a commit of a pre-sealed chunk that burned no other pre-sealed chunk on the way
-        (every burned one crosses the bus for nothing); a miss is a relinquish that dropped
-        reservations, except for a stale chunk (the key was predicted right; its source backs off,
-        see `_Backoff`). Requests for which nothing was predicted (a predictor still learning) are
-        not scored: they waste nothing.
+        (every burned one crosses the bus for nothing); a miss is a relinquish of a key that was not
+        in the pipeline (`MISS`) that dropped reservations. The other relinquishes are not scored:
+        their keys were predicted right, and what they burn is a matter of placement, not of the
+        predictor (a stale chunk: its source backs off, see `_Backoff`; a chunk too far ahead to pad
+        to; a chunk sealed on demand with no clean IV before the reservations ahead). Requests for
+        which nothing was predicted (a predictor still learning) are not scored: they waste nothing.
         """
         if self._synchronous:
             return
@@ -494,9 +497,7 @@ class Speculator:
         elif isinstance(decision, PadThenCommit):
             self._update_confidence(not decision.dropped)  # burning pre-sealed chunks is waste
         elif (
-            isinstance(decision, Relinquish)
-            and decision.dropped
-            and decision.reason is not RelinquishReason.STALE  # a stale chunk was predicted right
+            isinstance(decision, Relinquish) and decision.dropped and decision.reason is RelinquishReason.MISS
         ):
             self._update_confidence(False)
 
@@ -533,15 +534,20 @@ class Speculator:
     def _note_version(self, source_id: int, version: int) -> None:
         """A source whose version moved since its last request is written between its transfers:
         remember it as forgiven (`_Backoff(0, 0)`), so its reservations get escape IVs before any of
-        them goes stale. In a deep pipeline every reservation may be sealed long before its request;
-        without an escape IV the first stale chunk of such a source would take the nearest clean IV,
-        one left for another source, and that source's chunk, sealed on demand, would then burn every
+        them goes stale; one remembered already is not forgotten while it is still written. In a
+        deep pipeline every reservation may be sealed long before its request; without an escape
+        IV the first stale chunk of such a source would take the nearest clean IV, one left for
+        another source, and that source's chunk, sealed on demand, would then burn every
         reservation up to the next clean IV."""
         last = self._versions.pop(source_id, None)
         self._versions[source_id] = version
         if len(self._versions) > self._config.max_remembered_keys:
             del self._versions[next(iter(self._versions))]
-        if last is None or last == version or source_id in self._backoff or not self._config.stale_backoff:
+        if last is None or last == version or not self._config.stale_backoff:
+            return
+        backoff = self._backoff.get(source_id)
+        if backoff is not None:
+            backoff.calm = 0  # still written: not forgotten
             return
         self._backoff[source_id] = _Backoff(0, 0)
         if len(self._backoff) > self._config.max_remembered_keys:
