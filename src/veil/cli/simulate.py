@@ -3,9 +3,9 @@
 Scenarios:
 - `paper`: FlexGen offloading, vLLM KV swapping and S-LoRA-like adapter swapping at 13B-175B on the
   H100 profile: per workload and model the CC drop and PipeLLM's residual overhead beside the paper's
-  figures, the sealing cores PipeLLM needs for <= 5%, the overhead under injected mispredictions and
-  with a pool of swap-out decryption threads (KV swapping), and a sensitivity sweep (sealing cores,
-  PCIe bandwidth, batch) as a PNG.
+  figures, the crypto cores PipeLLM needs for <= 5% (N cores: N sealing workers and N decryption
+  lanes), the overhead under injected mispredictions and per decryption pool size, and a sensitivity
+  sweep (crypto cores, PCIe bandwidth, batch, CPU attention) as a PNG.
 - `replay`: one recorded trace (`--trace`, from `LLMEngine(recorder=...)`), optionally scaled to a
   bigger model and with mispredictions injected, under plain, cc and pipellm.
 - `validation`: only the validation rows (below).
@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("simulate", help="simulate PipeLLM's workloads on modelled hardware")
     parser.add_argument("--scenario", choices=["paper", "replay", "validation"], default="paper")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--spare-cores", type=int, default=H100_SXM_PCIE5.spare_cores, help="sealing cores")
+    parser.add_argument("--spare-cores", type=int, default=H100_SXM_PCIE5.spare_cores, help="crypto cores: PipeLLM sealing workers and decryption lanes")
     parser.add_argument("--vaes", action="store_true", help="seal at the VAES rate instead of AES-NI")
     parser.add_argument("--png", type=Path, default=Path("out/simulate/sensitivity.png"), help="sweep plot")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sensitivity sweep")

@@ -1,8 +1,9 @@
 """The `paper` scenario: PipeLLM's three workloads at 13B-175B on the H100 profile, beside the paper.
 
 Per workload and model: the CC throughput drop (1 - cc / plain), PipeLLM's residual overhead
-(1 - pipellm / plain) with the profile's sealing cores, and the fewest sealing cores (of
-`CORE_STEPS`) that bring the overhead to at most `TARGET_OVERHEAD`. And a sensitivity sweep (sealing
+(1 - pipellm / plain) with the profile's crypto cores, and the fewest crypto cores (of `CORE_STEPS`)
+that bring the overhead to at most `TARGET_OVERHEAD`. PipeLLM with N crypto cores has N sealing
+workers and N device-to-host decryption lanes (`pipellm_options`). And a sensitivity sweep (sealing
 cores, PCIe bandwidth, batch) drawn as a PNG. See docs/sim.md for the assumptions and the reading.
 """
 
@@ -25,7 +26,7 @@ from veil.sim.scenarios import (
     flexgen_scenario,
     kvswap_trace,
 )
-from veil.sim.simulator import simulate
+from veil.sim.simulator import layout, simulate
 from veil.trace import Trace
 
 # PipeLLM (Tan et al., ASPLOS 2025): FlexGen's throughput drop with CC on, and its bound vs non-CC.
@@ -51,6 +52,10 @@ WORKLOADS = {
     "lora": Workload(batch=32, steps=80, requests=400, adapters=64, slots=8, rank=16),
 }
 SERVING_WARMUP = 20
+# FlexGen issues a layer's weights at once: PipeLLM looks one layer ahead (every chunk of the next
+# layer reserved, and this many more), so that the sealing workers seal it during the layer before
+# (with 32 reservations ahead the host waited for sealing at every layer: docs/sim.md).
+LOOKAHEAD_MARGIN = 64
 PAPER_GOVERNOR = GovernorConfig(enabled=False)  # the paper's PipeLLM always speculates (veil's may not)
 
 
@@ -84,8 +89,14 @@ def workload_figures(
     if workload == "offload":
         return offload_figures(model, hw, w, modes)
     trace = serving_trace(workload, model, hw, w)
-    options = serving_options(trace)
+    options = dataclasses.replace(serving_options(trace), decrypt_threads=decrypt_lanes(hw))
     return {mode.value: replay(trace, hw, mode, options).tokens_per_s for mode in modes}
+
+
+def decrypt_lanes(hw: HardwareProfile) -> int:
+    """PipeLLM's device-to-host decryption lanes with `hw.spare_cores` crypto cores: one per core (an
+    assumption: as many lanes opening as workers sealing, on cores of their own)."""
+    return max(1, hw.spare_cores)
 
 
 def serving_trace(
@@ -180,7 +191,7 @@ def decryption_pool(
 # What each sensitivity panel sweeps: a `Workload` field (batch) or `HardwareProfile` fields (the
 # PCIe rate sets both directions); a GB/s axis is shown in GB/s.
 SWEEPS: dict[str, tuple[tuple[str, ...], tuple[float, ...]]] = {
-    "sealing cores": (("spare_cores",), (1, 2, 4, 8, 16, 32)),
+    "crypto cores": (("spare_cores",), (1, 2, 4, 8, 16, 32)),
     "PCIe GB/s": (("pcie_h2d_bytes_per_s", "pcie_d2h_bytes_per_s"), (16 * GB, 32 * GB, 50 * GB, 64 * GB)),
     "effective batch": (("batch",), (48, 96, 144, 288, 576)),
     "CPU attention GB/s": (("cpu_attention_bytes_per_s",), (25 * GB, 50 * GB, 100 * GB, 200 * GB, 400 * GB)),
@@ -217,12 +228,14 @@ def offload_figures(
     hw: HardwareProfile,
     w: Workload,
     modes: tuple[Mode, ...] = tuple(Mode),
-    decrypt_threads: int = 1,
+    decrypt_threads: int | None = None,
 ) -> dict[str, float]:
     """FlexGen's tokens/s as its benchmark counts them: `w.batch x w.output_tokens` over the prompt
     pass plus `output_tokens - 1` decode steps, each a steady-state pass of every layer under
     FlexGen's policy (`scenarios.flexgen_scenario`); also each pass's layer seconds per mode.
-    `decrypt_threads`: PipeLLM's device-to-host decryption lanes."""
+    `decrypt_threads`: PipeLLM's device-to-host decryption lanes (None: `decrypt_lanes(hw)`)."""
+    if decrypt_threads is None:
+        decrypt_threads = decrypt_lanes(hw)
     out = {"offload_fraction": flexgen_offload_fraction(model, hw, w)}
     for mode in modes:
         prefill, decode = (
@@ -252,12 +265,15 @@ def flexgen_layer_s(
     prefill: bool,
     decrypt_threads: int = 1,
 ) -> float:
-    """Steady-state seconds per layer of FlexGen's prompt pass or decode step of `w` under `mode`."""
+    """Steady-state seconds per layer of FlexGen's prompt pass or decode step of `w` under `mode`
+    (PipeLLM looking one layer ahead: `LOOKAHEAD_MARGIN`)."""
     sc = flexgen_scenario(model, hw, w, prefill=prefill)
     warmup = 2 if prefill else FLEXGEN_WARMUP_PASSES
+    depth = len(layout(sc).chunk_lengths) + LOOKAHEAD_MARGIN
     sc = dataclasses.replace(
-        sc, warmup_steps=warmup, max_requests=FLEXGEN_MAX_REQUESTS, decrypt_threads=decrypt_threads
-    )
+        sc, warmup_steps=warmup, max_requests=FLEXGEN_MAX_REQUESTS, decrypt_threads=decrypt_threads,
+        depth=depth,
+    )  # fmt: skip
     return simulate(sc, mode).layer_s
 
 
