@@ -218,13 +218,12 @@ class Sealer:
     ) -> Start:
         """Announce a host-to-device transfer, in one acquisition of the sealer's lock.
 
-        First the current phase's governor is told the transfer starts at `now`
-        (`Governor.h2d_started`; None: not told again, on a retry), and may hold speculation off or
-        let it run. Then, if nothing is in flight and speculation is off, every chunk of `transfer`
-        is decided `SealNow` at the next consecutive IVs in one O(1) call (the caller has checked
-        that the epoch has IVs for the transfer). Otherwise
-        the transfer is announced if the epoch leaves `margin` IVs beyond those already spoken for
-        (speculation's reservations and NOPs); if it does not, nothing is announced.
+        First the current phase's governor is told the transfer starts at `now` (`Governor.h2d_started`;
+        None: not told again, on a retry), and may hold speculation off or let it run. Then, if nothing
+        is in flight and speculation is off, every chunk of `transfer` is decided `SealNow` at the next
+        consecutive IVs in one O(1) call (the caller has checked that the epoch has IVs for the
+        transfer). Otherwise the transfer is announced if the epoch leaves `margin` IVs beyond those
+        already spoken for (speculation's reservations and NOPs); if it does not, nothing is announced.
 
         Returns:
             `Start.QUIET`: seal and emit the chunks in order, exactly as `cc` does.
