@@ -23,6 +23,7 @@ def test_the_main_job_runs_end_to_end_and_reports_what_protected_what(bundled, c
     assert sealed is not None and int(sealed[1]) > 0
     assert "0 integrity failures" in report and "SIMULATED" in report
     assert re.search(r"PipeLLM: \d+ of \d+ chunks pre-sealed", report)
+    assert re.search(r"prefill: \d+ windows", report) and re.search(r"decode: \d+ windows", report)
     assert "answers identical" in report  # the sealed and the plain server computed the same tokens
     assert "after an untimed warm-up request" in report
     assert "both servers shut down" in report

@@ -9,6 +9,8 @@ import torch
 from veil.cc import Device, DeviceOutOfMemory
 from veil.engine.engine import EngineConfig, LLMEngine
 from veil.engine.offload_policy import HostDtype, OffloadPolicy
+from veil.engine.runner import step_phase
+from veil.engine.scheduler import ScheduledChunk, SchedulerOutput
 from veil.engine.weights import StreamedWeights
 from veil.errors import UsageError
 from veil.model.generate import GenerationRequest, generate
@@ -16,7 +18,7 @@ from veil.model.llama import LayerWeights, Llama
 from veil.model.sampling import SamplingParams
 from veil.pipellm.governor import GovernorConfig
 from veil.pipellm.options import PipeLLMOptions
-from veil.transport import TransportKind, make_transport
+from veil.transport import Phase, TransportKind, make_transport
 
 PROMPTS = ["The capital of France is", "Encryption keeps secrets"]
 NEW_TOKENS = 6
@@ -144,3 +146,35 @@ def test_pipellm_learns_the_layer_cycle_with_and_without_hints(bundled, prompts,
         assert out == resident
         assert stats.hits > stats.misses, stats  # the speculator committed pre-sealed chunks
     assert results[True][1].misses < results[False][1].misses  # hints skip the learning phase
+
+
+def test_pipellm_measures_prefill_and_decode_steps_with_their_own_governors(tiny) -> None:
+    """A real engine streaming every layer through a real pipellm transport: the runner names each
+    step's phase before its transfers, and the governor's windows fall under "prefill" (the first
+    step) and "decode" (the rest); the start-up uploads come before any phase."""
+    layer_bytes = LayerWeights.numel(tiny.config) * 4
+    governor = GovernorConfig(window_bytes=layer_bytes, idle_factor=1e12)  # no report is idle
+    config = EngineConfig(
+        transport=TransportKind.PIPELLM,
+        num_device_blocks=8,
+        offload=OffloadPolicy(),  # both layers streamed, one load ahead
+        pipellm=PipeLLMOptions(governor=governor),
+    )
+    _, stats = run_engine(tiny, [[1, 2, 3, 4, 5]], config)
+    pipellm = stats["transport"].pipellm
+    by_phase = pipellm.governor_by_phase
+    assert list(by_phase) == ["unlabelled", "prefill", "decode"]
+    # prefill: 3 loads (its 2 layers and the next step's first), each one a report and a window
+    assert by_phase["prefill"].windows == 3
+    # decode: 5 steps of 2 loads, the last one not reported yet
+    assert by_phase["decode"].windows == 2 * (NEW_TOKENS - 1) - 1
+    assert pipellm.governor.windows == sum(g.windows for g in by_phase.values())
+
+
+@pytest.mark.parametrize(
+    ("lengths", "phase"),
+    [((1, 1), Phase.DECODE), ((1, 4), Phase.PREFILL), ((3,), Phase.PREFILL), ((), Phase.DECODE)],
+)
+def test_a_step_with_any_prefill_chunk_is_a_prefill_step(lengths: tuple[int, ...], phase: Phase) -> None:
+    chunks = [ScheduledChunk(i, tuple(range(n)), 0, (i,), True) for i, n in enumerate(lengths)]
+    assert step_phase(SchedulerOutput(chunks=chunks)) is phase

@@ -1,10 +1,10 @@
-"""The do-no-harm governor: pure A/B decisions from reported seconds per byte."""
+"""The do-no-harm governor: pure A/B decisions from reported seconds per byte, one verdict per phase."""
 
 from __future__ import annotations
 
 import pytest
 
-from veil.pipellm.governor import Governor, GovernorConfig, Mode
+from veil.pipellm.governor import Governor, GovernorConfig, Mode, Phase, PhasedGovernor
 
 WINDOW = 1000
 
@@ -281,3 +281,106 @@ def test_h2d_started_reports_the_previous_transfer_and_the_time_since_it_began()
     assert governor.stats.windows == 1
     governor.h2d_started(12.0, WINDOW)  # the second: 3 * WINDOW bytes in 1.5 s, a measured window
     assert governor.stats.seal_in_caller_s_per_gib == pytest.approx(1.5 / (3 * WINDOW) * (1 << 30))
+
+
+# one verdict per phase ------------------------------------------------------------------------------
+PHASE_COSTS = {  # seconds per byte of each mode: speculation pays in prefill only
+    Phase.PREFILL: {Mode.SPECULATE: 3.0, Mode.SEAL_IN_CALLER: 4.0},
+    Phase.DECODE: {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0},
+}
+
+
+def _alternate(h2d_started, enter, cycles: int, transfers: int) -> dict[Phase, list[Mode]]:
+    """Alternate prefill and decode, `transfers` transfers of a quarter window each per phase, on a
+    synthetic clock: a transfer takes its bytes times the cost of the mode it was given. Returns the
+    modes given in each phase, in order."""
+    used: dict[Phase, list[Mode]] = {phase: [] for phase in PHASE_COSTS}
+    now = 0.0
+    for _ in range(cycles):
+        for phase, cost in PHASE_COSTS.items():
+            enter(phase, now)
+            for _ in range(transfers):
+                mode = h2d_started(now, WINDOW // 4)
+                used[phase].append(mode)
+                now += WINDOW // 4 * cost[mode]
+    return used
+
+
+BEST = {Phase.PREFILL: Mode.SPECULATE, Phase.DECODE: Mode.SEAL_IN_CALLER}
+
+
+def _best_share(used: dict[Phase, list[Mode]]) -> dict[Phase, float]:
+    """Per phase, the share of its transfers in the second half of the run (after learning) that
+    were given the mode cheaper in that phase."""
+    late = {phase: modes[len(modes) // 2 :] for phase, modes in used.items()}
+    return {phase: modes.count(BEST[phase]) / len(modes) for phase, modes in late.items()}
+
+
+@pytest.mark.parametrize("transfers", [4, 8, 16])
+def test_each_phase_keeps_its_own_verdict_where_one_shared_governor_cannot(transfers: int) -> None:
+    """Prefill and decode alternate every 1, 2 or 4 windows; speculation is 25% cheaper in prefill
+    and 50% dearer in decode. The phased governor speculates in prefill and seals in the caller in
+    decode; one governor told the same transfers (today's sealer) gives about half of them the wrong
+    mode."""
+    config = GovernorConfig(window_bytes=WINDOW, first_hold=4, max_hold=64)
+    phased = PhasedGovernor(config)
+    used = _alternate(phased.h2d_started, phased.enter, cycles=60, transfers=transfers)
+    best = _best_share(used)
+    assert min(best.values()) > 0.95, best
+    by_phase = phased.stats_by_phase()
+    assert set(by_phase) == {Phase.UNLABELLED, *PHASE_COSTS} and by_phase[Phase.UNLABELLED].windows == 0
+    for phase, cost in PHASE_COSTS.items():  # each governor measured its own phase only
+        stats = by_phase[phase]
+        assert stats.speculate_s_per_gib == pytest.approx(cost[Mode.SPECULATE] * (1 << 30))
+        assert stats.seal_in_caller_s_per_gib == pytest.approx(cost[Mode.SEAL_IN_CALLER] * (1 << 30))
+
+    shared = Governor(config)  # the negative control
+    used = _alternate(shared.h2d_started, lambda phase, now: None, cycles=60, transfers=transfers)
+    best = _best_share(used)
+    assert sum(best.values()) / 2 < 0.6, best
+
+
+def test_the_report_spanning_a_phase_change_goes_to_the_old_phase_and_none_spans_the_other() -> None:
+    governor = PhasedGovernor(GovernorConfig(window_bytes=2 * WINDOW))  # settle windows of WINDOW bytes
+    governor.enter(Phase.PREFILL, 0.0)
+    governor.h2d_started(0.0, WINDOW)
+    governor.h2d_started(1.0, 2 * WINDOW)  # WINDOW in 1 s: the prefill's settle window
+    assert governor.enter(Phase.DECODE, 5.0) is Mode.SEAL_IN_CALLER  # a fresh governor's first mode
+    prefill = governor.stats_by_phase()[Phase.PREFILL]  # told 2 * WINDOW in 4 s, up to the change
+    assert prefill.windows == 2
+    assert prefill.seal_in_caller_s_per_gib == pytest.approx(2.0 / WINDOW * (1 << 30))
+    assert governor.h2d_started(9.0, WINDOW) is Mode.SEAL_IN_CALLER
+    assert governor.stats_by_phase()[Phase.DECODE].windows == 0  # nothing from before 9.0 reported
+    governor.h2d_started(9.5, 2 * WINDOW)  # WINDOW in 0.5 s: the decode's settle window
+    assert governor.enter(Phase.PREFILL, 10.5) is Mode.SPECULATE  # the prefill's first probe resumes
+    decode = governor.stats_by_phase()[Phase.DECODE]  # told 2 * WINDOW in 1 s, up to the change
+    assert decode.windows == 2
+    assert decode.seal_in_caller_s_per_gib == pytest.approx(0.5 / WINDOW * (1 << 30))
+    assert governor.h2d_started(30.0, WINDOW) is Mode.SPECULATE  # nothing reported: 10.5-30 was not its
+    governor.h2d_started(30.5, WINDOW)  # WINDOW in 0.5 s: the probe's settle window
+    prefill = governor.stats_by_phase()[Phase.PREFILL]
+    assert prefill.windows == 3 and prefill.idle_reports == 0 and prefill.probes == 1
+    total = governor.stats()  # counters summed; costs of the current phase
+    assert total.windows == 5 and total.probes == 2 and total.switches == 2
+    assert total.seal_in_caller_s_per_gib == prefill.seal_in_caller_s_per_gib
+
+
+def test_entering_the_current_phase_changes_nothing_and_phases_are_checked() -> None:
+    governor = PhasedGovernor(GovernorConfig(window_bytes=2 * WINDOW))
+    governor.h2d_started(0.0, WINDOW)
+    governor.enter(Phase.UNLABELLED, 1.0)  # no change: the transfer is still the pending one
+    governor.h2d_started(3.0, WINDOW)  # WINDOW in 3 s closes the settle window
+    assert governor.stats().windows == 1 and governor.phase is Phase.UNLABELLED
+    with pytest.raises(TypeError, match="Phase"):
+        governor.enter("prefill", 4.0)  # type: ignore[arg-type]
+
+
+def test_pause_reports_the_transfer_and_forgets_it() -> None:
+    governor = Governor(GovernorConfig(window_bytes=2 * WINDOW))
+    governor.h2d_started(0.0, WINDOW)
+    governor.pause(2.0)  # WINDOW in 2 s closes the settle window
+    assert governor.stats.windows == 1
+    governor.h2d_started(50.0, 2 * WINDOW)  # nothing pending: 2-50 is reported to nobody
+    governor.h2d_started(51.0, WINDOW)  # 2 * WINDOW in 1 s: the caller's measured window
+    assert governor.stats.windows == 2 and governor.stats.idle_reports == 0
+    assert governor.stats.seal_in_caller_s_per_gib == pytest.approx(0.5 / WINDOW * (1 << 30))

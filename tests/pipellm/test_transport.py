@@ -13,6 +13,7 @@ from veil.cc.errors import RekeyRequired
 from veil.cc.host import HostBuffer
 from veil.cc.link import LinkConfig
 from veil.pipellm import ReservationState
+from veil.pipellm.governor import GovernorConfig, Phase
 from veil.pipellm.options import PipeLLMOptions
 from veil.transport import make_transport
 from veil.transport.base import Transport, TransportKind, TransportOptions
@@ -210,3 +211,35 @@ def test_non_speculative_transports_accept_and_ignore_hints(device: Device, kind
         with pytest.raises(ValueError):
             transport.hint(source, src_offset=CHUNK, nbytes=1)
         _cycle(transport, device, [source], rounds=1)  # still moves data correctly
+
+
+@pytest.mark.parametrize("kind", list(TransportKind))
+def test_every_transport_takes_a_phase_and_refuses_anything_else(device: Device, kind: TransportKind) -> None:
+    source = host(CHUNK, 1)
+    with make_transport(kind, device) as transport:
+        transport.enter_phase(Phase.PREFILL)
+        _cycle(transport, device, [source], rounds=1)
+        transport.enter_phase(Phase.DECODE)
+        _cycle(transport, device, [source], rounds=1)  # still moves data correctly
+        with pytest.raises(TypeError, match="Phase"):
+            transport.enter_phase("decode")  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="closed"):
+        transport.enter_phase(Phase.DECODE)
+
+
+def test_pipellm_keeps_each_phases_governor_statistics(device: Device) -> None:
+    """Transfers after `enter_phase` are measured by that phase's governor; the aggregate sums them."""
+    sources = [host(2 * CHUNK, seed) for seed in range(3)]
+    governor = GovernorConfig(window_bytes=CHUNK, idle_factor=1e12)  # no report is idle, however slow
+    with PipeLLMTransport(device, SMALL_LINK, options(governor=governor)) as transport:
+        for phase, rounds in ((Phase.PREFILL, 2), (Phase.DECODE, 3), (Phase.PREFILL, 1)):
+            transport.enter_phase(phase)
+            _cycle(transport, device, sources, rounds=rounds)
+        stats = transport.stats().pipellm
+    by_phase = stats.governor_by_phase
+    assert list(by_phase) == ["unlabelled", "prefill", "decode"]
+    assert by_phase["unlabelled"].windows == 0  # nothing moved before the first phase
+    # 2 * CHUNK per transfer and windows of CHUNK: every report closes a window; each phase's first
+    # transfer is reported to nobody before it, its last to its own governor at the change
+    assert by_phase["prefill"].windows == 3 * 2 + 3 * 1 - 1 and by_phase["decode"].windows == 3 * 3
+    assert stats.governor.windows == sum(g.windows for g in by_phase.values())

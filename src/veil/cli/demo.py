@@ -12,10 +12,12 @@
 4. The same sanitized prompt goes to a second server identical but for its `plain` transport (nothing
    sealed), to measure what confidentiality cost in this same job. Each server first answers a short
    untimed warm-up request of public text, as a running server would have long before: caches, the
-   allocator and PipeLLM's governor are then in their steady state when the timed request comes. Its
-   12 tokens cover the governor's first window of sealing in the caller, its first probe of
-   speculation and the bracket or hold after it (about 70 windows of 32 MiB with half the layers
-   streamed): a server pays for those once, and a 32-token request would otherwise pay for them.
+   allocator and PipeLLM's governors are then in their steady state when the timed request comes.
+   PipeLLM keeps one governor per phase (docs/pipellm.md): its one prefill step (about 6.6 windows
+   of 32 MiB with half the layers streamed) covers the prefill governor's first window of sealing in
+   the caller, its first probe of speculation and the bracket after it (4.5 windows at most), and
+   its 11 decode steps (about 70 windows) do the same for the decode governor: a server pays for
+   those once, and a 32-token request would otherwise pay for them.
 5. Both servers shut down, and the job prints what protected what.
 
 The server trusts this machine's simulated enclave (DEMO ONLY, as `veil serve --allow-simulated`).
@@ -42,6 +44,7 @@ from veil.engine.offload_policy import OffloadPolicy
 from veil.engine.weights import compute_threads_beside_device
 from veil.errors import UsageError
 from veil.model.loader import LoadedModel, load_model
+from veil.pipellm.governor import GovernorStats
 from veil.privacy.neighbours import CandidateSet, tqdm_progress
 from veil.server.app import create_app
 from veil.server.runner import ServerThread
@@ -202,9 +205,10 @@ def _report(loaded: LoadedModel, confidential: Served, baseline: Served, total_s
         rate = spec.hits / spec.requests if spec.requests else 0.0
         print(
             f"  PipeLLM: {spec.hits} of {spec.requests} chunks pre-sealed and committed (hit rate "
-            f"{rate:.0%}), {spec.bytes_sealed_ahead / 2**20:.0f} MiB sealed ahead; its governor measured "
+            f"{rate:.0%}), {spec.bytes_sealed_ahead / 2**20:.0f} MiB sealed ahead; its governors measured "
             f"{stats.pipellm.governor.windows} windows and switched mode {stats.pipellm.governor.switches} "
-            "times (it seals in the caller when speculating does not pay on this machine)",
+            f"times ({_by_phase(stats.pipellm.governor_by_phase)}; each phase seals in the caller when "
+            "speculating does not pay there on this machine)",
             file=sys.stderr,
         )
     tokens = len(confidential.answer.token_ids)
@@ -219,6 +223,13 @@ def _report(loaded: LoadedModel, confidential: Served, baseline: Served, total_s
         file=sys.stderr,
     )
     print(f"  done in {total_s:.0f} s; both servers shut down", file=sys.stderr)
+
+
+def _by_phase(governors: dict[str, GovernorStats]) -> str:
+    """Each phase whose governor measured a window, as `prefill: 7 windows, 3 switches, decode: ...`."""
+    return ", ".join(
+        f"{phase}: {g.windows} windows, {g.switches} switches" for phase, g in governors.items() if g.windows
+    )
 
 
 def _say(message: str) -> None:

@@ -1,12 +1,12 @@
 """The model runner: the only piece of the engine that touches the model and moves KV bytes.
 
 It owns the paged KV cache, one device buffer laid out block-major (see `veil.model.paged`), and the
-host swap space, one `HostBuffer` per host block (each its own source for PipeLLM's predictors). A
-step is: swap-outs (one `transport.d2h` per block), swap-ins (one `transport.h2d` per block), a fence
-so the copy engine is done with those blocks, then the step's batches (prefills grouped by length,
-and the decodes) through the decoder stack together, layer by layer, each layer's weights taken from
-the `WeightSource` once (resident, or streamed in through the transport), and the head only for the
-rows that sample.
+host swap space, one `HostBuffer` per host block (each its own source for PipeLLM's predictors). A step
+is: its phase told to the transport (prefill or decode, `step_phase`), swap-outs (one `transport.d2h`
+per block), swap-ins (one `transport.h2d` per block), a fence so the copy engine is done with those
+blocks, then the step's batches (prefills grouped by length, and the decodes) through the decoder stack
+together, layer by layer, each layer's weights taken from the `WeightSource` once (resident, or streamed
+in through the transport), and the head only for the rows that sample.
 """
 
 from __future__ import annotations
@@ -32,10 +32,21 @@ from veil.model.config import ModelConfig
 from veil.model.llama import LayerWeights, StepContext, decoder_layer, lm_head
 from veil.model.paged import PagedBatch, PagedKVCache, paged_context, paged_storage_shape
 from veil.model.rope import Rotary
+from veil.transport import Phase
 from veil.transport.base import Transport
 
 KV_DTYPE = torch.float32
 PREFILL_MAX_PADDING = 0.1  # a prefill batch computes at most 10% more token positions than it needs
+
+
+def step_phase(out: SchedulerOutput) -> Phase:
+    """The phase a step's transfers belong to: `PREFILL` if any of its chunks is a prefill chunk
+    (more than one token: its compute per byte of weights is several times a decode's), else `DECODE`."""
+    return Phase.PREFILL if any(_is_prefill(c) for c in out.chunks) else Phase.DECODE
+
+
+def _is_prefill(chunk: ScheduledChunk) -> bool:
+    return len(chunk.token_ids) > 1
 
 
 def kv_block_bytes(config: ModelConfig, block_size: int) -> int:
@@ -187,13 +198,15 @@ class ModelRunner:
     ) -> dict[int, torch.Tensor]:
         """Run one scheduled step; returns last-position logits (vocab,) of every sampling sequence.
 
-        The step's batches (prefills grouped by length, then the decodes) go through the decoder stack
-        layer by layer together, so each layer's weights are fetched once per step (a streamed layer
-        crosses the transport once). `embeds` maps a sequence to its prompt's embeddings (T, hidden)
-        when the prompt came as embeddings; those positions skip the embedding table.
+        The transport is told the step's phase first (`step_phase`). The step's batches (prefills
+        grouped by length, then the decodes) go through the decoder stack layer by layer together, so
+        each layer's weights are fetched once per step (a streamed layer crosses the transport once).
+        `embeds` maps a sequence to its prompt's embeddings (T, hidden) when the prompt came as
+        embeddings; those positions skip the embedding table.
         """
         started = time.perf_counter()
         self.stats.last_layers_s = self.stats.last_fetch_s = 0.0
+        self.transport.enter_phase(step_phase(out))  # before the step's first transfer
         self.swap(out.swap_out, out.swap_in)
         swapped = time.perf_counter()
         self.stats.last_swap_s = swapped - started
@@ -205,8 +218,8 @@ class ModelRunner:
         return logits
 
     def _forward(self, out: SchedulerOutput, embeds: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        prefills = [c for c in out.chunks if len(c.token_ids) > 1]
-        decodes = [c for c in out.chunks if len(c.token_ids) == 1]
+        prefills = [c for c in out.chunks if _is_prefill(c)]
+        decodes = [c for c in out.chunks if not _is_prefill(c)]
         groups = [group for group in [*padding_bounded_groups(prefills), decodes] if group]
         logits: dict[int, torch.Tensor] = {}
         if not groups:

@@ -40,11 +40,21 @@ recent reports in log space) is left out of the windows; the reference still mov
 workload whose cost really jumps that much (decode to a long prefill) is measured again after a few
 reports.
 
+One verdict per phase (`PhasedGovernor`): the engine names the phase of each step before its
+transfers (`Phase.PREFILL` if any batch has a prefill chunk, else `Phase.DECODE`), and each phase has
+its own `Governor`, so a prefill whose compute hides the sealing can speculate while decode steps seal
+in the caller. The time attribution follows the phases: at a change, the old phase's governor gets its
+last report (the previous transfer's bytes, and the time from its start until the change) and the new
+phase's governor resumes with no report spanning the other phase; its windows, holds and costs were
+kept meanwhile. The bracket above still guards what a label does not separate (a batch that grows
+within decode, the start and end of a step).
+
 Pure: no clock, no threads; the caller measures and reports.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass
@@ -109,7 +119,9 @@ class GovernorStats:
     seal_in_caller_s_per_gib: float | None = None
 
 
-class _Phase(enum.Enum):
+class _Stage(enum.Enum):
+    """Where a governor is in its cycle of windows (not to be confused with a workload's `Phase`)."""
+
     SETTLE = "settle"  # discard this half window (the mode just changed), then MEASURE or HOLD
     MEASURE = "measure"  # this window's cost is the mode's figure
     HOLD = "hold"  # exploit the winner
@@ -125,8 +137,8 @@ class Governor:
         self.config = config or GovernorConfig()
         self.stats = GovernorStats()
         self._mode = Mode.SEAL_IN_CALLER  # do no harm: the first incumbent
-        self._phase = _Phase.SETTLE
-        self._after_settle = _Phase.MEASURE  # what the settle window leads to
+        self._stage = _Stage.SETTLE
+        self._after_settle = _Stage.MEASURE  # what the settle window leads to
         self._cost: dict[Mode, float] = {}
         self._hold = self.config.first_hold
         self._held_windows = 0
@@ -148,7 +160,15 @@ class Governor:
         """A host-to-device transfer of `nbytes` starts at `now` (seconds, on any one clock): reports
         the previous transfer's bytes and the time from its start until now, the caller's work in
         between included (`record`), and returns the mode for this one."""
-        last, self._last_h2d = self._last_h2d, (now, nbytes)
+        mode = self.pause(now)
+        self._last_h2d = (now, nbytes)
+        return mode
+
+    def pause(self, now: float) -> Mode:
+        """The caller stops reporting to this governor at `now`: reports the previous transfer's
+        bytes and the time from its start until `now`, and forgets it, so the next `h2d_started`
+        reports nothing for the time in between. Returns the mode."""
+        last, self._last_h2d = self._last_h2d, None
         return self.mode if last is None else self.record(last[1], now - last[0])
 
     def record(self, nbytes: int, seconds: float) -> Mode:
@@ -183,7 +203,7 @@ class Governor:
     def _probe_lost(self) -> bool:
         """True once a probe's measurement, a quarter window or more, is clearly worse than the
         incumbent's (by twice the margin): the rest of its window need not be paid for."""
-        if not self._probing or self._phase is not _Phase.MEASURE:
+        if not self._probing or self._stage is not _Stage.MEASURE:
             return False
         if 4 * self._bytes < self.config.window_bytes:
             return False
@@ -192,14 +212,14 @@ class Governor:
 
     def _window_bytes(self) -> int:
         window = self.config.window_bytes
-        return max(1, window // 2) if self._phase is _Phase.SETTLE else window
+        return max(1, window // 2) if self._stage is _Stage.SETTLE else window
 
     def _close_window(self, cost: float) -> None:
         self.stats.windows += 1
-        if self._phase is _Phase.SETTLE:
-            self._phase = self._after_settle  # `_switch` zeroed the held windows
+        if self._stage is _Stage.SETTLE:
+            self._stage = self._after_settle  # `_switch` zeroed the held windows
             return
-        if self._phase is _Phase.MEASURE:
+        if self._stage is _Stage.MEASURE:
             self._measured(cost)
             return
         self._record_cost(cost)  # the incumbent's latest figure, for the next probe to beat
@@ -232,7 +252,7 @@ class Governor:
         self._probing = False
         if self._beats(self._mode):  # against the incumbent's window before: now the one after
             self._challenger = self._mode
-            self._switch(_other(self._mode), _Phase.MEASURE)
+            self._switch(_other(self._mode), _Stage.MEASURE)
             return
         self._lost()
 
@@ -242,7 +262,7 @@ class Governor:
         self._challenger = None
         if self._beats(challenger):
             self._hold = self.config.first_hold  # a new incumbent
-            self._switch(challenger, _Phase.HOLD)
+            self._switch(challenger, _Stage.HOLD)
             return
         self.stats.overturned += 1
         self._begin_hold()
@@ -252,7 +272,7 @@ class Governor:
         incumbent, whose first held window decides how much the hold grows."""
         incumbent = _other(self._mode)
         self._pending_growth = (self._cost[self._mode], self._cost[incumbent])
-        self._switch(incumbent, _Phase.HOLD)
+        self._switch(incumbent, _Stage.HOLD)
 
     def _settle_growth(self, cost: float) -> None:
         """The incumbent's first window after a loss brackets it: if the challenger would have beaten
@@ -268,19 +288,94 @@ class Governor:
     def _probe(self) -> None:
         self.stats.probes += 1
         self._probing = True
-        self._switch(_other(self._mode), _Phase.MEASURE)
+        self._switch(_other(self._mode), _Stage.MEASURE)
 
     def _begin_hold(self) -> None:
-        self._phase = _Phase.HOLD
+        self._stage = _Stage.HOLD
         self._held_windows = 0
 
-    def _switch(self, mode: Mode, phase: _Phase) -> None:
-        """Change to `mode`: half a window settles, then `phase` (MEASURE or HOLD) begins."""
+    def _switch(self, mode: Mode, stage: _Stage) -> None:
+        """Change to `mode`: half a window settles, then `stage` (MEASURE or HOLD) begins."""
         self.stats.switches += 1
         self._mode = mode
-        self._phase = _Phase.SETTLE
-        self._after_settle = phase
+        self._stage = _Stage.SETTLE
+        self._after_settle = stage
         self._held_windows = 0
+
+
+class Phase(enum.Enum):
+    """What the engine's transfers are for, as it says before each step (`Transport.enter_phase`).
+
+    Each phase has its own `Governor`: per byte of weights, a prefill step computes several times
+    longer than a decode step, so the two can want different modes.
+    """
+
+    UNLABELLED = "unlabelled"  # before any phase is named (start-up uploads), or a caller that names none
+    PREFILL = "prefill"  # a step whose batches include a prefill chunk (more than one token)
+    DECODE = "decode"  # a step of decode chunks only
+
+
+class PhasedGovernor:
+    """One `Governor` per `Phase`; the current phase's decides the mode (see module docstring).
+
+    Same calls as `Governor` (`mode`, `h2d_started`), plus `enter` to change phase. A phase's governor
+    is created when the phase is first entered (so at most one per `Phase` member) and keeps its
+    windows, holds and costs while other phases run.
+    """
+
+    def __init__(self, config: GovernorConfig | None = None) -> None:
+        self.config = config or GovernorConfig()
+        self._phase = Phase.UNLABELLED
+        self._governors = {self._phase: Governor(self.config)}
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def mode(self) -> Mode:
+        """The mode the current phase's governor says to use now."""
+        return self._governors[self._phase].mode
+
+    def h2d_started(self, now: float, nbytes: int) -> Mode:
+        """As `Governor.h2d_started`, told to the current phase's governor."""
+        return self._governors[self._phase].h2d_started(now, nbytes)
+
+    def enter(self, phase: Phase, now: float) -> Mode:
+        """Transfers from `now` on belong to `phase` (nothing changes if it is the current one).
+
+        The old phase's governor gets its last report, the previous transfer's bytes and the time
+        from its start until `now` (`Governor.pause`); `phase`'s governor resumes where it left off,
+        and its first report will be of the first transfer after `now`: no report spans the other
+        phase. Returns the mode for `phase`.
+
+        Raises:
+            TypeError: if `phase` is not a `Phase`.
+        """
+        if not isinstance(phase, Phase):
+            raise TypeError(f"phase must be a Phase, not {type(phase).__name__}")
+        if phase is not self._phase:
+            self._governors[self._phase].pause(now)
+            self._phase = phase
+            self._governors.setdefault(phase, Governor(self.config))
+        return self.mode
+
+    def stats_by_phase(self) -> dict[Phase, GovernorStats]:
+        """A copy of each entered phase's `GovernorStats`, in the order the phases were entered."""
+        return {phase: dataclasses.replace(g.stats) for phase, g in self._governors.items()}
+
+    def stats(self) -> GovernorStats:
+        """Every phase's counters summed; the costs, which do not add up, are the current phase's."""
+        parts = list(self._governors.values())
+        current = self._governors[self._phase].stats
+        return GovernorStats(
+            **{name: sum(getattr(g.stats, name) for g in parts) for name in _COUNTERS},
+            speculate_s_per_gib=current.speculate_s_per_gib,
+            seal_in_caller_s_per_gib=current.seal_in_caller_s_per_gib,
+        )
+
+
+_COUNTERS = tuple(f.name for f in dataclasses.fields(GovernorStats) if type(f.default) is int)
 
 
 def _growth(loss: float) -> int:

@@ -64,8 +64,9 @@ class PipeLLMOptions:
         speculate: False turns speculation off (every chunk sealed in the caller, as `cc` does).
         stale_backoff: a source whose pre-sealed chunk went stale is sealed on demand for its next
             1, 2, 4, ... transfers, at most this many (`SpeculatorConfig.stale_backoff`; 0: never).
-        governor: the do-no-harm controller: it measures, per window of traffic, whether speculation
-            or sealing in the caller is faster here, and keeps the faster (`GovernorConfig(enabled=
+        governor: the do-no-harm controller: it measures, per phase (`Transport.enter_phase`) and
+            window of traffic, whether speculation or sealing in the caller is faster here, and keeps
+            the faster; every phase's governor has this configuration (`GovernorConfig(enabled=
             False)` pins speculation on).
     """
 
@@ -116,7 +117,10 @@ class PipeLLMStats:
     Attributes:
         speculator: the policy's counters (hits, misses, NOPs, relinquishes, bytes sealed ahead and
             wasted, ...) summed over every epoch.
-        governor: windows measured, mode switches and probes, and the latest cost of each mode.
+        governor: windows measured, mode switches and probes summed over the phases' governors, and
+            the latest cost of each mode in the current phase.
+        governor_by_phase: each phase's own governor statistics, by `Phase` value ("unlabelled",
+            "prefill", "decode"), for the phases entered so far (string keys, so the stats stay JSON).
         wait_s: time callers waited for a worker still sealing the chunk they asked for.
         sync_seal_s: time callers spent sealing chunks themselves (misses and synchronous traffic).
         check_s: time callers spent re-hashing sources in checked mode.
@@ -132,6 +136,7 @@ class PipeLLMStats:
 
     speculator: SpeculatorStats
     governor: GovernorStats = field(default_factory=GovernorStats)
+    governor_by_phase: dict[str, GovernorStats] = field(default_factory=dict)
     wait_s: float = 0.0
     sync_seal_s: float = 0.0
     check_s: float = 0.0

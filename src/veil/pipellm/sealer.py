@@ -19,8 +19,9 @@
   in place, so the hash and the ciphertext cover the same bytes whatever writes the source meanwhile.
   Before committing, the caller re-hashes the source; on a mismatch it bumps the source's version
   (`mark_written()`), so the stale chunk is relinquished instead of committed.
-- The `Governor` measures, per window of traffic, whether speculation pays, and holds the speculator
-  off when sealing in the caller is faster (`Speculator.hold`).
+- The `PhasedGovernor` measures, per phase (prefill, decode) and window of traffic, whether
+  speculation pays, and holds the speculator off while the current phase's governor finds sealing in
+  the caller faster (`Speculator.hold`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from veil.pipellm.decisions import (
     SpeculatorStats,
     Wait,
 )
-from veil.pipellm.governor import Governor, GovernorStats, Mode
+from veil.pipellm.governor import GovernorStats, Mode, Phase, PhasedGovernor
 from veil.pipellm.keys import TransferKey, chunk_count
 from veil.pipellm.options import PipeLLMOptions
 from veil.pipellm.speculator import Speculator
@@ -111,7 +112,7 @@ class Sealer:
         self._prepare_source = prepare_source
         self._seal = seal
         self._predictor = options.predictor()
-        self.governor = Governor(options.governor)
+        self.governor = PhasedGovernor(options.governor)
         self._spec = self._new_speculator(synchronous=False)
         self._pool: ThreadPoolExecutor | None = None
         self._cond = threading.Condition()
@@ -171,8 +172,14 @@ class Sealer:
             return _add(self._earlier, self._spec.stats)
 
     def governor_stats(self) -> GovernorStats:
+        """Every phase's governor counters summed (`PhasedGovernor.stats`)."""
         with self._cond:
-            return dataclasses.replace(self.governor.stats)
+            return self.governor.stats()
+
+    def governor_stats_by_phase(self) -> dict[Phase, GovernorStats]:
+        """Each entered phase's governor statistics."""
+        with self._cond:
+            return self.governor.stats_by_phase()
 
     def reach(self) -> int:
         """One past the highest IV the epoch has bound or emitted."""
@@ -187,6 +194,12 @@ class Sealer:
             for key in keys:
                 self._spec.observe_device_to_host(key)
             self._feed()
+
+    def enter_phase(self, phase: Phase, now: float) -> None:
+        """Transfers from `now` on belong to `phase`, whose governor now decides the mode
+        (`PhasedGovernor.enter`); speculation is held off or let run at once, as it says."""
+        with self._cond:
+            self._follow(self.governor.enter(phase, now))
 
     def hint(self, keys: list[TransferKey], source: HostBuffer) -> None:
         """Pass an engine's hint (these chunks of `source` come next, in order) and feed the workers."""
@@ -205,12 +218,12 @@ class Sealer:
     ) -> Start:
         """Announce a host-to-device transfer, in one acquisition of the sealer's lock.
 
-        First the governor is told the transfer starts at `now` (`Governor.h2d_started`; None: not
-        told again, on a retry), and may hold speculation off or let it run. Then, if nothing is in flight and
-        speculation is off, every chunk of `transfer` is decided `SealNow` at the next consecutive IVs
-        in one O(1) call (the caller has checked that the epoch has IVs for the transfer). Otherwise
-        the transfer is announced if the epoch leaves `margin` IVs beyond those already spoken for
-        (speculation's reservations and NOPs); if it does not, nothing is announced.
+        First the current phase's governor is told the transfer starts at `now` (`Governor.h2d_started`;
+        None: not told again, on a retry), and may hold speculation off or let it run. Then, if nothing
+        is in flight and speculation is off, every chunk of `transfer` is decided `SealNow` at the next
+        consecutive IVs in one O(1) call (the caller has checked that the epoch has IVs for the
+        transfer). Otherwise the transfer is announced if the epoch leaves `margin` IVs beyond those
+        already spoken for (speculation's reservations and NOPs); if it does not, nothing is announced.
 
         Returns:
             `Start.QUIET`: seal and emit the chunks in order, exactly as `cc` does.

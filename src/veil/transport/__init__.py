@@ -1,6 +1,7 @@
 """Transports: the one interface engines use to cross the host-device boundary, and its three kinds.
 
-- `base`: the `Transport` ABC, `TransportKind`, `TransportOptions`, `TransportStats`.
+- `base`: the `Transport` ABC, `TransportKind`, `TransportOptions`, `TransportStats`; `Phase` (what
+  an engine's transfers are for, `Transport.enter_phase`) is `veil.pipellm.governor`'s.
 - `plain`: no confidential computing (the baseline).
 - `sealed`: `SealedTransport` (what every sealed transport shares) and `cc` (seal in the caller).
 - `pipellm`: speculative pipelined encryption.
@@ -12,6 +13,7 @@ protocol) and `veil.pipellm` (the policy and its sealer), so dependencies flow o
 from __future__ import annotations
 
 from veil.cc.device import Device
+from veil.pipellm.governor import Phase
 from veil.pipellm.options import PipeLLMOptions
 from veil.transport.base import Transport, TransportKind, TransportOptions, TransportStats
 from veil.transport.pipellm import PipeLLMTransport
@@ -20,6 +22,7 @@ from veil.transport.sealed import CcTransport, SealedTransport
 
 __all__ = [
     "CcTransport",
+    "Phase",
     "PipeLLMTransport",
     "PlainTransport",
     "SealedTransport",

@@ -1,11 +1,11 @@
 """The one interface engines use to move bytes between host memory and the device.
 
 Every transport offers asynchronous `h2d` and `d2h` over byte ranges of a `HostBuffer` and a
-`DeviceBuffer`, each returning an `Event`; `hint()`; `synchronize()`; `stats()`; and an explicit
-lifecycle: a transport moves nothing until it is entered (`with make_transport(...) as t:`) and
-`close()` (or leaving the block) drains it. Sealed transports (`SealedTransport`) also have `link` and
-`rekey()`. Engines never learn which implementation they hold; `TransportKind` names them and
-`veil.transport.make_transport` builds them.
+`DeviceBuffer`, each returning an `Event`; `hint()` and `enter_phase()` (optional knowledge an engine
+may give); `synchronize()`; `stats()`; and an explicit lifecycle: a transport moves nothing until it is
+entered (`with make_transport(...) as t:`) and `close()` (or leaving the block) drains it. Sealed
+transports (`SealedTransport`) also have `link` and `rekey()`. Engines never learn which implementation
+they hold; `TransportKind` names them and `veil.transport.make_transport` builds them.
 
 Contract shared by all implementations:
 - A transfer may read its source at any time until its event completes (and, for speculative
@@ -29,6 +29,7 @@ from veil.cc.device import Device, DeviceBuffer
 from veil.cc.host import HostBuffer
 from veil.cc.link import LinkConfig
 from veil.cc.stream import Event
+from veil.pipellm.governor import Phase
 from veil.trace import Op, TraceRecorder
 
 if TYPE_CHECKING:  # the richer statistics of the sealed kinds (they import this module)
@@ -224,6 +225,24 @@ class Transport(ABC):
 
     def _hint(self, src: HostBuffer, span: Span) -> None:  # noqa: B027 - optional: ignoring is valid
         """Use a hint (see `hint`); the default ignores it."""
+
+    def enter_phase(self, phase: Phase) -> None:
+        """Say that the transfers from now on belong to `phase` (an engine calls it before each step's
+        transfers: `Phase.PREFILL` or `Phase.DECODE`); until it is first called, `Phase.UNLABELLED`.
+
+        Optional knowledge, like `hint`: `pipellm` keeps one governor per phase (so a prefill can
+        speculate while decode seals in the caller); `plain` and `cc` ignore it.
+
+        Raises:
+            TypeError: if `phase` is not a `Phase`. RuntimeError: if closed.
+        """
+        if not isinstance(phase, Phase):
+            raise TypeError(f"phase must be a Phase, not {type(phase).__name__}")
+        self._check_open()
+        self._enter_phase(phase)
+
+    def _enter_phase(self, phase: Phase) -> None:  # noqa: B027 - optional: ignoring is valid
+        """Use a phase (see `enter_phase`); the default ignores it."""
 
     def upload(self, tensor: torch.Tensor) -> DeviceBuffer:
         """Allocate a device tensor like `tensor` (contiguous, CPU, any dtype) and copy it in; blocks."""

@@ -8,8 +8,9 @@ speculator decides (commit a chunk a worker sealed ahead, pad with NOPs then com
 or relinquish and seal now); the transport emits the decision's messages into the bounce ring in
 counter order while the copy engine opens them (NOPs and burned IVs are authenticated and discarded,
 data goes into the destination). `h2d` returns once every message is emitted, like `cc`. The time
-from one `h2d` to the next (the caller's compute included) is reported to the sealer's governor,
-which keeps speculation only while it measures faster than sealing in the caller.
+from one `h2d` to the next (the caller's compute included) is reported to the governor of the
+current phase (`enter_phase`: prefill, decode), which keeps speculation in that phase only while it
+measures faster than sealing in the caller there.
 
 Device to host (`async_d2h`, default): the copy engine seals; the host half (`HostOpening`: take
 the messages in ring order, binding each to the receiver's counter; open them on one of
@@ -40,6 +41,7 @@ from veil.cc.host import HostBuffer, copy_bytes
 from veil.cc.session import Direction
 from veil.cc.stream import Event
 from veil.pipellm.decryptor import Decryptor, PendingTransfer
+from veil.pipellm.governor import Phase
 from veil.pipellm.keys import TransferKey, chunk_count, chunks
 from veil.pipellm.options import PipeLLMOptions, PipeLLMStats
 from veil.pipellm.sealer import Sealer, SealFunction, Start, seal_chunk
@@ -253,6 +255,7 @@ class PipeLLMTransport(SealedTransport):
         pipellm = PipeLLMStats(
             speculator=self._sealer.speculator_stats(),
             governor=self._sealer.governor_stats(),
+            governor_by_phase={p.value: g for p, g in self._sealer.governor_stats_by_phase().items()},
             wait_s=counters.wait_s,
             sync_seal_s=counters.sync_seal_s,
             check_s=counters.check_s,
@@ -308,6 +311,10 @@ class PipeLLMTransport(SealedTransport):
             finally:
                 schedule.finish()
             return event
+
+    def _enter_phase(self, phase: Phase) -> None:
+        with self._lock:  # ordered with transfers: the change falls between two h2d's starts
+            self._sealer.enter_phase(phase, time.perf_counter())
 
     def _hint(self, src: HostBuffer, span: Span) -> None:
         with self._lock:
