@@ -73,6 +73,9 @@ def test_a_recorded_trace_holds_every_step_transfer_and_layer(swap_trace: Record
     assert len(r.trace.steps) == r.engine.steps + 1  # start-up (the weight upload) first
     startup, *steps = r.trace.steps
     assert startup.tokens == 0 and all(isinstance(e, Transfer) for e in startup.events)
+    # the phase the engine named before each step's transfers (none for the start-up upload)
+    assert startup.phase == "" and steps[0].phase == "prefill" and steps[-1].phase == "decode"
+    assert {s.phase for s in steps} == {"prefill", "decode"}
     trace = Trace(steps, r.trace.meta)
     assert trace.tokens == r.engine.generated_tokens
     assert len(r.trace.transfers(Op.H2D)) == r.h2d
@@ -160,3 +163,22 @@ def test_runtime_and_simulator_make_the_same_speculator_decisions(model: Llama, 
     assert {f: getattr(sim.stats, f) for f in fields} == {f: getattr(recorded.speculator, f) for f in fields}
     assert sim.stats.requests > 0 and (workload != "offload" or sim.stats.hits > sim.stats.misses)
     assert len(decisions) == sim.stats.requests
+
+
+def test_the_replay_enters_each_phase_the_engine_named(model: Llama) -> None:
+    # The runtime keeps one governor per phase (`Transport.enter_phase`); so does the replay, from the
+    # phases the trace recorded: the start-up upload is unlabelled, then prefill and decode steps
+    # (every layer's weights streamed in each of them).
+    offload, requests, tokens = WORKLOADS["offload"]
+    trace = _record(
+        model, dataclasses.replace(offload, transport=TransportKind.PLAIN), requests, tokens
+    ).trace
+    # every report closes a window, and none is left out as idle time
+    options = ReplayOptions(governor=GovernorConfig(window_bytes=1, idle_factor=1e12))
+    sim = replay(trace, INSTANT, Mode.PIPELLM, options)
+    assert list(sim.governor_by_phase) == ["unlabelled", "prefill", "decode"]
+    assert sim.governor is not None
+    assert all(g.windows > 0 for g in sim.governor_by_phase.values())
+    assert sim.governor.windows == sum(g.windows for g in sim.governor_by_phase.values())
+    unphased = Trace([dataclasses.replace(s, phase="") for s in trace.steps], trace.meta)
+    assert list(replay(unphased, INSTANT, Mode.PIPELLM, options).governor_by_phase) == ["unlabelled"]

@@ -47,7 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("simulate", help="simulate PipeLLM's workloads on modelled hardware")
     parser.add_argument("--scenario", choices=["paper", "replay", "validation"], default="paper")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--spare-cores", type=int, default=H100_SXM_PCIE5.spare_cores, help="crypto cores: PipeLLM sealing workers and decryption lanes")
+    parser.add_argument(
+        "--spare-cores",
+        type=int,
+        default=H100_SXM_PCIE5.spare_cores,
+        help="crypto cores: PipeLLM's sealing workers and decryption lanes",
+    )
     parser.add_argument("--vaes", action="store_true", help="seal at the VAES rate instead of AES-NI")
     parser.add_argument("--png", type=Path, default=Path("out/simulate/sensitivity.png"), help="sweep plot")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sensitivity sweep")

@@ -10,8 +10,9 @@ The host thread walks the trace's events in program order on a virtual clock:
   GPU the host launches it and moves on; with `compute_on_host` the host is busy until it ends.
   A span labelled "cpu" (host compute the device waits for, e.g. FlexGen's CPU attention) lasts its
   recorded seconds on the host thread, as every span does with `compute_on_host`;
-PipeLLM runs the real `Speculator` and `default_predictor()`, and the runtime's `Governor` on the
-virtual clock (`ReplayOptions.governor`); the workers' seal jobs read the source version the trace
+PipeLLM runs the real `Speculator` and `default_predictor()`, and the runtime's governors on the
+virtual clock (`ReplayOptions.governor`; one per phase, entered at each step the engine named, as the
+runtime's `PhasedGovernor`); the workers' seal jobs read the source version the trace
 says the buffer has at that point, so a stale pre-sealed chunk is never committed.
 With `HardwareProfile.host_cores` every host lane (host thread and its compute, copy engine, sealing
 workers, decryption lane) shares those cores (`cores.py`).
@@ -29,7 +30,7 @@ from enum import Enum
 
 from veil.pipellm import Decision, Direction, MiB, Speculator, SpeculatorConfig, SpeculatorStats, TransferKey
 from veil.pipellm import default_predictor as _default_predictor
-from veil.pipellm.governor import Governor, GovernorConfig, GovernorStats
+from veil.pipellm.governor import GovernorConfig, GovernorStats, Phase, PhasedGovernor
 from veil.pipellm.governor import Mode as GovernorMode
 from veil.pipellm.keys import chunks
 from veil.pipellm.options import PipeLLMOptions
@@ -96,7 +97,8 @@ class ReplayResult:
         worker_busy_s: modelled sealing time of the spare cores (pipellm).
         stats: the speculator's counters (pipellm).
         ivs: every emitted h2d IV in emission order, if recorded.
-        governor: what the governor measured and did (pipellm).
+        governor: what the governors measured and did, summed over the phases (pipellm).
+        governor_by_phase: each phase's governor statistics, by `Phase` value (pipellm).
         host_work_s: single-core seconds placed on the shared host cores (with `host_cores`).
     """
 
@@ -110,6 +112,7 @@ class ReplayResult:
     ivs: tuple[int, ...] | None = None
     governor: GovernorStats | None = None
     host_work_s: float = 0.0
+    governor_by_phase: dict[str, GovernorStats] = field(default_factory=dict)
 
 
 def replay(
@@ -141,7 +144,7 @@ def replay(
     if isinstance(sender, PipeLLMSender):
         return ReplayResult(
             mode, tokens / elapsed, tuple(ends), start, sender.wait_s, sender.workers.busy_s,
-            sender.speculator.stats, ivs, sender.governor_stats, work,
+            sender.speculator.stats, ivs, sender.governor_stats, work, sender.governor_by_phase,
         )  # fmt: skip
     return ReplayResult(mode, tokens / elapsed, tuple(ends), start, ivs=ivs, host_work_s=work)
 
@@ -188,7 +191,7 @@ class _Run:
             else _default_predictor(max_period=opts.max_period)
         )
         spec = Speculator(predictor, config)
-        governor = Governor(opts.governor)
+        governor = PhasedGovernor(opts.governor)
         spec.hold(governor.mode is GovernorMode.SEAL_IN_CALLER)  # as the runtime's sealer starts it
         return PipeLLMSender(
             self.wire, self.hw, spec, spare_cores=self.hw.spare_cores, d2h_wire=d2h,
@@ -198,6 +201,8 @@ class _Run:
 
     def step(self, step: Step) -> float:
         """Replay one step's events; returns when its last one finished."""
+        if step.phase and isinstance(self.sender, PipeLLMSender):
+            self.sender.enter_phase(Phase(step.phase), self.sender.host_free)
         for event in step.events:
             if isinstance(event, Transfer):
                 self._transfer(event)

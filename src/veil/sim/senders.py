@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 from veil.pipellm import Commit, Decision, PadThenCommit, Speculator, TransferKey, Wait
-from veil.pipellm.governor import Governor, GovernorStats
+from veil.pipellm.governor import GovernorStats, Phase, PhasedGovernor
 from veil.pipellm.governor import Mode as GovernorMode
 from veil.sim.cores import HostCores
 from veil.sim.hardware import HardwareProfile
@@ -237,8 +237,8 @@ class PipeLLMSender(Sender):
         version_of: a source buffer's current write version (what a worker reads before sealing);
             None: every version is 0 (no host writes, so nothing is ever stale).
         on_decision: called with every final decision, in order (tests compare them).
-        governor: the runtime's do-no-harm governor, told every h2d's bytes and time (None: none,
-            speculation always on).
+        governor: the runtime's do-no-harm governor, one per phase, told every h2d's bytes and time and
+            every step's phase (`enter_phase`; None: none, speculation always on).
         cores: the host cores every host lane shares (None: each lane has its own core).
         decrypt_threads: background decryption lanes (`PipeLLMOptions.decrypt_threads` in the runtime).
 
@@ -256,7 +256,7 @@ class PipeLLMSender(Sender):
         d2h_wire: Wire | None = None,
         version_of: Callable[[int], int] | None = None,
         on_decision: Callable[[Decision], None] | None = None,
-        governor: Governor | None = None,
+        governor: PhasedGovernor | None = None,
         cores: HostCores | None = None,
         decrypt_threads: int = 1,
     ) -> None:
@@ -316,14 +316,31 @@ class PipeLLMSender(Sender):
     @property
     def governor_stats(self) -> GovernorStats | None:
         """What the governor measured and did (None without one)."""
-        return None if self.governor is None else self.governor.stats
+        return None if self.governor is None else self.governor.stats()
+
+    @property
+    def governor_by_phase(self) -> dict[str, GovernorStats]:
+        """Each entered phase's governor statistics, by `Phase` value (empty without a governor)."""
+        if self.governor is None:
+            return {}
+        return {phase.value: stats for phase, stats in self.governor.stats_by_phase().items()}
+
+    def enter_phase(self, phase: Phase, now: float) -> None:
+        """The transfers from `now` on belong to `phase`, as the runtime's engine says before each
+        step (`Transport.enter_phase`): that phase's governor decides from now on."""
+        if self.governor is not None:
+            self._follow(self.governor.enter(phase, now), now)
 
     def _govern(self, nbytes: int, now: float) -> None:
         """Report the previous h2d's bytes and the time until this one, as the runtime's transport
         does on every h2d, and hold the speculator while the governor says to seal in the caller."""
         if self.governor is None:
             return
-        held = self.governor.h2d_started(now, nbytes) is GovernorMode.SEAL_IN_CALLER
+        self._follow(self.governor.h2d_started(now, nbytes), now)
+
+    def _follow(self, mode: GovernorMode, now: float) -> None:
+        """Hold the speculator while the governor says to seal in the caller."""
+        held = mode is GovernorMode.SEAL_IN_CALLER
         if held != self._spec.held:
             self._spec.hold(held)
             self.workers.feed(now)

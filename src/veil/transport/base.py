@@ -239,6 +239,8 @@ class Transport(ABC):
         if not isinstance(phase, Phase):
             raise TypeError(f"phase must be a Phase, not {type(phase).__name__}")
         self._check_open()
+        if self.recorder is not None:
+            self.recorder.phase(phase.value)
         self._enter_phase(phase)
 
     def _enter_phase(self, phase: Phase) -> None:  # noqa: B027 - optional: ignoring is valid
