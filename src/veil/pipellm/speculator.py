@@ -96,7 +96,7 @@ class Speculator:
         self._transfer_next = 0  # offset of its next chunk
         self._transfer_on_demand = False  # its source was backing off when it began (see `_Backoff`)
         self._backoff: dict[int, _Backoff] = {}  # source id -> stale backoff
-        self._versions: dict[int, int] = {}  # source id -> version at its last speculative request
+        self._versions: dict[int, int] = {}  # source id -> version at its last bulk request (not quiet)
 
     # -- inspection ---------------------------------------------------------------------------------
     @property
