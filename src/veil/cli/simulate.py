@@ -29,7 +29,6 @@ from veil.sim import H100_SXM_PCIE5, MODELS
 from veil.sim.paper import (
     PAPER_PIPELLM_OVERHEAD_BELOW,
     TARGET_OVERHEAD,
-    decrypt_lanes,
     decryption_pool,
     paper_rows,
     plot_sensitivity,
@@ -96,7 +95,7 @@ def _paper(args: argparse.Namespace, hw: Any) -> dict[str, Any]:
     rows = [r.to_json() for r in paper_rows(MODELS, hw)]
     progress("simulate: injected mispredictions (KV swapping, OPT-13B)")
     trace = serving_trace("kvswap", MODELS["opt-13b"], hw)
-    options = dataclasses.replace(serving_options(trace), decrypt_threads=decrypt_lanes(hw))  # as the rows
+    options = serving_options(trace, hw)
     plain = replay(trace, hw, Mode.PLAIN, options).tokens_per_s
     mispredictions = []
     for rate in MISPREDICT_RATES:

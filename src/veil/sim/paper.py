@@ -3,7 +3,7 @@
 Per workload and model: the CC throughput drop (1 - cc / plain), PipeLLM's residual overhead
 (1 - pipellm / plain) with the profile's crypto cores, and the fewest crypto cores (of `CORE_STEPS`)
 that bring the overhead to at most `TARGET_OVERHEAD`. PipeLLM with N crypto cores has N sealing
-workers and N device-to-host decryption lanes (`pipellm_options`). And a sensitivity sweep (sealing
+workers and N device-to-host decryption lanes (`decrypt_lanes`). And a sensitivity sweep (crypto
 cores, PCIe bandwidth, batch) drawn as a PNG. See docs/sim.md for the assumptions and the reading.
 """
 
@@ -89,7 +89,7 @@ def workload_figures(
     if workload == "offload":
         return offload_figures(model, hw, w, modes)
     trace = serving_trace(workload, model, hw, w)
-    options = dataclasses.replace(serving_options(trace), decrypt_threads=decrypt_lanes(hw))
+    options = serving_options(trace, hw)
     return {mode.value: replay(trace, hw, mode, options).tokens_per_s for mode in modes}
 
 
@@ -109,12 +109,13 @@ def serving_trace(
     return make(model, hw, w or WORKLOADS[workload])
 
 
-def serving_options(trace: Trace) -> ReplayOptions:
+def serving_options(trace: Trace, hw: HardwareProfile) -> ReplayOptions:
     """KV blocks (13-28 MiB at these sizes) are replayed as one message each: the swap predictor's
     cost grows with the square of the keys it holds (see docs/sim.md); depth stays 32 messages.
-    Speculation is pinned on, as the paper's PipeLLM (`PAPER_GOVERNOR`)."""
+    Speculation is pinned on, as the paper's PipeLLM (`PAPER_GOVERNOR`); `decrypt_lanes(hw)` lanes."""
     chunk = max(MiB, int(trace.meta.get("block_bytes", MiB)))
-    return ReplayOptions(warmup_steps=SERVING_WARMUP, chunk_bytes=chunk, governor=PAPER_GOVERNOR)
+    return ReplayOptions(warmup_steps=SERVING_WARMUP, chunk_bytes=chunk, governor=PAPER_GOVERNOR,
+                         decrypt_threads=decrypt_lanes(hw))  # fmt: skip
 
 
 def paper_rows(
@@ -178,7 +179,7 @@ def decryption_pool(
                         "pipellm_overhead": 1 - pipellm / plain})  # fmt: skip
     for name in MODELS_OF["kvswap"]:
         trace = serving_trace("kvswap", models[name], hw)
-        options = serving_options(trace)
+        options = serving_options(trace, hw)
         plain = replay(trace, hw, Mode.PLAIN, options).tokens_per_s
         for n in threads:
             pool = dataclasses.replace(options, decrypt_threads=n)
