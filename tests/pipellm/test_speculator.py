@@ -6,6 +6,7 @@ import pytest
 
 from veil.cc.errors import RekeyRequired
 from veil.pipellm import (
+    UNSEALED_VERSION,
     Commit,
     CyclicPredictor,
     Direction,
@@ -103,6 +104,39 @@ def test_stale_while_sealing_is_checked_after_the_wait() -> None:
     spec.sealed(job.job_id, 4)
     d = spec.request(k(0), 5)
     assert isinstance(d, Relinquish) and d.reason is RelinquishReason.STALE
+
+
+def test_a_chunk_its_worker_sealed_nothing_for_is_sealed_now_at_its_own_iv() -> None:
+    # A worker that finds the source unknown to it (predicted before its first transfer) or being
+    # written seals nothing. No ciphertext exists under that IV: the chunk is sealed there now, the
+    # reservations behind it stay live, and the source does not back off (it was never written).
+    spec = hinted(k(0), k(1), k(2), k(0))
+    jobs = spec.plan(100)
+    assert not spec.sealed(jobs[0].job_id, UNSEALED_VERSION)  # nothing to keep
+    for job in jobs[1:]:
+        assert spec.sealed(job.job_id, 0)
+    d = spec.request(k(0), 0)
+    assert isinstance(d, Relinquish) and d.reason is RelinquishReason.UNSEALED
+    assert (d.nop_ivs, d.iv, d.dropped) == (range(0, 0), jobs[0].iv, ())
+    assert spec.request(k(1), 0) == Commit(jobs[1].iv, jobs[1].job_id, k(1), 0)
+    assert spec.request(k(2), 0) == Commit(jobs[2].iv, jobs[2].job_id, k(2), 0)
+    assert spec.request(k(0), 0) == Commit(jobs[3].iv, jobs[3].job_id, k(0), 0)  # no backoff
+    stats = spec.stats
+    assert (stats.stale, stats.bytes_wasted, stats.bytes_sealed_ahead) == (0, 0, 3 * MB)
+    assert spec.confidence == 1.0
+
+
+def test_an_unsealed_chunk_past_the_pad_limit_is_sealed_at_a_nearer_clean_iv() -> None:
+    spec = hinted(k(0), k(1), k(2), max_pad=1, min_slack=1, max_slack=0)
+    jobs = spec.plan(100)
+    for job in jobs[:2]:
+        assert spec.sealed(job.job_id, 0)
+    spec.sealed(jobs[2].job_id, UNSEALED_VERSION)
+    d = spec.request(k(2), 0)
+    assert isinstance(d, Relinquish) and d.reason is RelinquishReason.PAD_LIMIT
+    assert (d.iv, d.nop_ivs, d.dropped) == (0, range(0, 0), ())
+    assert spec.request(k(0), 0) == Commit(jobs[0].iv, jobs[0].job_id, k(0), 0)
+    assert spec.stats.bytes_wasted == 0
 
 
 def test_pad_limit_relinquishes_when_a_clean_iv_is_nearer() -> None:

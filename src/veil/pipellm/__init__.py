@@ -5,6 +5,7 @@ See docs/pipellm.md for the design and the driving loop.
 """
 
 from veil.pipellm.decisions import (
+    UNSEALED_VERSION,
     Commit,
     Decision,
     PadThenCommit,
@@ -31,6 +32,7 @@ from veil.pipellm.predictors import (
 from veil.pipellm.speculator import Speculator
 
 __all__ = [
+    "UNSEALED_VERSION",
     "Commit",
     "CompositePredictor",
     "CyclicPredictor",

@@ -40,12 +40,18 @@ class SealJob:
     """Seal `key`'s current bytes under IV `iv`, then report `sealed(job_id, version)`.
 
     The worker must read the source's write version BEFORE reading its bytes, and must keep the
-    ciphertext private (never in shared memory) until a decision commits it.
+    ciphertext private (never in shared memory) until a decision commits it. A worker that seals
+    nothing (the source is unknown to it or being written, or the reservation was burned meanwhile)
+    reports `UNSEALED_VERSION`: if the chunk is requested, the caller seals it at this `iv`
+    (`RelinquishReason.UNSEALED`).
     """
 
     job_id: int
     iv: int
     key: TransferKey
+
+
+UNSEALED_VERSION = -1  # `sealed(job_id, UNSEALED_VERSION)`: the job sealed nothing (requests carry >= 0)
 
 
 class RelinquishReason(Enum):
@@ -55,6 +61,7 @@ class RelinquishReason(Enum):
     STALE = "stale"  # the pre-sealed chunk's source was written after sealing: never committed
     PAD_LIMIT = "pad-limit"  # the wanted chunk was too far ahead to pad to; a clean IV was nearer
     COLLISION = "collision"  # a synchronous message found live reservations on every nearer IV
+    UNSEALED = "unsealed"  # the worker sealed nothing at the wanted chunk's IV: sealed now at that IV
 
 
 @dataclass(frozen=True, slots=True)

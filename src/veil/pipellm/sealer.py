@@ -9,8 +9,8 @@
   owner of the counter), copies the finished message into a spare bounce slot if one is free
   (`Reservation.stage`: the copy then costs the worker, not the caller's commit) and reports
   `sealed(job, version)`. A source being written, unknown, or a
-  reservation burned or made stale meanwhile is reported with `UNSEALED_VERSION`, which no request
-  matches, so it is never committed.
+  reservation burned or made stale meanwhile is reported with `UNSEALED_VERSION`: nothing is
+  committed from it, and a request for its chunk is sealed in the caller at its IV.
 - Nothing is lost on failure: a job that cannot be submitted, or whose worker raises, is reported
   (`seal_failed`: the speculator drops every live reservation and turns synchronous for good; the
   error is kept in `error`). A caller told to `Wait` for a job nobody runs reports it unsealed
@@ -43,6 +43,7 @@ from veil.pipellm.decisions import (
     Decision,
     PadThenCommit,
     ReservationState,
+    UNSEALED_VERSION,
     SealJob,
     SpeculatorStats,
     Wait,
@@ -52,7 +53,6 @@ from veil.pipellm.keys import TransferKey, chunk_count
 from veil.pipellm.options import PipeLLMOptions
 from veil.pipellm.speculator import Speculator
 
-UNSEALED_VERSION = -1  # reported for a job that sealed nothing: requests carry versions >= 0
 _LIVE = (ReservationState.SEALING, ReservationState.SEALED)
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from veil.pipellm._ivpipeline import IVPipeline, Slot
 from veil.pipellm.decisions import (
+    UNSEALED_VERSION,
     Commit,
     Decision,
     PadThenCommit,
@@ -212,6 +213,10 @@ class Speculator:
             ValueError: unknown job, or a job already reported.
         """
         slot = self._pop_outstanding(job_id)
+        if version == UNSEALED_VERSION:
+            if slot.state is ReservationState.SEALING:
+                slot.state, slot.version = ReservationState.SEALED, version
+            return False  # nothing to keep: a request for the chunk is sealed at its IV
         self._stats.bytes_sealed_ahead += slot.key.length
         if slot.state is ReservationState.SEALING:
             slot.state, slot.version = ReservationState.SEALED, version
@@ -365,6 +370,8 @@ class Speculator:
         slot = self._pipe.find_live(key)
         if slot is None:
             return self._relinquish(key, version, RelinquishReason.MISS, self._pipe.drop_live())
+        if slot.state is ReservationState.SEALED and slot.version == UNSEALED_VERSION:
+            return self._unsealed(slot, key, version)
         if slot.state is ReservationState.SEALED and slot.version != version:
             slot.state = ReservationState.DROPPED
             return self._relinquish(
@@ -382,6 +389,18 @@ class Speculator:
         if not nop_ivs:
             return Commit(slot.iv, slot.job_id, key, slot.version)
         return PadThenCommit(nop_ivs, slot.iv, slot.job_id, key, slot.version, self._ids(dropped))
+
+    def _unsealed(self, slot: Slot, key: TransferKey, version: int) -> Relinquish:
+        """`key`'s worker sealed nothing (its source was unknown to it or being written): no
+        ciphertext exists under its IV, so `key` is sealed now at that IV, placed as its commit
+        would have been (or, past the pad limit, at a nearer clean IV); the reservations behind it
+        stay live and its source does not back off, since nothing was written after sealing."""
+        slot.state = ReservationState.DROPPED
+        if slot.iv - self._pipe.next_iv > self._config.max_pad and self._pipe.first_clean_iv() < slot.iv:
+            return self._relinquish(key, version, RelinquishReason.PAD_LIMIT, [])
+        nop_ivs, dropped = self._pipe.emit(slot.iv)
+        self._discard(dropped)
+        return Relinquish(nop_ivs, slot.iv, key, version, RelinquishReason.UNSEALED, self._ids(dropped))
 
     def _relinquish(
         self, key: TransferKey, version: int, reason: RelinquishReason, dropped: list[Slot]
