@@ -39,11 +39,11 @@ from veil.cc.channel import Reservation, SenderChannel
 from veil.cc.errors import ReservationError
 from veil.cc.host import HostBuffer
 from veil.pipellm.decisions import (
+    UNSEALED_VERSION,
     Commit,
     Decision,
     PadThenCommit,
     ReservationState,
-    UNSEALED_VERSION,
     SealJob,
     SpeculatorStats,
     Wait,
