@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from veil.bench.report import emit_json, print_table, progress
+from veil.bench.report import emit_json, median_interval, print_table, progress
 from veil.bench.transfer import CoreRates, core_rates
 from veil.engine.engine import EngineConfig, LLMEngine
 from veil.engine.offload_policy import HostDtype, OffloadPolicy
@@ -192,6 +192,7 @@ def _measure(
         "pipellm_vs_cc": rates["pipellm"] / rates["cc"],
         "pipellm_vs_cc_rounds": paired,
         "pipellm_vs_cc_median": statistics.median(paired),
+        "pipellm_vs_cc_interval": median_interval(paired),
         "rounds": rounds,
         "bound": bound,
         "cc_vs_bound": rates["cc"] / bound,
@@ -246,7 +247,8 @@ def _print(results: list[dict[str, Any]]) -> None:
     rows = [
         [
             r["host_dtype"], r["point"], r["plain"], r["cc"], r["pipellm"], r[HINTED],
-            r["pipellm_vs_cc"], r["bound"], r["cc_vs_bound"], r["pipellm_vs_bound"],
+            r["pipellm_vs_cc"], r["pipellm_vs_cc_median"], _span(r["pipellm_vs_cc_interval"]),
+            r["bound"], r["cc_vs_bound"], r["pipellm_vs_bound"],
             closure(r["gap_closure"]), closure(r["gap_closure_hinted"]),
             r["compute_per_layer_ms"], r["seal_per_layer_ms"], r["outputs_identical"],
         ]
@@ -254,10 +256,15 @@ def _print(results: list[dict[str, Any]]) -> None:
     ]  # fmt: skip
     headers = [
         "dtype", "point", "plain tok/s", "cc tok/s", "pipellm tok/s", "hinted tok/s", "pipellm/cc",
+        "median", "95% interval",
         "bound tok/s", "cc/bound", "pipellm/bound", "closure",
         "closure hinted", "compute/layer ms", "seal/layer ms", "identical",
     ]  # fmt: skip
     print_table(headers, rows)
+
+
+def _span(interval: tuple[float, float] | None) -> str:
+    return "-" if interval is None else f"{interval[0]:.2f}-{interval[1]:.2f}"
 
 
 def _plot(results: list[dict[str, Any]], path: Path) -> None:

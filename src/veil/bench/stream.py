@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from veil.bench.report import emit_json, print_table, progress
+from veil.bench.report import emit_json, median_interval, print_table, progress
 from veil.bench.transfer import CoreRates, core_rates
 from veil.cc.device import Device
 from veil.cc.host import HostBuffer
@@ -167,6 +167,10 @@ def _best_of(
     return best
 
 
+def _rounded(interval: tuple[float, float] | None) -> list[float] | None:
+    return None if interval is None else [round(v, 3) for v in interval]
+
+
 def _paired(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """pipellm / cc of the best rounds, and per round (the two ran side by side in each)."""
     rounds = [p / c for p, c in zip(figures["pipellm"]["rounds"], figures["cc"]["rounds"], strict=True)]
@@ -174,6 +178,7 @@ def _paired(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "pipellm_vs_cc": round(figures["pipellm"]["gbps"] / figures["cc"]["gbps"], 3),
         "pipellm_vs_cc_rounds": [round(r, 3) for r in rounds],
         "pipellm_vs_cc_median": round(statistics.median(rounds), 3),
+        "pipellm_vs_cc_interval": _rounded(median_interval(rounds)),
     }
 
 
@@ -334,7 +339,11 @@ def _print(results: dict[str, Any]) -> None:
         f"relinquishes {sp['relinquishes']}, waited {s['wait_s']:.3f} s, "
         f"sealed in caller {s['sync_seal_s']:.3f} s"
     )
-    print(f"cyclic: pipellm / cc = {results['pipellm_vs_cc']:.3f}; mispredicted: {mis['pipellm_vs_cc']:.3f}")
+    for name, r in (("cyclic", results), ("mispredicted", mis)):
+        print(
+            f"{name}: pipellm / cc = {r['pipellm_vs_cc']:.3f} (best rounds), {r['pipellm_vs_cc_median']:.3f} "
+            f"(median of rounds, 95% interval {r['pipellm_vs_cc_interval'] or 'needs >= 6 rounds'})"
+        )
     print(f"caller's time per 1 MiB chunk, us: {results['per_chunk_us']}")
     print(
         f"checked mode: {c['pipellm']} GB/s (re-hashing {c['check_s']:.3f} s); "
