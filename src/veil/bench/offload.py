@@ -73,10 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=4,
+        default=6,
         help="interleaved rounds over the transports (every other one reversed), whose engines live "
-        "through all rounds; each one's best round counts (default 4: the machine is shared, and "
-        "interference only ever slows a round down), and pipellm / cc is also reported per round",
+        "through all rounds; each one's best round counts (the machine is shared, and interference "
+        "only ever slows a round down), and pipellm / cc is also reported per round, with a 95%% "
+        "interval for its median from 6 rounds on (default 6)",
     )
     parser.add_argument("--out", default="out/bench-offload", help="directory for result.json and the plot")
     parser.add_argument(
