@@ -32,6 +32,37 @@ def test_keeps_sealing_in_the_caller_when_speculation_costs_more() -> None:
     assert governor.stats.speculate_s_per_gib == pytest.approx(1.5 * (1 << 30))
 
 
+def test_exploration_is_counted_against_the_holding_modes_latest_cost() -> None:
+    governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=4, max_hold=64))
+    used = _drive(governor, {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0}, windows=400)
+    speculative = used.count(Mode.SPECULATE)
+    stats = governor.stats
+    assert stats.explore_bytes == speculative * WINDOW
+    assert stats.explore_s == pytest.approx(1.5 * speculative * WINDOW)
+    assert stats.explore_excess_s == pytest.approx(0.5 * speculative * WINDOW)  # 1.5 against 1.0
+
+
+def test_exploring_a_cheaper_mode_counts_negative_and_the_new_incumbent_is_the_reference() -> None:
+    governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=2, max_hold=64))
+    cost = {Mode.SPECULATE: 0.5, Mode.SEAL_IN_CALLER: 1.0}
+    _drive(governor, cost, windows=6)  # settle, measure; the probe of speculation; the bracket
+    assert governor.mode is Mode.SPECULATE  # it took over
+    assert governor.stats.explore_bytes == 2 * WINDOW  # the probe's settle and window only
+    assert governor.stats.explore_excess_s == pytest.approx(2 * WINDOW * (0.5 - 1.0))
+    used = _drive(governor, cost, windows=5)  # settle, hold two windows, then probe the caller
+    assert used[-2:] == [Mode.SEAL_IN_CALLER] * 2
+    # the caller's probe now costs 1.0 against speculation's 0.5
+    assert governor.stats.explore_excess_s == pytest.approx(2 * WINDOW * (0.5 - 1.0) + 2 * WINDOW * 0.5)
+
+
+def test_idle_reports_are_not_exploration() -> None:
+    governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=4, max_hold=64))
+    _drive(governor, {Mode.SPECULATE: 1.5, Mode.SEAL_IN_CALLER: 1.0}, windows=2)
+    assert governor.mode is Mode.SPECULATE
+    governor.record(WINDOW, WINDOW * 100.0)  # a gap between requests
+    assert governor.stats.idle_reports == 1 and governor.stats.explore_bytes == 0
+
+
 @pytest.mark.parametrize(("loss", "hold"), [(1.15, 8), (1.3, 16), (2.0, 32)])
 def test_the_first_probe_grows_the_hold_like_any_probe(loss: float, hold: int) -> None:
     governor = Governor(GovernorConfig(window_bytes=WINDOW, first_hold=4, max_hold=64))
@@ -338,6 +369,22 @@ def test_each_phase_keeps_its_own_verdict_where_one_shared_governor_cannot(trans
     used = _alternate(shared.h2d_started, lambda phase, now: None, cycles=60, transfers=transfers)
     best = _best_share(used)
     assert sum(best.values()) / 2 < 0.6, best
+
+
+def test_the_phased_stats_sum_every_phases_exploration() -> None:
+    governor = PhasedGovernor(GovernorConfig(window_bytes=WINDOW, first_hold=4, max_hold=64))
+    now = 0.0
+    for phase, cost in ((Phase.PREFILL, 1.5), (Phase.DECODE, 2.0)):
+        governor.enter(phase, now)
+        for _ in range(8):  # settle, measure, the probe's settle and its window, then back
+            mode = governor.h2d_started(now, WINDOW)
+            now += WINDOW * (cost if mode is Mode.SPECULATE else 1.0)
+    by_phase = governor.stats_by_phase()
+    total = governor.stats()
+    assert by_phase[Phase.PREFILL].explore_bytes > 0 and by_phase[Phase.DECODE].explore_bytes > 0
+    assert total.explore_bytes == sum(g.explore_bytes for g in by_phase.values())
+    assert total.explore_excess_s == pytest.approx(sum(g.explore_excess_s for g in by_phase.values()))
+    assert total.explore_excess_s > 0
 
 
 def test_the_report_spanning_a_phase_change_goes_to_the_old_phase_and_none_spans_the_other() -> None:

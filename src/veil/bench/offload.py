@@ -129,6 +129,7 @@ def _measure(
     runs = [(mode.value, mode, False) for mode in MODES] + [(HINTED, TransportKind.PIPELLM, True)]
     rates: dict[str, float] = {}
     rounds: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+    explore_shares: list[float] = []  # pipellm's rounds: exploring's excess seconds / the round's
     outputs: dict[str, list[list[int]]] = {}
     stats: dict[str, Any] = {}
     compute_per_layer = 0.0
@@ -158,9 +159,12 @@ def _measure(
                 engine = engines[label]
                 streamed, runner = engine.runner.weights.stats, engine.runner.stats
                 before = (asdict(streamed), runner.layer_compute_s)
+                explored = _explore_excess_s(engine)
                 start = time.perf_counter()
                 out = _generate(engine, [prompt] * point.batch_size, point.new_tokens)
                 elapsed = time.perf_counter() - start
+                if label == TransportKind.PIPELLM.value:
+                    explore_shares.append((_explore_excess_s(engine) - explored) / elapsed)
                 identical = identical and outputs.setdefault(label, out) == out
                 rounds[label].append(point.tokens / elapsed)
                 if point.tokens / elapsed <= rates.get(label, 0.0):
@@ -194,6 +198,7 @@ def _measure(
         "pipellm_vs_cc_rounds": paired,
         "pipellm_vs_cc_median": statistics.median(paired),
         "pipellm_vs_cc_interval": median_interval(paired),
+        "pipellm_explore_share_rounds": explore_shares,
         "rounds": rounds,
         "bound": bound,
         "cc_vs_bound": rates["cc"] / bound,
@@ -218,6 +223,13 @@ def _generate(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> l
         for step in engine.step():
             out[step.request_id] += step.new_token_ids
     return [out[i] for i in ids]
+
+
+def _explore_excess_s(engine: LLMEngine) -> float:
+    """Seconds the engine's transport spent so far trying the mode its governor did not hold, beyond
+    the holding mode's cost (`GovernorStats.explore_excess_s`); 0 for a transport without one."""
+    pipellm = engine.runner.transport.stats().pipellm
+    return 0.0 if pipellm is None else pipellm.governor.explore_excess_s
 
 
 def sealed_layer_bound_s(compute_s: float, layer_bytes: int, core: CoreRates) -> float:

@@ -208,7 +208,8 @@ def _report(loaded: LoadedModel, confidential: Served, baseline: Served, total_s
             f"{rate:.0%}), {spec.bytes_sealed_ahead / 2**20:.0f} MiB sealed ahead; its governors measured "
             f"{stats.pipellm.governor.windows} windows and switched mode {stats.pipellm.governor.switches} "
             f"times ({_by_phase(stats.pipellm.governor_by_phase)}; each phase seals in the caller when "
-            "speculating does not pay there on this machine)",
+            "speculating does not pay there on this machine); trying the other mode cost "
+            f"{stats.pipellm.governor.explore_excess_s:.2f} s beyond the mode that held",
             file=sys.stderr,
         )
     tokens = len(confidential.answer.token_ids)

@@ -40,6 +40,11 @@ recent reports in log space) is left out of the windows; the reference still mov
 workload whose cost really jumps that much (decode to a long prefill) is measured again after a few
 reports.
 
+What exploring costs is counted (`GovernorStats.explore_*`): every report made while the mode that
+does not hold is being tried (a probe's settling and measured windows), and its seconds beyond what
+the holding mode's latest figure gives for the same bytes. That is the price of doing no harm, in
+seconds, for a job to set against its run time.
+
 One verdict per phase (`PhasedGovernor`): the engine names the phase of each step before its
 transfers (`Phase.PREFILL` if any batch has a prefill chunk, else `Phase.DECODE`), and each phase has
 its own `Governor`, so a prefill whose compute hides the sealing can speculate while decode steps seal
@@ -117,6 +122,9 @@ class GovernorStats:
     unsettled: int = 0  # losses that left the hold as it was: the challenger beat the window after it
     speculate_s_per_gib: float | None = None  # latest measured cost of each mode
     seal_in_caller_s_per_gib: float | None = None
+    explore_bytes: int = 0  # bytes moved in the mode that did not hold (probes and their settling)
+    explore_s: float = 0.0  # the seconds those bytes took
+    explore_excess_s: float = 0.0  # those seconds minus what the holding mode's latest cost gives
 
 
 class _Stage(enum.Enum):
@@ -137,6 +145,7 @@ class Governor:
         self.config = config or GovernorConfig()
         self.stats = GovernorStats()
         self._mode = Mode.SEAL_IN_CALLER  # do no harm: the first incumbent
+        self._incumbent = self._mode  # the mode that holds; `_mode` differs while a challenger is tried
         self._stage = _Stage.SETTLE
         self._after_settle = _Stage.MEASURE  # what the settle window leads to
         self._cost: dict[Mode, float] = {}
@@ -186,10 +195,22 @@ class Governor:
             return self._mode
         self._bytes += nbytes
         self._seconds += seconds
+        if self._mode is not self._incumbent:
+            self._explored(nbytes, seconds)
         if self._bytes >= self._window_bytes() or self._probe_lost():
             self._close_window(self._seconds / self._bytes)
             self._bytes, self._seconds = 0, 0.0
         return self._mode
+
+    def _explored(self, nbytes: int, seconds: float) -> None:
+        """A report in the challenger's mode: what exploring cost beyond the incumbent's latest figure
+        (negative where the challenger was cheaper)."""
+        stats = self.stats
+        stats.explore_bytes += nbytes
+        stats.explore_s += seconds
+        incumbent = self._cost.get(self._incumbent)
+        if incumbent is not None:
+            stats.explore_excess_s += seconds - nbytes * incumbent
 
     def _idle(self, log_cost: float) -> bool:
         """True if a report of this cost is idle time; moves the reference either way."""
@@ -262,6 +283,7 @@ class Governor:
         self._challenger = None
         if self._beats(challenger):
             self._hold = self.config.first_hold  # a new incumbent
+            self._incumbent = challenger
             self._switch(challenger, _Stage.HOLD)
             return
         self.stats.overturned += 1
@@ -365,17 +387,20 @@ class PhasedGovernor:
         return {phase: dataclasses.replace(g.stats) for phase, g in self._governors.items()}
 
     def stats(self) -> GovernorStats:
-        """Every phase's counters summed; the costs, which do not add up, are the current phase's."""
+        """Every phase's counters and exploration summed; the costs, which do not add up, are the
+        current phase's."""
         parts = list(self._governors.values())
         current = self._governors[self._phase].stats
         return GovernorStats(
-            **{name: sum(getattr(g.stats, name) for g in parts) for name in _COUNTERS},
+            **{name: sum(getattr(g.stats, name) for g in parts) for name in _SUMMED},
             speculate_s_per_gib=current.speculate_s_per_gib,
             seal_in_caller_s_per_gib=current.seal_in_caller_s_per_gib,
         )
 
 
-_COUNTERS = tuple(f.name for f in dataclasses.fields(GovernorStats) if type(f.default) is int)
+_SUMMED = tuple(  # everything but the latest costs, which do not add up
+    f.name for f in dataclasses.fields(GovernorStats) if not f.name.endswith("_s_per_gib")
+)
 
 
 def _growth(loss: float) -> int:
