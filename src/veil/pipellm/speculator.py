@@ -33,7 +33,7 @@ Not thread-safe: the mechanism serializes calls (one lock), and releases it whil
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from veil.pipellm._ivpipeline import IVPipeline, Slot
@@ -604,12 +604,20 @@ class Speculator:
         depth = self._config.depth
         if live >= depth:
             return
-        junction, wanted = self._wanted(depth, live, max(count, _PROVISIONAL))
-        # Extend only where the pipeline's tail is where the predictor would be: checking that one
-        # junction (not the whole window) keeps a request O(1) in Python for the common case; a
-        # disagreement further in is settled by the request that meets it.
-        if live and junction != self._pipe.live_tail_key():
-            return
+        want = max(count, _PROVISIONAL)
+        junction, wanted = self._wanted(depth, live, want)
+        # Extend where the pipeline's tail is where the predictor would be: checking that one junction
+        # (not the whole window) keeps a request O(1) in Python for the common case. A source whose
+        # backoff changed since the tail was reserved moves the positions after it by its chunks:
+        # then extend after the tail's nearest position, or, if the tail is not expected at all, not
+        # (a disagreement further in is settled by the request that meets it).
+        tail = self._pipe.live_tail_key()
+        if live and junction != tail:
+            assert tail is not None
+            at = self._position(tail, depth, live - 1)
+            if at is None:
+                return
+            _, wanted = self._wanted(at + 1 + depth - live, at + 1, want)
         iv = self._pipe.last_bound_iv()
         for key, slack in wanted:
             iv += 1 + self._config.min_slack + slack
@@ -621,30 +629,55 @@ class Speculator:
     def _wanted(
         self, depth: int, start: int, count: int
     ) -> tuple[TransferKey | None, list[tuple[TransferKey, int]]]:
-        """The chunks expected at positions `start .. start + count - 1` of the next `depth`, each with
-        the clean IVs to leave before it, and the key at position `start - 1` (None if there is none).
-
-        First the rest of the announced transfer, then the predicted transfers' chunks (only
-        host-to-device bulk ones; slack before a transfer's first chunk only). A source backing off
-        after a stale chunk is not reserved: its chunks become slack before the next reservation,
-        as far as padding would burn them (`max_pad`); beyond that nothing more is reserved yet.
-        Positions before `start - 1` are counted, not built.
+        """The chunks expected at positions `start .. start + count - 1` of the next `depth` (`_placed`),
+        each with the clean IVs to leave before it, and the key at position `start - 1` (None if there
+        is none). Positions before `start - 1` are counted, not built.
         """
         out: list[tuple[TransferKey, int]] = []
         junction: TransferKey | None = None
         stop = min(depth, start + count)
-        index = 0  # position of the next chunk
-
-        def take(keys: list[TransferKey], slack: int) -> None:
-            """Place one transfer's chunks at the next positions (slack before its first only)."""
-            nonlocal index, junction
+        index, step = 0, self._config.chunk_bytes  # position of the next chunk
+        for transfer, slack in self._placed(depth):
+            if index >= stop:
+                break
+            keys = chunks(transfer, step, depth - index)
             if start and index < start <= index + len(keys):
                 junction = keys[start - 1 - index]
             first = max(start - index, 0)
             picked = keys[first : stop - index]
-            out.extend((key, 0 if i else slack) for i, key in enumerate(picked, first))
+            out.extend((key, 0 if i else slack) for i, key in enumerate(picked, first))  # slack: first only
             index += len(keys)
+        return junction, out
 
+    def _position(self, key: TransferKey, depth: int, near: int) -> int | None:
+        """The position of chunk `key` in the expected sequence (`_placed`) nearest to `near`, looking
+        no further than `near + depth`; None if it is not there."""
+        best: int | None = None
+        index, step = 0, self._config.chunk_bytes
+        for transfer, _ in self._placed(near + depth):
+            if index > near + depth or (best is not None and index - near > abs(best - near)):
+                break  # every later position is further from `near`
+            delta = key.offset - transfer.offset
+            if (
+                key.source_id == transfer.source_id
+                and key.direction is transfer.direction
+                and 0 <= delta < max(transfer.length, 1)
+                and delta % step == 0
+                and key.length == min(step, transfer.length - delta)
+            ):
+                at = index + delta // step
+                if best is None or abs(at - near) < abs(best - near):
+                    best = at
+            index += chunk_count(transfer.length, step)
+        return best
+
+    def _placed(self, depth: int) -> Iterator[tuple[TransferKey, int]]:
+        """The transfers expected next, in order, each with the clean IVs to leave before its first
+        chunk: first the rest of the announced transfer, then the predicted transfers (only
+        host-to-device bulk ones). A source backing off after a stale chunk is not placed: its chunks
+        become slack before the next transfer, as far as padding would burn them (`max_pad`); beyond
+        that nothing more is placed yet.
+        """
         transfer, step = self._transfer, self._config.chunk_bytes
         owed = 0  # clean IVs owed to chunks sealed on demand before the next reservation
         if transfer is not None and self._transfer_class is SizeClass.BULK:
@@ -653,21 +686,19 @@ class Speculator:
             if rest.length and self._transfer_on_demand:
                 owed = chunk_count(rest.length, step)
             elif rest.length:
-                take(chunks(rest, step, depth), 0)
+                yield rest, 0
                 if transfer.source_id in self._backoff:  # on probation: escape IVs after it
                     owed = chunk_count(rest.length, step)
         bulk_above, h2d = self._config.sizes.bulk_above, Direction.H2D
         most_owed = self._config.max_pad - self._config.min_slack
         backoff = self._backoff
         for key in self._predictor.predict(depth):
-            if index >= stop:
-                break
             # Inline form of `SizeClasses.speculative` (this loop runs on every request).
             if key.length <= bulk_above or key.direction is not h2d:
                 continue
             slack = self._slack.get(key, 0) + owed
             if slack > most_owed:
-                break
+                return
             owed = 0
             if backoff and (b := backoff.get(key.source_id)) is not None:
                 if b.skip:
@@ -676,8 +707,7 @@ class Speculator:
                 # On probation: as many clean IVs after it as it has chunks, so that if it is stale
                 # again only its own IVs are burned and its chunks are sealed now in the clean ones.
                 owed = chunk_count(key.length, step)
-            take(chunks(key, step, depth - index), slack)
-        return junction, out
+            yield key, slack
 
     def _go_synchronous(self) -> list[Slot]:
         self._catch_up()  # the predictor outlives this speculator (a re-key's successor shares it)
