@@ -7,11 +7,13 @@ import dataclasses
 
 import pytest
 
+from veil.pipellm import MiB
 from veil.sim import HardwareProfile, Mode, ModelProfile, Scenario, layout, simulate
 from veil.sim.hardware import GB, cpu_attention_seconds
+from veil.sim.replay import ReplayOptions, replay
 from veil.sim.scenarios import Workload, flexgen_policy
 from veil.sim.simulator import KV_SOURCE, FlexGenPolicy, flexgen_trace
-from veil.trace import Compute, Op
+from veil.trace import Compute, Op, TraceRecorder
 
 # 6 MiB of weights per layer; width 512, so a GPU batch's per-token transfers are a few KiB.
 SMALL = ModelProfile("small", layers=4, hidden=512, intermediate=2048, kv_dim=512, params_per_layer=3 * 2**20)
@@ -128,3 +130,20 @@ def test_a_decryption_pool_shortens_the_prompt_pass_under_pipellm_only() -> None
         assert layer_s(pool, mode) == pytest.approx(layer_s(sc, mode))
     with pytest.raises(ValueError):
         dataclasses.replace(sc, decrypt_threads=0)
+
+
+def test_host_compute_on_a_device_to_host_copy_waits_for_its_decryption() -> None:
+    """CPU attention reads q, K and V in plaintext: under PipeLLM it starts once the decryption lane
+    has opened them, as under cc once the host thread has (not when the ciphertext lands)."""
+    rec = TraceRecorder()
+    rec.begin_step()
+    rec.transfer(Op.D2H, 1, 0, 2 * MiB, 0)
+    rec.compute(0.0, 0.0, 1e-3, rec.data_transfers, "cpu")
+    rec.end_step(1, 0.0)
+    hw = dataclasses.replace(HW, message_s=0.0)
+    link, open_s = 2 * MiB / hw.pcie_d2h_bytes_per_s, 2 * MiB / hw.open_bytes_per_s
+    # cc opens each 1 MiB chunk before it receives the next; PipeLLM's one lane opens the first while
+    # the second crosses the link
+    for mode, opened in ((Mode.CC, link + open_s), (Mode.PIPELLM, link / 2 + open_s)):
+        step = replay(rec.trace, hw, mode, ReplayOptions(decrypt_threads=1)).step_ends[0]
+        assert step == pytest.approx(opened + 1e-3), mode

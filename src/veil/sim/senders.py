@@ -13,8 +13,8 @@ Device-to-host chunks (`receive`) cross their own `Wire` (the same one when the 
 duplex); the device seals them (free on an H100, at `device_crypto_bytes_per_s` otherwise) and the
 host opens them: `plain` does nothing, `cc` opens on the host thread, `pipellm` on background
 decryption lanes (as the runtime's `PipeLLMOptions.decrypt_threads`, though here each chunk goes
-to the lane free first, where the runtime's lanes take whole transfers)
-that an h2d of the same buffer waits for.
+to the lane free first, where the runtime's lanes take whole transfers): host compute that needs
+the chunk, and an h2d of the same buffer, wait for its decryption.
 
 PipeLLM's `Governor` (the runtime's, unchanged) is told each h2d's bytes and the virtual time until
 the next one, as the runtime's transport tells it the wall time; while it says to seal in the caller
@@ -283,7 +283,7 @@ class PipeLLMSender(Sender):
         lane = lanes.index(min(lanes))
         lanes[lane] = self.work(max(lanes[lane], arrived), self.open_s(key.length))
         self._decrypted_at[key.source_id] = max(self._decrypted_at.get(key.source_id, 0.0), lanes[lane])
-        return arrived  # on the host in ciphertext; an h2d of this buffer waits for its decryption
+        return lanes[lane]  # its plaintext: what the host computes on (an h2d of this buffer waits too)
 
     def observe_device_to_host(self, transfer: TransferKey) -> None:
         """Report a whole device-to-host transfer (a swap-out predicts its swap-in), as the runtime
