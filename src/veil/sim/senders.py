@@ -70,14 +70,12 @@ class Wire:
     def emit(self, iv: int, nbytes: int, ready_at: float, *, sealed: bool = True) -> float:
         """Send a message that is ready at `ready_at`; returns when it has arrived."""
         busy = nbytes / self._bytes_per_s
-        if sealed and self._crypto_bytes_per_s is not None:
-            busy += nbytes / self._crypto_bytes_per_s
+        crypto = self._crypto_bytes_per_s if sealed else None
+        if crypto is not None:
+            busy += nbytes / crypto
         start = max(ready_at, self.free_at)
-        crypto = sealed and self._crypto_bytes_per_s is not None
-        if self._cores is None:
-            self.free_at = start + busy
-        else:
-            self.free_at = self._cores.run(start, busy, Lane.OPEN if crypto else Lane.COPY)
+        lane = Lane.COPY if crypto is None else Lane.OPEN  # the emulated copy engine's kind of work
+        self.free_at = self._cores.run(start, busy, lane) if self._cores is not None else start + busy
         if self.ivs is not None:
             self.ivs.append(iv)
         return self.free_at
@@ -185,8 +183,7 @@ class SyncSender(Sender):
         arrived = super().receive(key, not_before)
         if not self._seal:
             return arrived
-        opened = self.work(max(self._host, arrived), self.open_s(key.length), Lane.OPEN)
-        self._host = opened  # cc opens in the caller
+        self._host = self.work(max(self._host, arrived), self.open_s(key.length), Lane.OPEN)  # in the caller
         return self._host
 
 
