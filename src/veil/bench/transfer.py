@@ -332,7 +332,7 @@ def _memcpy() -> Callable[[], None]:
 
 def _print_table(results: dict[str, object], sizes_mib: list[int]) -> None:
     print(f"{'transport':<10}{'direction':<11}" + "".join(f"{f'{size} MiB':>12}" for size in sizes_mib))
-    for kind in TransportKind:
+    for kind in _KINDS:
         figures = results[kind.value]
         assert isinstance(figures, dict)
         for direction in ("h2d", "d2h"):
