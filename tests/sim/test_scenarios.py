@@ -10,6 +10,7 @@ import pytest
 from veil.pipellm import MiB
 from veil.sim import HardwareProfile, ModelProfile
 from veil.sim.calibrate import HostRates, ModelShape, machine_profile
+from veil.sim.cores import Lane, OneSpeed, PairSpeeds, host_cores
 from veil.sim.hardware import GB, MODELS
 from veil.sim.paper import MODELS_OF, paper_rows
 from veil.sim.replay import Mode, ReplayOptions, inject_mispredictions, replay, scale_trace
@@ -145,6 +146,20 @@ def test_machine_profile_fits_the_model_benchmark_and_the_core_rates() -> None:
     assert gb / hw.seal_bytes_per_s == pytest.approx(1 / 2.0 + 1 / 5.0)
     device_side = gb / hw.pcie_h2d_bytes_per_s + gb / hw.device_crypto_bytes_per_s
     assert device_side == pytest.approx(1 / 2.5 + 2 / 5.0)
+    assert hw.host_pairs is None and isinstance(host_cores(hw).sharing, OneSpeed)  # not measured
+
+
+def test_measured_pair_factors_calibrate_the_shared_cores() -> None:
+    kinds = ("compute", "seal", "open", "copy")
+    factors = {a: {b: 0.5 if "seal" in (a, b) else 0.9 for b in kinds} for a in kinds}
+    figures = {"seal": 2.0, "open": 2.5, "copy": 5.0, "parallel": 1.3, "contention": factors}
+    bench = {"batch": {"1": {"veil_tokens_per_s": 10.0}, "8": {"veil_tokens_per_s": 40.0}}}
+    hw = machine_profile(HostRates.from_gbps(figures, cores=2), bench, ModelShape(params=100_000_000))
+    assert hw.host_pairs == factors
+    cores = host_cores(hw)
+    assert cores is not None and isinstance(cores.sharing, PairSpeeds)
+    assert cores.aggregate([Lane.COMPUTE, Lane.COPY]) == pytest.approx(1.8)
+    assert cores.aggregate([Lane.COMPUTE, Lane.SEAL]) == pytest.approx(1.0)
 
 
 def test_a_decryption_pool_shortens_what_swap_ins_wait_for(kv_trace) -> None:

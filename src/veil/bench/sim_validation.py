@@ -153,8 +153,9 @@ def measured(results: Path) -> dict[str, dict[str, float]]:
 
 
 def measure_host_rates() -> dict[str, Any]:
-    """This machine's per-core rates (GB/s) and parallelism now, with the transfer benchmark's code."""
-    return {**dataclasses.asdict(core_rates()), "cores": os.cpu_count() or 1}
+    """This machine's per-core rates (GB/s), parallelism and contention per pair of kinds of work now,
+    with the transfer benchmark's code."""
+    return {**dataclasses.asdict(core_rates(contention=True)), "cores": os.cpu_count() or 1}
 
 
 def profile_of_this_machine(rates: dict[str, Any], results: Path, loaded: LoadedModel) -> HardwareProfile:

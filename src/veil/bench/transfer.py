@@ -15,7 +15,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     results["raw_aesgcm_gbps"] = raw_aesgcm_gbps(args.repeats)
     results["cc_seal_gbps"] = _median_gbps(_RAW_BYTES, _channel_seal(), args.repeats)
     results["memcpy_gbps"] = _median_gbps(_RAW_BYTES, _memcpy(), args.repeats)
+    results["contention"] = pair_contention(repeats=args.repeats)
     if args.json:
         print(json.dumps(results))
     else:
@@ -83,12 +84,16 @@ class CoreRates:
         parallel: how many single cores' worth of sealing the machine delivers when every core seals
             at once (aggregate over single-thread rate; at most the core count). Shared or throttled
             cores, and memory bandwidth, keep it below the count.
+        contention: each kind of work's speed beside each other kind on another thread, relative to
+            running alone (`pair_contention`: `contention[a][b]` is a's speed while b runs); None when
+            not measured.
     """
 
     seal: float
     open: float
     copy: float
     parallel: float = 1.0
+    contention: dict[str, dict[str, float]] | None = field(default=None)
 
     def sealed_transfer_core_seconds(self, nbytes: int) -> float:
         """Core-seconds of work one sealed transfer of `nbytes` needs at minimum on this machine.
@@ -99,15 +104,116 @@ class CoreRates:
         return nbytes * (1 / self.seal + 1 / self.open + 3 / self.copy) / 1e9
 
 
-def core_rates(repeats: int = 3) -> CoreRates:
-    """Measure `CoreRates` on this machine now (about a second)."""
+def core_rates(repeats: int = 3, *, contention: bool = False) -> CoreRates:
+    """Measure `CoreRates` on this machine now (about a second; with `contention`, the pair factors
+    too: about six more seconds)."""
     seal = _median_gbps(_RAW_BYTES, _raw_aesgcm(), repeats)
     return CoreRates(
         seal=seal,
         open=_median_gbps(_RAW_BYTES, _raw_open(), repeats),
         copy=_median_gbps(_RAW_BYTES, _byte_copy(), repeats),
         parallel=_parallel_scaling(seal, os.cpu_count() or 1),
+        contention=pair_contention(repeats=repeats) if contention else None,
     )
+
+
+# The kinds of work a host lane of the emulated device does (`veil.sim.cores.Lane`'s values).
+WORK_KINDS = ("compute", "seal", "open", "copy")
+_LAYER_ROWS, _LAYER_WIDTH, _LAYER_FFN = 8, 576, 1536  # bench offload's decode batch on its model's MLP
+
+
+def pair_contention(seconds: float = 0.1, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Each kind of work's speed beside each other kind, relative to its speed alone.
+
+    Kinds (`WORK_KINDS`), one unit each: `compute` an offload layer's MLP matmuls in fp32 on one torch
+    thread (8 rows, 576 wide, 1536 inner: 10.6 MB of weights, as bench offload's decode), `seal`
+    `AESGCM.encrypt_into` of 1 MiB, `open` `decrypt_into` of 1 MiB, `copy` the channel's 1 MiB byte
+    copy (numpy). All release the GIL while they work. Each repeat runs every kind alone, then every
+    pair (a kind beside itself too) on two threads at once, each for `seconds`, and divides each
+    thread's units/s by its kind's alone; the result is the median over `repeats`. Torch's threads
+    are set to 1 on each thread (as bench offload's caller).
+
+    Returns:
+        `result[a][b]`: a's speed while b runs on another thread (1: unaffected).
+
+    Raises:
+        ValueError: if `seconds` is not positive or `repeats` < 1.
+    """
+    if seconds <= 0 or repeats < 1:
+        raise ValueError(f"need seconds > 0 and repeats >= 1, got {seconds} and {repeats}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        samples: dict[str, dict[str, list[float]]] = {a: {b: [] for b in WORK_KINDS} for a in WORK_KINDS}
+        for _ in range(repeats):
+            alone = {kind: _units_per_s([_work_unit(kind)], seconds)[0] for kind in WORK_KINDS}
+            for i, a in enumerate(WORK_KINDS):
+                for b in WORK_KINDS[i:]:
+                    rate_a, rate_b = _units_per_s([_work_unit(a), _work_unit(b)], seconds)
+                    samples[a][b].append(rate_a / alone[a])
+                    samples[b][a].append(rate_b / alone[b])
+    finally:
+        torch.set_num_threads(threads)
+    return {a: {b: round(statistics.median(samples[a][b]), 3) for b in WORK_KINDS} for a in WORK_KINDS}
+
+
+def _work_unit(kind: str) -> Callable[[], None]:
+    """One unit of `kind`'s work (`pair_contention`), on buffers of its own, warmed up."""
+    if kind == "compute":
+        x = torch.randn(_LAYER_ROWS, _LAYER_WIDTH)
+        gate, up = torch.randn(_LAYER_WIDTH, _LAYER_FFN), torch.randn(_LAYER_WIDTH, _LAYER_FFN)
+        down = torch.randn(_LAYER_FFN, _LAYER_WIDTH)
+
+        def unit() -> None:
+            ((x @ gate) * (x @ up)) @ down
+
+    elif kind in ("seal", "open"):
+        aead, nonce = AESGCM(os.urandom(32)), os.urandom(12)
+        plain = memory_of(torch.randint(0, 256, (MIB,), dtype=torch.uint8))
+        sealed = memoryview(aead.encrypt(nonce, plain, None))
+        out = memoryview(bytearray(MIB + TAG_BYTES))
+
+        def unit() -> None:
+            if kind == "seal":
+                aead.encrypt_into(nonce, plain, None, out)
+            else:
+                aead.decrypt_into(nonce, sealed, None, out[:MIB])
+
+    elif kind == "copy":
+        source = memory_of(torch.randint(0, 256, (MIB,), dtype=torch.uint8))
+        target = memory_of(torch.empty(MIB, dtype=torch.uint8))
+
+        def unit() -> None:
+            copy_bytes(target, source)
+
+    else:
+        raise ValueError(f"unknown kind of work {kind!r}; expected one of {WORK_KINDS}")
+    unit()
+    return unit
+
+
+def _units_per_s(units: list[Callable[[], None]], seconds: float) -> list[float]:
+    """Each of `units` repeated on a thread of its own, all started together, for `seconds`: units/s."""
+    start = threading.Barrier(len(units))
+    rates = [0.0] * len(units)
+
+    def loop(i: int) -> None:
+        unit, done = units[i], 0
+        torch.set_num_threads(1)  # per thread under OpenMP: a new thread would use every core
+        start.wait()
+        began = time.perf_counter()
+        deadline = began + seconds
+        while time.perf_counter() < deadline:
+            unit()
+            done += 1
+        rates[i] = done / (time.perf_counter() - began)
+
+    pool = [threading.Thread(target=loop, args=(i,)) for i in range(len(units))]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return rates
 
 
 def _parallel_scaling(single_gbps: float, threads: int) -> float:
@@ -226,7 +332,7 @@ def _memcpy() -> Callable[[], None]:
 
 def _print_table(results: dict[str, object], sizes_mib: list[int]) -> None:
     print(f"{'transport':<10}{'direction':<11}" + "".join(f"{f'{size} MiB':>12}" for size in sizes_mib))
-    for kind in TransportKind:
+    for kind in _KINDS:
         figures = results[kind.value]
         assert isinstance(figures, dict)
         for direction in ("h2d", "d2h"):
@@ -237,4 +343,10 @@ def _print_table(results: dict[str, object], sizes_mib: list[int]) -> None:
     print(f"\nraw AESGCM.encrypt_into, 1 core: {raw:.2f} GB/s")
     print(f"cc channel sealing, 1 core:      {seal:.2f} GB/s ({seal / raw:.2f} of raw)")
     print(f"memcpy (torch copy_):            {memcpy:.2f} GB/s")
+    contention = results["contention"]
+    assert isinstance(contention, dict)
+    print("\nspeed beside another busy thread, relative to alone (row: the kind measured; column: beside)")
+    print(f"{'':<10}" + "".join(f"{b:>9}" for b in WORK_KINDS))
+    for a in WORK_KINDS:
+        print(f"{a:<10}" + "".join(f"{contention[a][b]:>9.2f}" for b in WORK_KINDS))
     print("GB/s = 1e9 bytes/s, median of the repeats; figures are from this machine, which may be shared.")

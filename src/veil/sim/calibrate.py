@@ -11,8 +11,10 @@ model's shape. The emulated device differs from an H100 in ways the profile stat
 - the host seals a chunk and copies it into the bounce slot (`aes_gcm_bytes_per_s` is the two
   together), and opens a d2h chunk and copies it out (`aes_gcm_open_bytes_per_s`);
 - compute runs on the host thread (`compute_on_host`); every lane (caller, copy engine, PipeLLM's
-  sealing worker and decryption thread) shares the machine's cores at the measured parallel speed
-  (`host_cores`, `host_parallel`; `veil.sim.cores`);
+  sealing worker and decryption thread) shares the machine's cores (`host_cores`; `veil.sim.cores`),
+  each lane at the speed measured for its kind of work beside the other busy lane's
+  (`host_pairs`, from `CoreRates.contention`) when measured, else all at the one parallel speed
+  measured on sealing (`host_parallel`);
 - the roofline (`gpu_flops`, `hbm_bytes_per_s`) is fitted to the model benchmark's `generate` figures:
   batch 1 decode is taken as memory-bound (weights read once per token: bytes / time gives the
   bandwidth) and batch 8 as compute-bound where it is slower than that bandwidth allows (FLOPs /
@@ -45,6 +47,8 @@ class HostRates:
         copy: the channel's byte copy, bytes/s.
         parallel: single-core speeds all cores deliver at once (at most `cores`).
         cores: the machine's cores.
+        contention: each kind's speed beside each other kind (`CoreRates.contention`); None when not
+            measured (older calibration files).
     """
 
     seal: float
@@ -52,13 +56,15 @@ class HostRates:
     copy: float
     parallel: float
     cores: int
+    contention: Mapping[str, Mapping[str, float]] | None = None
 
     @classmethod
     def from_gbps(cls, rates: dict[str, Any], cores: int) -> HostRates:
-        """From `veil.bench.transfer.CoreRates` as a dict (GB/s, `parallel` in cores)."""
+        """From `veil.bench.transfer.CoreRates` as a dict (GB/s, `parallel` in cores; `contention`
+        when present)."""
         return cls(
             float(rates["seal"]) * GB, float(rates["open"]) * GB, float(rates["copy"]) * GB,
-            float(rates["parallel"]), cores,
+            float(rates["parallel"]), cores, rates.get("contention"),
         )  # fmt: skip
 
 
@@ -207,6 +213,7 @@ def machine_profile(
         compute_on_host=True,
         host_cores=rates.cores,
         host_parallel=min(rates.parallel, float(rates.cores)),
+        host_pairs=rates.contention,
         spare_cores=workers,
         gpu_flops=flops_rate,
         flops_efficiency=1.0,

@@ -7,6 +7,7 @@ variant with `dataclasses.replace`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 GB = 1e9
@@ -53,7 +54,11 @@ class HardwareProfile:
             thread and, with `compute_on_host`, the emulated copy engine and compute); None models
             no contention (each lane has a core of its own: the H100 profile's `spare_cores`).
         host_parallel: single-core speeds all `host_cores` deliver at once (measured; None:
-            `host_cores`). Only used with `host_cores`.
+            `host_cores`). Only used with `host_cores` and without `host_pairs`.
+        host_pairs: measured speed of each kind of lane beside each other kind busy on another core
+            (`pairs[a][b]`, kinds "compute", "seal", "open", "copy"; `veil.bench.transfer.
+            pair_contention`), in place of the one `host_parallel` (`veil.sim.cores.PairSpeeds`);
+            None: not measured. Only used with `host_cores`.
         cpu_attention_bytes_per_s: host DRAM traffic rate FlexGen's CPU attention reaches (its
             PyTorch path is memory-bound: see `cpu_attention_seconds`). Assumed 100 GB/s for a
             Sapphire Rapids / Genoa host (one socket's 8-12 DDR5 channels peak at 300-460 GB/s;
@@ -83,6 +88,7 @@ class HardwareProfile:
     gpu_memory_usable: float = 0.9
     host_cores: int | None = None
     host_parallel: float | None = None
+    host_pairs: Mapping[str, Mapping[str, float]] | None = None
     cpu_attention_bytes_per_s: float = 100 * GB
 
     def __post_init__(self) -> None:

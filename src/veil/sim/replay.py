@@ -34,7 +34,7 @@ from veil.pipellm.governor import GovernorConfig, GovernorStats, Phase, PhasedGo
 from veil.pipellm.governor import Mode as GovernorMode
 from veil.pipellm.keys import chunks
 from veil.pipellm.options import PipeLLMOptions
-from veil.sim.cores import HostCores
+from veil.sim.cores import Lane, host_cores
 from veil.sim.hardware import HardwareProfile
 from veil.sim.senders import PipeLLMSender, Sender, SyncSender, Wire
 from veil.trace import Compute, Op, Step, Trace, Transfer
@@ -161,7 +161,7 @@ class _Run:
         on_decision: Callable[[Decision], None] | None,
     ) -> None:
         self.hw, self.opts, self.mode = hw, opts, mode
-        self.cores = HostCores(hw.host_cores, hw.host_parallel) if hw.host_cores is not None else None
+        self.cores = host_cores(hw)
         crypto = hw.device_crypto_bytes_per_s
         link_cores = self.cores if hw.compute_on_host else None  # the emulated copy engine: a host thread
         self.wire = Wire(
@@ -249,7 +249,7 @@ class _Run:
         # the emulated device computes on the host thread, on the host cores; a "cpu" span (FlexGen's
         # CPU attention) runs on the host thread itself, and the device waits for its result
         if self.hw.compute_on_host or e.label == "cpu":
-            self.device_free = self.sender.work(start, duration)
+            self.device_free = self.sender.work(start, duration, Lane.COMPUTE)
             self.sender.occupy_host(self.device_free)
         else:
             self.device_free = start + duration

@@ -22,7 +22,8 @@ the speculator is held (`Speculator.hold`), exactly as the runtime's sealer hold
 
 With `HostCores` (the emulated device, whose every lane is a host thread), each lane's busy period
 (the host's message costs, seals, opens; the copy engine's work; each worker's seal; the decryption
-lane) is placed on the shared cores and lasts longer while other lanes are busy (`cores.py`).
+lane) is placed on the shared cores as its kind of work (`Lane`: compute, seal, open, copy) and lasts
+longer while other lanes are busy (`cores.py`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from collections.abc import Callable, Iterator
 from veil.pipellm import Commit, Decision, PadThenCommit, Speculator, TransferKey, Wait
 from veil.pipellm.governor import GovernorStats, Phase, PhasedGovernor
 from veil.pipellm.governor import Mode as GovernorMode
-from veil.sim.cores import HostCores
+from veil.sim.cores import HostCores, Lane
 from veil.sim.hardware import HardwareProfile
 
 NOP_BYTES = 1  # the prototype burns an IV with a 1-byte copy
@@ -69,10 +70,12 @@ class Wire:
     def emit(self, iv: int, nbytes: int, ready_at: float, *, sealed: bool = True) -> float:
         """Send a message that is ready at `ready_at`; returns when it has arrived."""
         busy = nbytes / self._bytes_per_s
-        if sealed and self._crypto_bytes_per_s is not None:
-            busy += nbytes / self._crypto_bytes_per_s
+        crypto = self._crypto_bytes_per_s if sealed else None
+        if crypto is not None:
+            busy += nbytes / crypto
         start = max(ready_at, self.free_at)
-        self.free_at = self._cores.run(start, busy) if self._cores is not None else start + busy
+        lane = Lane.COPY if crypto is None else Lane.OPEN  # the emulated copy engine's kind of work
+        self.free_at = self._cores.run(start, busy, lane) if self._cores is not None else start + busy
         if self.ivs is not None:
             self.ivs.append(iv)
         return self.free_at
@@ -111,9 +114,10 @@ class Sender(ABC):
         """The host thread is busy (computing, waiting) until `until`."""
         self._host = max(self._host, until)
 
-    def work(self, start: float, seconds: float) -> float:
-        """When `seconds` of one lane's single-core work started at `start` ends (on the shared cores)."""
-        return self.cores.run(start, seconds) if self.cores is not None else start + seconds
+    def work(self, start: float, seconds: float, lane: Lane = Lane.COMPUTE) -> float:
+        """When `seconds` of one `lane`'s single-core work started at `start` ends (on the shared
+        cores; a message's fixed cost alone is host code, `Lane.COMPUTE`)."""
+        return self.cores.run(start, seconds, lane) if self.cores is not None else start + seconds
 
     def seal_s(self, nbytes: int) -> float:
         """Time one core takes to seal `nbytes`."""
@@ -170,7 +174,7 @@ class SyncSender(Sender):
 
     def send(self, key: TransferKey, not_before: float, version: int = 0) -> float:
         work = self._hw.message_s + (self.seal_s(key.length) if self._seal else 0.0)
-        t = self.work(max(self._host, not_before), work)
+        t = self.work(max(self._host, not_before), work, Lane.SEAL if self._seal else Lane.COMPUTE)
         self._host = t
         iv, self._next_iv = self._next_iv, self._next_iv + 1
         return self._wire.emit(iv, key.length, t, sealed=self._seal)
@@ -179,7 +183,7 @@ class SyncSender(Sender):
         arrived = super().receive(key, not_before)
         if not self._seal:
             return arrived
-        self._host = self.work(max(self._host, arrived), self.open_s(key.length))  # cc opens in the caller
+        self._host = self.work(max(self._host, arrived), self.open_s(key.length), Lane.OPEN)  # in the caller
         return self._host
 
 
@@ -223,7 +227,7 @@ class VirtualWorkers:
         for job in self._spec.plan(self._idle):
             seal_s = self._sender.seal_s(job.key.length)
             self.busy_s += seal_s
-            end = self._sender.work(now, seal_s)
+            end = self._sender.work(now, seal_s, Lane.SEAL)
             self._ends[job.job_id] = end
             self._versions[job.job_id] = self._version_of(job.key.source_id)
             heapq.heappush(self._running, (end, job.job_id))
@@ -281,7 +285,7 @@ class PipeLLMSender(Sender):
         arrived = super().receive(key, not_before)
         lanes = self._decrypt_lanes
         lane = lanes.index(min(lanes))
-        lanes[lane] = self.work(max(lanes[lane], arrived), self.open_s(key.length))
+        lanes[lane] = self.work(max(lanes[lane], arrived), self.open_s(key.length), Lane.OPEN)
         self._decrypted_at[key.source_id] = max(self._decrypted_at.get(key.source_id, 0.0), lanes[lane])
         return lanes[lane]  # its plaintext: what the host computes on (an h2d of this buffer waits too)
 
@@ -348,7 +352,7 @@ class PipeLLMSender(Sender):
     def send_quiet(self, key: TransferKey, not_before: float) -> float:
         """Seal and send one chunk of a transfer `begin` decided at once (as `cc` does)."""
         start = max(self._host, not_before, self._decrypted_at.get(key.source_id, 0.0))
-        t = self.work(start, self._hw.message_s + self.seal_s(key.length))
+        t = self.work(start, self._hw.message_s + self.seal_s(key.length), Lane.SEAL)
         self._host = t
         return self._wire.emit(next(self._quiet_ivs), key.length, t)
 
@@ -369,10 +373,10 @@ class PipeLLMSender(Sender):
         for iv in decision.nop_ivs:
             t = self.work(t, self._hw.message_s)
             self._wire.emit(iv, NOP_BYTES, t)
-        work = self._hw.message_s
+        work, lane = self._hw.message_s, Lane.COMPUTE
         if not isinstance(decision, Commit | PadThenCommit):  # Relinquish | SealNow: seal now
-            work += self.seal_s(key.length)
-        t = self.work(t, work)
+            work, lane = work + self.seal_s(key.length), Lane.SEAL
+        t = self.work(t, work, lane)
         self._host = t
         assert self._spec.next_iv == decision.iv + 1, "the channel counter must follow the speculator"
         return self._wire.emit(decision.iv, key.length, t)
