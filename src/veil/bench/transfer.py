@@ -15,7 +15,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -28,6 +28,7 @@ from veil.cc.link import MIB
 from veil.cc.session import agree
 from veil.cc.stream import Event
 from veil.errors import UsageError
+from veil.sim.cores import Lane
 from veil.transport import make_transport
 from veil.transport.base import TransportKind
 
@@ -93,7 +94,7 @@ class CoreRates:
     open: float
     copy: float
     parallel: float = 1.0
-    contention: dict[str, dict[str, float]] | None = field(default=None)
+    contention: dict[str, dict[str, float]] | None = None
 
     def sealed_transfer_core_seconds(self, nbytes: int) -> float:
         """Core-seconds of work one sealed transfer of `nbytes` needs at minimum on this machine.
@@ -117,8 +118,7 @@ def core_rates(repeats: int = 3, *, contention: bool = False) -> CoreRates:
     )
 
 
-# The kinds of work a host lane of the emulated device does (`veil.sim.cores.Lane`'s values).
-WORK_KINDS = ("compute", "seal", "open", "copy")
+WORK_KINDS = tuple(lane.value for lane in Lane)  # what a host lane of the emulated device does
 _LAYER_ROWS, _LAYER_WIDTH, _LAYER_FFN = 8, 576, 1536  # bench offload's decode batch on its model's MLP
 
 

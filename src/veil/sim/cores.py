@@ -40,7 +40,8 @@ from veil.sim.hardware import HardwareProfile
 
 
 class Lane(Enum):
-    """The kind of work a lane does while busy (`veil.bench.transfer.WORK_KINDS`)."""
+    """The kind of work a lane does while busy (`veil.bench.transfer.pair_contention` measures each
+    beside each)."""
 
     COMPUTE = "compute"  # torch compute, and the host's own code (a message's fixed cost)
     SEAL = "seal"  # AES-GCM sealing (with its copy into the bounce slot)
