@@ -54,8 +54,8 @@ class IvAudit:
                 self.sealed[(reservation.epoch, reservation.counter)].add(digest)
             seal(reservation, plaintext, out)
 
-        def audited_emit(reservation: Reservation) -> None:
-            emit(reservation)
+        def audited_emit(reservation: Reservation, *, bell: bool = True) -> None:
+            emit(reservation, bell=bell)
             with self.lock:
                 self.published.append((reservation.epoch, reservation.counter))
 

@@ -89,3 +89,28 @@ def test_rejects_bad_scenarios() -> None:
         Scenario(TINY, HW, batch=1, offload_fraction=0)
     with pytest.raises(ValueError, match="batch"):
         Scenario(TINY, HW, batch=0)
+
+
+def test_a_run_of_pre_sealed_chunks_costs_one_message_per_submission() -> None:
+    """With the host's message cost dominating and every bulk chunk sealed ahead, a layer costs one
+    message per submission: 8 bulk chunks in runs of `submit_chunks`, plus the medium chunk sealed
+    in the caller on its own (9 messages at 1, 3 at 4, 2 at 8)."""
+    message_s = 1e-3
+    hw = dataclasses.replace(HW, spare_cores=16, message_s=message_s, commit_s=0, aes_gcm_bytes_per_s=1e12)
+
+    def layer_s(limit: int) -> float:
+        sc = Scenario(TINY, hw, batch=8, steps=4, layer_compute_s=1e-6, submit_chunks=limit)
+        result = simulate(sc, Mode.PIPELLM)
+        assert result.stats is not None and result.stats.hits >= 8 * TINY.layers * sc.steps
+        return result.layer_s
+
+    one, four, eight = layer_s(1), layer_s(4), layer_s(8)
+    assert one == pytest.approx(9 * message_s, rel=0.05)
+    assert four == pytest.approx(3 * message_s, rel=0.05)
+    assert eight == pytest.approx(2 * message_s, rel=0.05)
+    dearer = dataclasses.replace(hw, commit_s=message_s / 2)  # each chunk after a submission's first
+    sc = Scenario(TINY, dearer, batch=8, steps=4, layer_compute_s=1e-6, submit_chunks=8)
+    assert simulate(sc, Mode.PIPELLM).layer_s == pytest.approx((2 + 7 / 2) * message_s, rel=0.05)
+    assert simulate(scenario(), Mode.CC).layer_s == simulate(scenario(submit_chunks=1), Mode.CC).layer_s
+    with pytest.raises(ValueError, match="submit_chunks"):
+        Scenario(TINY, HW, batch=1, submit_chunks=0)

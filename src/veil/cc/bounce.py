@@ -78,6 +78,8 @@ class BounceRing:
             TimeoutError: if no slot frees up within `timeout` seconds.
         """
         with self._cond:
+            if not self._free:
+                self._cond.notify_all()  # ring the bell first: the consumer frees slots as it pops
             if not self._cond.wait_for(lambda: self._closed or self._free, timeout):
                 raise TimeoutError("no bounce slot became free")
             self._raise_if_closed()
@@ -95,8 +97,13 @@ class BounceRing:
                 return None
             return self._free.popleft()
 
-    def publish(self, slot: int, length: int) -> None:
+    def publish(self, slot: int, length: int, *, bell: bool = True) -> None:
         """Hand the message in `slot` (its first `length` bytes) to the consumer.
+
+        Args:
+            bell: wake the consumer now. False queues the descriptor quietly: a producer publishing
+                a run of messages rings once, after the last (`ring_bell`); `acquire` rings before
+                it waits, so quiet messages never leave the consumer asleep on a full ring.
 
         Raises:
             IntegrityError: if the ring is closed.
@@ -108,6 +115,12 @@ class BounceRing:
             self._raise_if_closed()
             self._pending.append(Descriptor(slot, length))
             self._published.add(slot)
+            if bell:
+                self._cond.notify_all()
+
+    def ring_bell(self) -> None:
+        """Wake the consumer for every descriptor published so far."""
+        with self._cond:
             self._cond.notify_all()
 
     def pop(self, timeout: float | None = None) -> Descriptor:

@@ -220,11 +220,11 @@ class SenderChannel(_Endpoint):
                 self.reserve()
             return self._unemitted[counter]
 
-    def emit(self, reservation: Reservation) -> None:
+    def emit(self, reservation: Reservation, *, bell: bool = True) -> None:
         """Publish a sealed reservation; it must be the oldest one not yet emitted.
 
         Copies the sealed message from private staging into a bounce slot (blocking while the ring is
-        full) and publishes it.
+        full) and publishes it; `bell=False` publishes it quietly (`BounceRing.publish`).
 
         Raises:
             ReservationError: if it is not next in counter order, not sealed, or stale.
@@ -237,9 +237,23 @@ class SenderChannel(_Endpoint):
                 raise ReservationError("reservations must be emitted in counter order")
             if reservation._state is not _State.SEALED:
                 raise ReservationError("only a sealed reservation can be emitted")
-            reservation._publish()
+            reservation._publish(bell=bell)
             del self._unemitted[reservation.counter]
             self._next_emit += 1
+
+    def emit_run(self, reservations: Sequence[Reservation]) -> None:
+        """Emit consecutive sealed reservations as one submission: the consumer is woken once, after
+        the last (or when a full ring makes the producer wait, or on a failure part way).
+
+        Raises:
+            As `emit`, for the first reservation that cannot be emitted (those before it are).
+        """
+        with self._lock:
+            try:
+                for reservation in reservations:
+                    self.emit(reservation, bell=False)
+            finally:
+                self.ring.ring_bell()
 
     def emit_ready(self) -> int:
         """Emit the longest run of sealed reservations at the head; return how many were emitted."""
@@ -445,7 +459,7 @@ class Reservation:
         self._channel.staging.give(staging)  # outside our lock: emit locks the channel, then us
         return True
 
-    def _publish(self) -> None:
+    def _publish(self, *, bell: bool = True) -> None:
         ring = self._channel.ring
         with self._cond:
             slot = self._slot
@@ -458,7 +472,7 @@ class Reservation:
                     ring.release(slot)
                     raise
             try:
-                ring.publish(slot, self._length)
+                ring.publish(slot, self._length, bell=bell)
             except BaseException:
                 ring.release(slot)
                 self._slot = None

@@ -12,6 +12,7 @@ from veil.pipellm.governor import GovernorConfig, GovernorStats
 from veil.pipellm.keys import SizeClasses
 from veil.pipellm.predictors import default_predictor
 from veil.pipellm.predictors.base import Predictor
+from veil.pipellm.submission import DEFAULT_SUBMIT_CHUNKS
 
 Digest = Callable[[memoryview], object]
 
@@ -64,6 +65,9 @@ class PipeLLMOptions:
         speculate: False turns speculation off (every chunk sealed in the caller, as `cc` does).
         stale_backoff: a source whose pre-sealed chunk went stale is sealed on demand for its next
             1, 2, 4, ... transfers, at most this many (`SpeculatorConfig.stale_backoff`; 0: never).
+        submit_chunks: pre-sealed chunks committed back to back are handed to the copy engine as one
+            submission of at most this many (one wake of the device; `pipellm.submission`); 1:
+            each on its own.
         governor: the do-no-harm controller: it measures, per phase (`Transport.enter_phase`) and
             window of traffic, whether speculation or sealing in the caller is faster here, and keeps
             the faster; every phase's governor has this configuration (`GovernorConfig(enabled=
@@ -81,6 +85,7 @@ class PipeLLMOptions:
     predictor: Callable[[], Predictor] = default_predictor
     speculate: bool = True
     stale_backoff: int = 64
+    submit_chunks: int = DEFAULT_SUBMIT_CHUNKS
     governor: GovernorConfig = field(default_factory=GovernorConfig)
 
     def __post_init__(self) -> None:
@@ -88,6 +93,8 @@ class PipeLLMOptions:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.depth < 0 or self.max_pad < 0:
             raise ValueError("depth and max_pad must be >= 0")
+        if self.submit_chunks < 1:
+            raise ValueError(f"submit_chunks must be >= 1, got {self.submit_chunks}")
         threads = self.decrypt_threads
         if isinstance(threads, bool) or not isinstance(threads, int):
             raise TypeError(f"decrypt_threads must be an int, got {type(threads).__name__}")

@@ -31,7 +31,7 @@ import enum
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
@@ -244,8 +244,15 @@ class Sealer:
             spec.begin_transfer(transfer)
             return Start.DECIDE
 
-    def decide(self, key: TransferKey, source: HostBuffer) -> Decision:
-        """The speculator's final decision for `key`, waiting (lock released) for a sealing worker."""
+    def decide(
+        self, key: TransferKey, source: HostBuffer, *, before_wait: Callable[[], None] | None = None
+    ) -> Decision:
+        """The speculator's final decision for `key`, waiting (lock released) for a sealing worker.
+
+        Args:
+            before_wait: called (lock released) before each wait for a worker: the caller submits
+                the commits it has gathered (`pipellm.submission`).
+        """
         while True:
             if self._options.checked:
                 self._check(key, source)
@@ -259,7 +266,12 @@ class Sealer:
                     self._settled(decision)
                     self._feed()
                     return decision
-                self._wait_for(decision.job_id)
+                if before_wait is None or decision.job_id not in self._running:
+                    self._wait_for(decision.job_id)
+                    continue
+            before_wait()
+            with self._cond:
+                self._wait_running(decision.job_id)  # it may have reported meanwhile
 
     def carry_out(self, decision: Decision, source: HostBuffer) -> None:
         """Emit the decision's NOPs, then its data message (pre-sealed, or sealed now), in order."""
@@ -277,6 +289,16 @@ class Sealer:
             reservation.seal(chunk_of(source, decision.key))
             self.counters.sync_seal_s += time.perf_counter() - start
         sender.emit(reservation)
+
+    def commit_run(self, decisions: Sequence[Commit]) -> None:
+        """Emit pre-sealed chunks committed back to back, in order, as one submission
+        (`SenderChannel.emit_run`: the copy engine is woken once)."""
+        if not decisions:
+            return
+        sender = self._sender
+        reservations = [sender.at(decision.iv) for decision in decisions]
+        assert all(r.carries_data for r in reservations), "commit of a chunk that was not sealed"
+        sender.emit_run(reservations)
 
     # internals ---------------------------------------------------------------------------------
     def _new_speculator(self, *, synchronous: bool) -> Speculator:
@@ -306,6 +328,11 @@ class Sealer:
         if job_id not in self._running:  # nobody will report it: never wait forever
             self._spec.sealed(job_id, UNSEALED_VERSION)
             return
+        self._wait_running(job_id)
+
+    def _wait_running(self, job_id: int) -> None:
+        """Wait (caller holds `_cond`, released meanwhile) until job `job_id`, handed to a worker,
+        is no longer running."""
         start = time.perf_counter()
         self._cond.wait_for(lambda: job_id not in self._running)
         self.counters.wait_s += time.perf_counter() - start

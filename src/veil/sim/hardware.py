@@ -37,6 +37,10 @@ class HardwareProfile:
         hbm_efficiency: share of `hbm_bytes_per_s` that decode kernels reach (assumption: 0.8).
         message_s: fixed host cost of one message, data or NOP (driver call, bounce-buffer slot,
             doorbell): a few microseconds (assumption: 4 us), in every mode.
+        commit_s: host cost of each further pre-sealed chunk PipeLLM submits with the first
+            (`pipellm.submission`; the first costs `message_s`): its speculator decision and its
+            copy command, a fraction of a microsecond in a driver (assumption: 0.5 us). veil's
+            Python transport measures far more (`calibrate`).
         pcie_d2h_bytes_per_s: device-to-host copy bandwidth; PCIe is symmetric (assumption: as h2d).
         aes_gcm_open_bytes_per_s: one host core's AES-256-GCM decryption rate (None: the sealing
             rate; GCM decryption does the same work, assumption confirmed within 10% here).
@@ -79,6 +83,7 @@ class HardwareProfile:
     hbm_bytes_per_s: float = 3350 * GB
     hbm_efficiency: float = 0.8
     message_s: float = 4e-6
+    commit_s: float = 0.5e-6
     pcie_d2h_bytes_per_s: float = 50 * GB
     aes_gcm_open_bytes_per_s: float | None = None
     device_crypto_bytes_per_s: float | None = None
@@ -97,8 +102,8 @@ class HardwareProfile:
             raise ValueError("bandwidths, sealing rates and FLOP/s must be > 0")
         if not (0 < self.flops_efficiency <= 1 and 0 < self.hbm_efficiency <= 1):
             raise ValueError("flops_efficiency and hbm_efficiency must be in (0, 1]")
-        if self.spare_cores < 0 or self.message_s < 0:
-            raise ValueError("spare_cores and message_s must be >= 0")
+        if self.spare_cores < 0 or self.message_s < 0 or self.commit_s < 0:
+            raise ValueError("spare_cores, message_s and commit_s must be >= 0")
         if self.host_cores is not None and self.host_cores < 1:
             raise ValueError(f"host_cores must be >= 1 or None, got {self.host_cores}")
         if self.host_parallel is not None and self.host_parallel <= 0:

@@ -34,6 +34,7 @@ from veil.pipellm.governor import GovernorConfig, GovernorStats, Phase, PhasedGo
 from veil.pipellm.governor import Mode as GovernorMode
 from veil.pipellm.keys import chunks
 from veil.pipellm.options import PipeLLMOptions
+from veil.pipellm.submission import DEFAULT_SUBMIT_CHUNKS
 from veil.sim.cores import Lane, host_cores
 from veil.sim.hardware import HardwareProfile
 from veil.sim.senders import PipeLLMSender, Sender, SyncSender, Wire
@@ -66,6 +67,7 @@ class ReplayOptions:
         decrypt_threads: PipeLLM's background decryption lanes for device-to-host chunks (the
             runtime's `PipeLLMOptions.decrypt_threads`, 1 on <= 2 cores; its lanes take whole
             transfers, these take chunks).
+        submit_chunks: PipeLLM's pre-sealed chunks per submission (`PipeLLMOptions.submit_chunks`).
         governor: PipeLLM's do-no-harm governor, as the runtime configures it (default: the
             runtime's default, which measures whether speculation pays and may seal in the caller
             instead); `GovernorConfig(enabled=False)` pins speculation on, as the paper's PipeLLM.
@@ -82,6 +84,7 @@ class ReplayOptions:
     record_ivs: bool = False
     max_period: int | None = None
     decrypt_threads: int = 1
+    submit_chunks: int = DEFAULT_SUBMIT_CHUNKS
     governor: GovernorConfig = field(default_factory=GovernorConfig)
 
 
@@ -183,7 +186,9 @@ class _Run:
         if mode is not Mode.PIPELLM:
             return SyncSender(self.wire, self.hw, seal=mode is Mode.CC, d2h_wire=d2h, cores=self.cores)
         opts = self.opts
-        pipellm = PipeLLMOptions(depth=opts.depth, max_pad=opts.max_pad, speculate=opts.speculate)
+        pipellm = PipeLLMOptions(
+            depth=opts.depth, max_pad=opts.max_pad, speculate=opts.speculate, submit_chunks=opts.submit_chunks
+        )
         config = pipellm.speculator_config(iv_limit=SpeculatorConfig().iv_limit, chunk_bytes=opts.chunk_bytes)
         predictor = (
             _default_predictor()
@@ -197,6 +202,7 @@ class _Run:
             self.wire, self.hw, spec, spare_cores=self.hw.spare_cores, d2h_wire=d2h,
             version_of=lambda source_id: self.versions.get(source_id, 0), on_decision=on_decision,
             governor=governor, cores=self.cores, decrypt_threads=opts.decrypt_threads,
+            submit_chunks=pipellm.submit_chunks,
         )  # fmt: skip
 
     def step(self, step: Step) -> float:
@@ -227,7 +233,7 @@ class _Run:
             if isinstance(s, PipeLLMSender) and s.begin(transfer, t):
                 arrived = max(s.send_quiet(key, t) for key in keys)
             else:
-                arrived = max(s.send(key, t, e.version) for key in keys)
+                arrived = s.send_transfer(keys, t, e.version)
         else:  # a worker seals the buffer only once this write is done: it bumps on entry and exit
             self.versions[e.source_id] = e.version + 2
             arrived = max(s.receive(key, t) for key in keys)

@@ -7,7 +7,9 @@ GPU's copy engine is assumed to authenticate and decrypt at line rate, so it add
 - `SyncSender(seal=False)` is `plain`: a message costs the host its fixed cost, then the link.
 - `SyncSender(seal=True)` is `cc`: the host also seals each chunk right before sending it.
 - `PipeLLMSender` asks the real `Speculator` for every chunk; `VirtualWorkers` seal its planned jobs
-  in the background, on `spare_cores` modelled cores.
+  in the background, on `spare_cores` modelled cores. Chunks committed pre-sealed back to back go
+  to the link as one submission (one `message_s`, then `commit_s` per further chunk), by the
+  runtime's rule (`pipellm.submission`).
 
 Device-to-host chunks (`receive`) cross their own `Wire` (the same one when the hardware is not
 duplex); the device seals them (free on an H100, at `device_crypto_bytes_per_s` otherwise) and the
@@ -32,9 +34,10 @@ import heapq
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
-from veil.pipellm import Commit, Decision, PadThenCommit, Speculator, TransferKey, Wait
+from veil.pipellm import Decision, PadThenCommit, Speculator, TransferKey, Wait
 from veil.pipellm.governor import GovernorStats, Phase, PhasedGovernor
 from veil.pipellm.governor import Mode as GovernorMode
+from veil.pipellm.submission import Submission
 from veil.sim.cores import HostCores, Lane
 from veil.sim.hardware import HardwareProfile
 
@@ -134,6 +137,10 @@ class Sender(ABC):
         `version` is the source buffer's write version at the request (what `Speculator.request`
         validates pre-sealed chunks against).
         """
+
+    def send_transfer(self, keys: list[TransferKey], not_before: float, version: int = 0) -> float:
+        """Issue a transfer's chunks (or its one message) in order; returns when all are on the device."""
+        return max(self.send(key, not_before, version) for key in keys)
 
     def receive(self, key: TransferKey, not_before: float) -> float:
         """Issue device-to-host `key` no earlier than `not_before`; returns when its plaintext is in
@@ -245,9 +252,10 @@ class PipeLLMSender(Sender):
             every step's phase (`enter_phase`; None: none, speculation always on).
         cores: the host cores every host lane shares (None: each lane has its own core).
         decrypt_threads: background decryption lanes (`PipeLLMOptions.decrypt_threads` in the runtime).
+        submit_chunks: pre-sealed chunks per submission (`PipeLLMOptions.submit_chunks`).
 
     Raises:
-        ValueError: if `decrypt_threads` < 1.
+        ValueError: if `decrypt_threads` or `submit_chunks` < 1.
     """
 
     def __init__(
@@ -263,10 +271,13 @@ class PipeLLMSender(Sender):
         governor: PhasedGovernor | None = None,
         cores: HostCores | None = None,
         decrypt_threads: int = 1,
+        submit_chunks: int = 1,
     ) -> None:
         if decrypt_threads < 1:
             raise ValueError(f"decrypt_threads must be >= 1, got {decrypt_threads}")
+        Submission(submit_chunks)  # raises on a bad limit
         super().__init__(wire, hardware, d2h_wire, cores)
+        self._submit_chunks = submit_chunks
         self._spec = spec
         self.governor = governor
         self.workers = VirtualWorkers(spec, spare_cores, self, version_of)
@@ -357,26 +368,51 @@ class PipeLLMSender(Sender):
         return self._wire.emit(next(self._quiet_ivs), key.length, t)
 
     def send(self, key: TransferKey, not_before: float, version: int = 0) -> float:
-        t = max(self._host, not_before, self._decrypted_at.get(key.source_id, 0.0))  # forced decrypt
-        self.workers.advance(t)
-        decision = self._spec.request(key, version)
-        while isinstance(decision, Wait):
-            end = self.workers.end_of(decision.job_id)
-            self.waits += 1
-            self.wait_s += max(0.0, end - t)
-            t = max(t, end)
+        return self.send_transfer([key], not_before, version)
+
+    def send_transfer(self, keys: list[TransferKey], not_before: float, version: int = 0) -> float:
+        """Decide each chunk with the speculator and put its messages on the wire, pre-sealed chunks
+        committed back to back in one submission (`Submission`: one `message_s` for the run, and
+        `commit_s` for each chunk after the first)."""
+        t = max(self._host, not_before, *(self._decrypted_at.get(k.source_id, 0.0) for k in keys))
+        submission: Submission[tuple[int, int]] = Submission(self._submit_chunks)  # (iv, length)
+        arrived = 0.0
+
+        def submit(t: float) -> float:
+            nonlocal arrived
+            if len(submission):
+                t = self.work(t, self._hw.message_s + (len(submission) - 1) * self._hw.commit_s)
+                for iv, length in submission.take():
+                    arrived = max(arrived, self._wire.emit(iv, length, t))
+            return t
+
+        for key in keys:
             self.workers.advance(t)
             decision = self._spec.request(key, version)
-        if self._on_decision is not None:
-            self._on_decision(decision)
-        self.workers.feed(t)
-        for iv in decision.nop_ivs:
-            t = self.work(t, self._hw.message_s)
-            self._wire.emit(iv, NOP_BYTES, t)
-        work, lane = self._hw.message_s, Lane.COMPUTE
-        if not isinstance(decision, Commit | PadThenCommit):  # Relinquish | SealNow: seal now
-            work, lane = work + self.seal_s(key.length), Lane.SEAL
-        t = self.work(t, work, lane)
-        self._host = t
-        assert self._spec.next_iv == decision.iv + 1, "the channel counter must follow the speculator"
-        return self._wire.emit(decision.iv, key.length, t)
+            while isinstance(decision, Wait):
+                t = submit(t)  # what is gathered goes before the caller waits
+                end = self.workers.end_of(decision.job_id)
+                self.waits += 1
+                self.wait_s += max(0.0, end - t)
+                t = max(t, end)
+                self.workers.advance(t)
+                decision = self._spec.request(key, version)
+            if self._on_decision is not None:
+                self._on_decision(decision)
+            self.workers.feed(t)
+            assert self._spec.next_iv == decision.iv + 1, "the channel counter must follow the speculator"
+            if Submission.joins(decision):
+                if submission.add((decision.iv, key.length)):
+                    t = submit(t)
+                continue
+            t = submit(t)
+            for iv in decision.nop_ivs:
+                t = self.work(t, self._hw.message_s)
+                self._wire.emit(iv, NOP_BYTES, t)
+            work, lane = self._hw.message_s, Lane.COMPUTE
+            if not isinstance(decision, PadThenCommit):  # Relinquish | SealNow: seal now
+                work, lane = work + self.seal_s(key.length), Lane.SEAL
+            t = self.work(t, work, lane)
+            arrived = max(arrived, self._wire.emit(decision.iv, key.length, t))
+        self._host = submit(t)
+        return arrived

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from veil.pipellm import MiB, SpeculatorStats
 from veil.pipellm.governor import GovernorConfig
+from veil.pipellm.submission import DEFAULT_SUBMIT_CHUNKS
 from veil.sim.hardware import (
     HardwareProfile,
     ModelProfile,
@@ -96,6 +97,7 @@ class Scenario:
             `batch`, KV cache and hidden states on the GPU.
         prefill: simulate the prompt pass (`context_tokens` prompt tokens) instead of a decode step.
         decrypt_threads: PipeLLM's device-to-host decryption lanes (`ReplayOptions.decrypt_threads`).
+        submit_chunks: PipeLLM's pre-sealed chunks per submission (`ReplayOptions.submit_chunks`).
     """
 
     model: ModelProfile
@@ -112,10 +114,13 @@ class Scenario:
     policy: FlexGenPolicy | None = None
     prefill: bool = False
     decrypt_threads: int = 1
+    submit_chunks: int = DEFAULT_SUBMIT_CHUNKS
 
     def __post_init__(self) -> None:
-        if min(self.batch, self.steps, self.max_requests, self.decrypt_threads) < 1 or self.warmup_steps < 0:
-            raise ValueError("batch, steps, max_requests and decrypt_threads must be >= 1, warmup_steps >= 0")
+        counts = (self.batch, self.steps, self.max_requests, self.decrypt_threads, self.submit_chunks)
+        if min(counts) < 1 or self.warmup_steps < 0:
+            names = "batch, steps, max_requests, decrypt_threads and submit_chunks"
+            raise ValueError(f"{names} must be >= 1, warmup_steps >= 0")
         if not 0 < self.offload_fraction <= 1:
             raise ValueError(f"offload_fraction must be in (0, 1], got {self.offload_fraction}")
         if self.layer_compute_s is not None and self.layer_compute_s < 0:
@@ -198,6 +203,7 @@ def simulate(scenario: Scenario, mode: Mode, *, record_ivs: bool = False) -> Mod
         max_period=max(lay.requests, 1),
         governor=GovernorConfig(enabled=False),  # the paper's PipeLLM always speculates
         decrypt_threads=scenario.decrypt_threads,
+        submit_chunks=scenario.submit_chunks,
     )
     result = replay(flexgen_trace(scenario, lay), scenario.hardware, mode, options)
     layer_s = (result.step_ends[-1] - result.start_s) / (scenario.steps * lay.layers_in_cycle)

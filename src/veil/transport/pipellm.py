@@ -40,11 +40,13 @@ from veil.cc.errors import IntegrityError
 from veil.cc.host import HostBuffer, copy_bytes
 from veil.cc.session import Direction
 from veil.cc.stream import Event
+from veil.pipellm.decisions import Commit
 from veil.pipellm.decryptor import Decryptor, PendingTransfer
 from veil.pipellm.governor import Phase
 from veil.pipellm.keys import TransferKey, chunk_count, chunks
 from veil.pipellm.options import PipeLLMOptions, PipeLLMStats
 from veil.pipellm.sealer import Sealer, SealFunction, Start, seal_chunk
+from veil.pipellm.submission import Submission
 from veil.transport.base import Span, TransportKind, TransportOptions, TransportStats
 from veil.transport.sealed import SealedTransport, open_on_host
 
@@ -62,8 +64,9 @@ class DeviceSchedule:
         self._receiver = receiver
         self._items: queue.SimpleQueue[object] = queue.SimpleQueue()
 
-    def data(self, out: memoryview) -> None:
-        self._items.put(out)
+    def data(self, *outs: memoryview) -> None:
+        """Announce one data message per destination slice (a submission's run: one hand-over)."""
+        self._items.put(outs)
 
     def discard(self) -> None:
         self._items.put(None)
@@ -73,8 +76,12 @@ class DeviceSchedule:
 
     def run(self) -> None:
         while (item := self._items.get()) is not _END:
-            assert item is None or isinstance(item, memoryview)
-            self._receiver.receive(item)
+            if item is None:
+                self._receiver.receive(None)
+                continue
+            assert isinstance(item, tuple)
+            for out in item:
+                self._receiver.receive(out)
 
 
 class HostOpening:
@@ -297,14 +304,29 @@ class PipeLLMTransport(SealedTransport):
             keys = chunks(transfer, sender.max_message_bytes)  # only now: the quiet path needs none
             schedule = DeviceSchedule(self.link.device_rx)
             event = self.device.copy_engine.submit(schedule.run)
+            submission: Submission[tuple[Commit, memoryview]] = Submission(options.submit_chunks)
+
+            def submit() -> None:  # the gathered commits, in counter order, as one hand-over
+                run = submission.take()
+                if run:
+                    schedule.data(*(piece for _, piece in run))
+                    self._sealer.commit_run([decision for decision, _ in run])
+
             try:
                 for key in keys:
-                    decision = self._sealer.decide(key, src)
+                    decision = self._sealer.decide(key, src, before_wait=submit)
+                    at = key.offset - span.src_offset
+                    piece = target[at : at + key.length]
+                    if submission.joins(decision):
+                        if submission.add((decision, piece)):
+                            submit()
+                        continue
+                    submit()
                     for _ in decision.nop_ivs:
                         schedule.discard()
-                    at = key.offset - span.src_offset
-                    schedule.data(target[at : at + key.length])
+                    schedule.data(piece)
                     self._sealer.carry_out(decision, src)
+                submit()
             except BaseException:
                 self.link.h2d_ring.close()  # the device must not wait for messages that will not come
                 raise
