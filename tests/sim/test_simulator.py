@@ -34,9 +34,10 @@ def test_plain_at_least_pipellm_at_least_cc(spare_cores: int) -> None:
     assert c.cc_drop > 0.5  # sealing is the bottleneck here
 
 
-@pytest.mark.parametrize(("spare_cores", "closure"), [(8, 0.5), (16, 0.99)])
+@pytest.mark.parametrize(("spare_cores", "closure"), [(8, 0.5), (16, 0.97)])
 def test_enough_spare_cores_close_the_gap(spare_cores: int, closure: float) -> None:
-    # 16 cores x 3.5 GB/s out-seal the 50 GB/s link; 8 cover about half of it.
+    # 16 cores x 3.5 GB/s out-seal the 50 GB/s link; 8 cover about half of it. What 16 leave is a
+    # layer's one submission (its 8 chunks gathered: 4 + 7 x 0.5 us), which the link waits for.
     c = compare(scenario(spare_cores=spare_cores))
     assert c.gap_closure is not None and c.gap_closure > closure
     assert c.pipellm.stats is not None and c.pipellm.stats.hits > 0
