@@ -7,7 +7,8 @@ predictor learns it once), then split into 1 MiB chunk requests (`keys.chunks`).
 speculator decides (commit a chunk a worker sealed ahead, pad with NOPs then commit,
 or relinquish and seal now); the transport emits the decision's messages into the bounce ring in
 counter order while the copy engine opens them (NOPs and burned IVs are authenticated and discarded,
-data goes into the destination). `h2d` returns once every message is emitted, like `cc`. The time
+data goes into the destination). Pre-sealed chunks committed back to back are handed over as one
+submission of at most `submit_chunks` (`pipellm.submission`: one wake of the copy engine). `h2d` returns once every message is emitted, like `cc`. The time
 from one `h2d` to the next (the caller's compute included) is reported to the governor of the
 current phase (`enter_phase`: prefill, decode), which keeps speculation in that phase only while it
 measures faster than sealing in the caller there.
