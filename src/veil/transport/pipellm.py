@@ -8,10 +8,11 @@ speculator decides (commit a chunk a worker sealed ahead, pad with NOPs then com
 or relinquish and seal now); the transport emits the decision's messages into the bounce ring in
 counter order while the copy engine opens them (NOPs and burned IVs are authenticated and discarded,
 data goes into the destination). Pre-sealed chunks committed back to back are handed over as one
-submission of at most `submit_chunks` (`pipellm.submission`: one wake of the copy engine). `h2d` returns once every message is emitted, like `cc`. The time
-from one `h2d` to the next (the caller's compute included) is reported to the governor of the
-current phase (`enter_phase`: prefill, decode), which keeps speculation in that phase only while it
-measures faster than sealing in the caller there.
+submission of at most `submit_chunks` (`pipellm.submission`: one wake of the copy engine). `h2d`
+returns once every message is emitted, like `cc`. The time from one `h2d` to the next (the caller's
+compute included) is reported to the governor of the current phase (`enter_phase`: prefill,
+decode), which keeps speculation in that phase only while it measures faster than sealing in the
+caller there.
 
 Device to host (`async_d2h`, default): the copy engine seals; the host half (`HostOpening`: take
 the messages in ring order, binding each to the receiver's counter; open them on one of
