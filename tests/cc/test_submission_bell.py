@@ -32,9 +32,8 @@ def _consume(pair: Pair, sizes: list[int]) -> tuple[threading.Thread, list[bytes
     return thread, got
 
 
-def test_a_run_emitted_as_one_submission_arrives_in_order() -> None:
-    pair = make_pair()
-    payloads = [os.urandom(n) for n in (200, 1, 256)]
+def _emit_run_to_a_sleeping_consumer(pair: Pair, payloads: list[bytes]) -> tuple[list[bytes], float]:
+    """What a consumer already asleep on the ring receives of one `emit_run`, and how long it took."""
     thread, got = _consume(pair, [len(p) for p in payloads])
     reservations = [pair.tx.reserve() for _ in payloads]
     for reservation, payload in zip(reservations, payloads, strict=True):
@@ -42,24 +41,23 @@ def test_a_run_emitted_as_one_submission_arrives_in_order() -> None:
     start = time.monotonic()
     pair.tx.emit_run(reservations)
     thread.join(ASLEEP_S * 2)
+    return got, time.monotonic() - start
+
+
+def test_a_run_emitted_as_one_submission_arrives_in_order() -> None:
+    payloads = [os.urandom(n) for n in (200, 1, 256)]
+    got, seconds = _emit_run_to_a_sleeping_consumer(make_pair(), payloads)
     assert got == payloads
-    assert time.monotonic() - start < ASLEEP_S / 2, "the consumer slept through the run's bell"
+    assert seconds < ASLEEP_S / 2, "the consumer slept through the run's bell"
 
 
 def test_a_producer_that_waits_for_a_slot_rings_the_bell_first() -> None:
     """One slot: the second message of a run needs the slot the first (published quietly) holds. The
     producer rings before it waits, or the consumer would sleep until its own timeout."""
-    pair = make_pair(slots=1)
     payloads = [os.urandom(100), os.urandom(50)]
-    thread, got = _consume(pair, [len(p) for p in payloads])
-    reservations = [pair.tx.reserve() for _ in payloads]
-    for reservation, payload in zip(reservations, payloads, strict=True):
-        reservation.seal(payload)
-    start = time.monotonic()
-    pair.tx.emit_run(reservations)
-    thread.join(ASLEEP_S * 2)
+    got, seconds = _emit_run_to_a_sleeping_consumer(make_pair(slots=1), payloads)
     assert got == payloads
-    assert time.monotonic() - start < ASLEEP_S / 2, "the consumer slept while the producer waited"
+    assert seconds < ASLEEP_S / 2, "the consumer slept while the producer waited"
 
 
 def test_a_run_that_fails_part_way_delivers_what_it_published() -> None:
