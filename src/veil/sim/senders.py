@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from veil.pipellm import Decision, PadThenCommit, Speculator, TransferKey, Wait
 from veil.pipellm.governor import GovernorStats, Phase, PhasedGovernor
 from veil.pipellm.governor import Mode as GovernorMode
-from veil.pipellm.submission import Submission
+from veil.pipellm.submission import DEFAULT_SUBMIT_CHUNKS, Submission
 from veil.sim.cores import HostCores, Lane
 from veil.sim.hardware import HardwareProfile
 
@@ -271,11 +271,12 @@ class PipeLLMSender(Sender):
         governor: PhasedGovernor | None = None,
         cores: HostCores | None = None,
         decrypt_threads: int = 1,
-        submit_chunks: int = 1,
+        submit_chunks: int = DEFAULT_SUBMIT_CHUNKS,
     ) -> None:
-        if decrypt_threads < 1:
-            raise ValueError(f"decrypt_threads must be >= 1, got {decrypt_threads}")
-        Submission(submit_chunks)  # raises on a bad limit
+        if decrypt_threads < 1 or submit_chunks < 1:
+            raise ValueError(
+                f"decrypt_threads and submit_chunks must be >= 1, got {decrypt_threads}, {submit_chunks}"
+            )
         super().__init__(wire, hardware, d2h_wire, cores)
         self._submit_chunks = submit_chunks
         self._spec = spec
