@@ -85,8 +85,8 @@ def test_commits_go_in_runs_of_at_most_the_limit_in_counter_order(
     device: Device, monkeypatch: pytest.MonkeyPatch, limit: int, slots: int
 ) -> None:
     """A cyclic stream of 6-chunk transfers: every byte lands, every IV seals one plaintext and is
-    published in order, and quiet publishes come in runs shorter than the limit, even when the
-    ring has fewer slots than a run (the producer rings before it waits for a slot)."""
+    published in order, and quiet publishes come in runs of at most the limit (and of a transfer's
+    6 chunks), even when the ring has fewer slots than a run (the producer rings before it waits)."""
     link = TransportOptions(link=LinkConfig(chunk_bytes=CHUNK, ring_slots=slots))
     sources = [host(6 * CHUNK, seed) for seed in range(3)]
     with PipeLLMTransport(device, link, options(workers=2, depth=12, submit_chunks=limit)) as transport:
