@@ -72,3 +72,21 @@ def test_the_validation_scenario_prints_only_the_validation_file(tmp_path: Path,
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["validation"] == rows and "rows" not in out and "replay" not in out
+
+
+def test_the_message_costs_are_arguments_and_reach_the_replay(tmp_path: Path, capsys) -> None:
+    """Dearer messages cost every sealed mode more (the trace's chunks are 1 MiB messages); the
+    assumption is recorded with the result."""
+    trace = _weight_streaming_trace(tmp_path / "t.json")
+    base = ["simulate", "--scenario", "replay", "--trace", str(trace), "--json"]
+    figures = []
+    for message_us in ("0", "2000"):
+        assert main([*base, "--message-us", message_us, "--commit-us", "0"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["hardware"]["message_s"] == pytest.approx(float(message_us) * 1e-6)
+        assert out["hardware"]["commit_s"] == 0
+        figures.append(out["replay"]["tokens_per_s"])
+    assert figures[1]["cc"] < figures[0]["cc"] and figures[1]["pipellm"] < figures[0]["pipellm"]
+    for bad in ("-1", "nan", "inf"):
+        assert main([*base, "--commit-us", bad]) == 2
+        assert "--commit-us" in capsys.readouterr().err

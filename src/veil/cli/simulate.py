@@ -10,6 +10,9 @@ Scenarios:
   bigger model and with mispredictions injected, under plain, cc and pipellm.
 - `validation`: only the validation rows (below).
 
+The H100 profile's host costs per message and per further chunk of a submission are assumptions
+(4 and 0.5 us): `--message-us` and `--commit-us` set them, and the JSON's `hardware` records them.
+
 Validation rows come from `--validate DIR` (records the benches' workloads now, minutes) or from a
 validation file written by an earlier `--validate` (`--validation FILE`, default
 out/validate/validation.json when it exists). See docs/sim.md.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="crypto cores: PipeLLM's sealing workers and decryption lanes",
     )
     parser.add_argument("--vaes", action="store_true", help="seal at the VAES rate instead of AES-NI")
+    parser.add_argument(
+        "--message-us",
+        type=float,
+        default=H100_SXM_PCIE5.message_s * 1e6,
+        help="host cost of one message or submission, microseconds (an assumption)",
+    )
+    parser.add_argument(
+        "--commit-us",
+        type=float,
+        default=H100_SXM_PCIE5.commit_s * 1e6,
+        help="host cost of each further pre-sealed chunk of a submission, microseconds (an assumption)",
+    )
     parser.add_argument("--png", type=Path, default=Path("out/simulate/sensitivity.png"), help="sweep plot")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sensitivity sweep")
     parser.add_argument("--validate", type=Path, metavar="DIR", help="bench results to validate against now")
@@ -76,7 +92,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.spare_cores < 0:
         raise UsageError("--spare-cores must be >= 0")
-    hw = dataclasses.replace(H100_SXM_PCIE5, spare_cores=args.spare_cores, vaes=args.vaes)
+    if not (math.isfinite(args.message_us) and math.isfinite(args.commit_us)):
+        raise UsageError("--message-us and --commit-us must be finite")
+    if args.message_us < 0 or args.commit_us < 0:
+        raise UsageError("--message-us and --commit-us must be >= 0")
+    hw = dataclasses.replace(
+        H100_SXM_PCIE5,
+        spare_cores=args.spare_cores,
+        vaes=args.vaes,
+        message_s=args.message_us * 1e-6,
+        commit_s=args.commit_us * 1e-6,
+    )
     result: dict[str, Any] = {"hardware": dataclasses.asdict(hw)}
     if args.scenario == "replay":
         result["replay"] = _replay(args, hw)
